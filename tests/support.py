@@ -1,0 +1,63 @@
+"""Helpers shared by the test suite: binary discovery with CI semantics, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+
+def in_ci() -> bool:
+    """True when running under CI (``CI=true``): missing dependencies then fail, never skip."""
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing_dependency(what: str, hint: str) -> None:
+    """Fail under CI, skip elsewhere, always saying what to install."""
+    msg = f"{what} is not available: {hint}"
+    if in_ci():
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+def require_binary(name: str, hint: str) -> str:
+    """Return the path of an executable, looking in the virtualenv's bin first."""
+    venv_candidate = Path(sys.prefix) / "bin" / name
+    if venv_candidate.exists():
+        return str(venv_candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    missing_dependency(f"the {name!r} binary", hint)
+    raise AssertionError("unreachable")
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def async_wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05
+) -> None:
+    """Async variant of :func:`wait_for`; ``predicate`` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
