@@ -170,7 +170,7 @@ class NatsServer:
                     f"log tail:\n{self.log_tail()}"
                 )
             try:
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                with urllib.request.urlopen(url, timeout=1) as resp:
                     if resp.status == 200:
                         return
             except (urllib.error.URLError, OSError, ConnectionError) as exc:

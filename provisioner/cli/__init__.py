@@ -29,7 +29,7 @@ app.add_typer(jwt.app, name="jwt", help="Create, view and verify provisioning to
 app.add_typer(config.app, name="config", help="Check provisioner configuration files.")
 app.add_typer(node.app, name="node", help="Run a Choria-compatible node agent.")
 app.add_typer(fleet.app, name="fleet", help="Simulate a fleet of unprovisioned nodes.")
-app.add_typer(broker.app, name="broker", help="Broker isolation: nats-server config and auth callout.")
+app.add_typer(broker.app, name="broker", help="Broker isolation: config and auth callout.")
 app.add_typer(overlays.app, name="overlays", help="Overlay registry, placement and drain planning.")
 app.add_typer(helper.app, name="helper", help="Helper tools (dry runs).")
 app.add_typer(election.app, name="election", help="Leader election status.")

@@ -1,0 +1,582 @@
+"""Load and validate the provisioner's YAML configuration.
+
+The keys of choria-io/provisioner's ``config/config.go`` (the *anchor*) are accepted with the
+same meaning, defaults and checks, so an existing ``choria-provisioner.yaml`` loads unchanged.
+Our own keys (broker URLs, TLS, helper modes, queue sizes, admin API, election, overlays) sit
+beside them. Everything is validated up front: an unknown key, a bad duration or a regex that
+does not compile is a :class:`ConfigError` naming the key and the file, never a surprise at
+3 a.m. when the first node arrives.
+
+Relative file paths in the file resolve against the directory of the config file, so a
+deployment can ship its config, keys and helper together.
+
+The helper program is started with the provisioner's own environment (it inherits
+``os.environ``); keep credentials the helper must not see out of that environment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DEFAULT_CERT_DENY_LIST",
+    "AdminConfig",
+    "ConfigError",
+    "ElectionConfig",
+    "Features",
+    "ProvisionerConfig",
+    "TLSConfig",
+    "load_config",
+    "parse_duration",
+]
+
+DEFAULT_CERT_DENY_LIST: tuple[str, ...] = (
+    r"\.privileged.mcollective$",
+    r"\.privileged.choria$",
+    r"\.mcollective$",
+    r"\.choria$",
+)
+DEFAULT_LIFECYCLE_COMPONENT = "provision_mode_server"
+ONE_YEAR_S = 365 * 86400.0
+_LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "fatal", "panic")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file.
+
+    ``key`` is the dotted key (``features.ed25519``) or ``None`` for file-level problems,
+    ``file`` the config file (or ``None`` for a config built in code).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        file: str | None = None,
+        problems: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.key = key
+        self.file = file
+        self.detail = message
+        self.problems: list[tuple[str, str]] = problems or ([(key, message)] if key else [])
+        where = file if file is not None else "<config>"
+        if problems and len(problems) > 1:
+            listed = "; ".join(f"{k}: {m}" for k, m in problems)
+            text = f"{where}: {len(problems)} problems: {listed}"
+        elif key:
+            text = f"{where}: {key}: {message}"
+        else:
+            text = f"{where}: {message}"
+        super().__init__(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# durations
+
+# Units of Go's time.ParseDuration plus go-choria's extensions (util.ParseDuration):
+# d/D days, w/W weeks, M months (30 days), y/Y years (365 days).
+_UNITS: dict[str, float] = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "S": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "H": 3600.0,
+    "d": 86400.0,
+    "D": 86400.0,
+    "w": 7 * 86400.0,
+    "W": 7 * 86400.0,
+    "M": 30 * 86400.0,
+    "y": 365 * 86400.0,
+    "Y": 365 * 86400.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|S|m|h|H|d|D|w|W|M|y|Y)")
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Parse a duration into seconds.
+
+    Accepts numbers (seconds) and Go/choria duration text: ``"10s"``, ``"1m"``, ``"1h30m"``,
+    ``"8760h"``, ``"365d"``, ``"2w"``, ``"1M"`` (30 days), ``"1y"`` (365 days). Negative,
+    non-finite or unit-less text is refused with :class:`ValueError`.
+    """
+    if isinstance(text, bool):
+        raise ValueError("a duration must be a number of seconds or text like 10s, 1m, 1h, 1y")
+    if isinstance(text, int | float):
+        value = float(text)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"invalid duration {text!r}: must be a finite number >= 0")
+        return value
+    if not isinstance(text, str):
+        raise ValueError("a duration must be a number of seconds or text like 10s, 1m, 1h, 1y")
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration; use text like 10s, 1m, 1h or 1y")
+    if s == "0":
+        return 0.0
+    if s.startswith("-"):
+        raise ValueError(f"invalid duration {text!r}: must not be negative")
+    s = s.removeprefix("+")
+    pos = 0
+    total = 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(
+                f"invalid duration {text!r}: expected <number><unit> with unit one of "
+                "ns, us, ms, s, m, h, d, w, M, y (e.g. 30s, 1h30m, 1y)"
+            )
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not math.isfinite(total):
+        raise ValueError(f"invalid duration {text!r}: too large")
+    return total
+
+
+def _duration_field(value: Any) -> Any:
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return parse_duration(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Features(_Strict):
+    """Anchor ``features``: which provisioning steps run."""
+
+    pki: bool = False
+    jwt: bool = False
+    ed25519: bool = False
+    upgrades: bool = False
+
+
+class TLSConfig(_Strict):
+    """TLS material the provisioner uses to connect to the broker (ours)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key must be given together")
+        return self
+
+
+class AdminConfig(_Strict):
+    """The admin/status HTTP API (ours). ``port`` 0 means: share ``monitor_port``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    token: str | None = Field(default=None, repr=False)
+
+
+class ElectionConfig(_Strict):
+    """Leader election over a Streams KV bucket (ours; used when ``leader_election`` is on)."""
+
+    bucket: str = "CHORIA_LEADER_ELECTION"
+    key: str = "provisioner"
+    ttl: float = Field(default=10.0, gt=0)
+    campaign_interval: float | None = Field(default=None, gt=0)
+
+    @field_validator("ttl", "campaign_interval", mode="before")
+    @classmethod
+    def _durations(cls, v: Any) -> Any:
+        return _duration_field(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> ElectionConfig:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.bucket):
+            raise ValueError("election.bucket may only hold letters, digits, '_' and '-'")
+        if not re.fullmatch(r"[-/_=.A-Za-z0-9]+", self.key):
+            raise ValueError("election.key may only hold letters, digits and -/_=.")
+        if self.campaign_interval is not None and self.campaign_interval >= self.ttl:
+            raise ValueError("election.campaign_interval must be shorter than election.ttl")
+        return self
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+class ProvisionerConfig(_Strict):
+    """The provisioner configuration. See ``docs/configuration.md`` for every key."""
+
+    # --- anchor keys (choria-io/provisioner config/config.go) ---
+    workers: int = Field(default_factory=_default_workers, ge=0)
+    interval: float = 60.0
+    logfile: str | None = None
+    loglevel: str = "info"
+    helper: str = ""
+    token: str = Field(default="", repr=False)
+    lifecycle_component: str = DEFAULT_LIFECYCLE_COMPONENT
+    choria_insecure: bool = False
+    site: str = ""
+    monitor_port: int = Field(default=0, ge=0, le=65535)
+    broker_port: int = Field(default=0, ge=0, le=65535)
+    broker_provisioning_password: str = Field(default="", repr=False)
+    cert_deny_list: list[str] = Field(default_factory=lambda: list(DEFAULT_CERT_DENY_LIST))
+    jwt_verify_cert: str = ""
+    jwt_signing_key: str = ""
+    jwt_signing_token: str = ""
+    server_jwt_validity: float = ONE_YEAR_S
+    rego_policy: str = ""
+    leader_election: bool = False
+    upgrades_repository: str = ""
+    upgrades_optional: bool = False
+    features: Features = Field(default_factory=Features)
+
+    # --- ours ---
+    identity: str = Field(default_factory=socket.getfqdn)
+    broker_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    broker_user: str = "provisioner"
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    helper_mode: Literal["exec", "persistent", "python"] = "exec"
+    helper_args: list[str] = Field(default_factory=list)
+    helper_timeout: float = Field(default=10.0, gt=0)
+    helper_max_output: int = Field(default=1024 * 1024, gt=0)
+    helper_pool_size: int = Field(default=4, ge=1)
+    concurrency: int = Field(default=256, ge=1)
+    queue_size: int = Field(default=200_000, ge=1)
+    rpc_timeout: float = Field(default=10.0, gt=0)
+    audit_log: str | None = None
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    election: ElectionConfig = Field(default_factory=ElectionConfig)
+    overlays: str | None = None
+
+    _source_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_file(self) -> Path | None:
+        """The file this config was loaded from (``None`` when built in code)."""
+        return self._source_file
+
+    # --- field checks ---
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        # anchor: 0 (or unset) means one worker per CPU
+        if v is None or v == 0:
+            return _default_workers()
+        return v
+
+    @field_validator(
+        "interval", "server_jwt_validity", "helper_timeout", "rpc_timeout", mode="before"
+    )
+    @classmethod
+    def _durations(cls, v: Any, info: Any) -> Any:
+        if v is None or v == "":
+            # anchor: an empty server_jwt_validity means 1y; an empty interval the default 1m
+            return ONE_YEAR_S if info.field_name == "server_jwt_validity" else 60.0
+        return _duration_field(v)
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_min(cls, v: float) -> float:
+        if v < 60:
+            raise ValueError(
+                "interval is too small, the minimum is 1 minute; valid examples are 10m or 10h"
+            )
+        return v
+
+    @field_validator("server_jwt_validity")
+    @classmethod
+    def _validity_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("server_jwt_validity must be longer than 0, e.g. 1y or 8760h")
+        return v
+
+    @field_validator("loglevel", mode="before")
+    @classmethod
+    def _loglevel(cls, v: Any) -> Any:
+        if v is None or v == "":
+            return "info"
+        if isinstance(v, str):
+            low = v.strip().lower()
+            if low not in _LOG_LEVELS:
+                raise ValueError(f"unknown log level {v!r}; use one of debug, info, warn, error")
+            return low
+        return v
+
+    @field_validator("lifecycle_component", mode="before")
+    @classmethod
+    def _lifecycle(cls, v: Any) -> Any:
+        if v is None or v == "":
+            return DEFAULT_LIFECYCLE_COMPONENT
+        if isinstance(v, str) and any(c in v for c in ".*>"):
+            raise ValueError(
+                f"invalid lifecycle component {v!r}: it is a NATS subject token and must not "
+                "contain '.', '*' or '>'"
+            )
+        return v
+
+    @field_validator("cert_deny_list", mode="before")
+    @classmethod
+    def _deny_list_default(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, list | tuple) and len(v) == 0):
+            # anchor: an empty list means the defaults, never "allow everything"
+            return list(DEFAULT_CERT_DENY_LIST)
+        return v
+
+    @field_validator("cert_deny_list")
+    @classmethod
+    def _deny_list_compile(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"entry {i} ({pattern!r}) is not a valid regex: {exc}") from None
+        return v
+
+    @field_validator("broker_urls", mode="before")
+    @classmethod
+    def _broker_urls_split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [u.strip() for u in v.split(",") if u.strip()]
+        return v
+
+    @field_validator("broker_urls")
+    @classmethod
+    def _broker_urls_check(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one broker URL is required, e.g. nats://broker:4222")
+        for url in v:
+            if not re.fullmatch(r"((nats|tls|ws|wss)://)?[^\s/:,]+(:\d{1,5})?", url) and not (
+                re.fullmatch(r"(nats|tls|ws|wss)://\[[0-9a-fA-F:]+\](:\d{1,5})?", url)
+            ):
+                raise ValueError(
+                    f"invalid broker URL {url!r}: use nats://host:port, tls://host:port "
+                    "or host:port"
+                )
+        return v
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, v: str) -> str:
+        if not v or any(c in v for c in " \t\r\n*>"):
+            raise ValueError(
+                f"invalid identity {v!r}: must be non-empty without spaces, '*' or '>'"
+            )
+        return v
+
+    @field_validator("broker_user")
+    @classmethod
+    def _broker_user(cls, v: str) -> str:
+        if not v:
+            raise ValueError("broker_user must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _features(self) -> ProvisionerConfig:
+        if self.features.pki and self.features.ed25519:
+            raise ValueError("can only enable one of the pki or ed25519 features")
+        if self.features.ed25519 and not self.features.jwt:
+            # anchor: ed25519 implies jwt (the server JWT is built from the provisioning JWT flow)
+            self.features.jwt = True
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+# Keys whose values are file paths (resolved against the config file's directory).
+_PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("logfile",),
+    ("jwt_signing_key",),
+    ("jwt_signing_token",),
+    ("rego_policy",),
+    ("audit_log",),
+    ("overlays",),
+    ("tls", "ca"),
+    ("tls", "cert"),
+    ("tls", "key"),
+)
+_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}\s*")
+_NESTED: dict[str, type[BaseModel]] = {
+    "features": Features,
+    "tls": TLSConfig,
+    "admin": AdminConfig,
+    "election": ElectionConfig,
+}
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("/dev/") or value in {"-", "stdout", "stderr"}:
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _resolve_helper(value: Any, base: Path) -> Any:
+    # Only a helper named by a relative *path* (./helper.py, bin/helper) is rebased; a bare
+    # command name (python3, my-helper) is looked up on PATH as the anchor does.
+    if not isinstance(value, str) or not value.strip():
+        return value
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        return value
+    if not words or os.sep not in words[0] or Path(words[0]).is_absolute():
+        return value
+    words[0] = str(base / words[0])
+    return shlex.join(words)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path, *, helper_mode: Any) -> None:
+    for path in _PATH_KEYS:
+        container: Any = raw
+        for part in path[:-1]:
+            container = container.get(part) if isinstance(container, dict) else None
+        if isinstance(container, dict) and path[-1] in container:
+            container[path[-1]] = _resolve(container[path[-1]], base)
+    vc = raw.get("jwt_verify_cert")
+    if isinstance(vc, str) and vc and not _HEX_KEY.fullmatch(vc):
+        raw["jwt_verify_cert"] = _resolve(vc, base)
+    if "helper" in raw and helper_mode in (None, "exec", "persistent"):
+        raw["helper"] = _resolve_helper(raw["helper"], base)
+
+
+def _unknown_keys(
+    raw: Mapping[str, Any], model: type[BaseModel], prefix: str
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    known = list(model.model_fields)
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in model.model_fields:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            problems.append((dotted, f"unknown key{hint}"))
+            continue
+        if model is ProvisionerConfig and key in _NESTED and isinstance(value, Mapping):
+            problems.extend(_unknown_keys(value, _NESTED[key], f"{dotted}."))
+    return problems
+
+
+def _set_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    target = raw
+    for part in parts[:-1]:
+        nxt = target.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            target[part] = nxt
+        target = nxt
+    target[parts[-1]] = value
+
+
+def _loc_to_key(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _from_validation_error(exc: ValidationError, file: str | None) -> ConfigError:
+    # Build the message from pydantic's error text only: never echo input values, which could
+    # be the token or a password.
+    lines: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        key = _loc_to_key(tuple(err.get("loc", ())))
+        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown key"
+        lines.append((key, msg))
+    lines = [(k or "<root>", m) for k, m in lines] or [("<root>", "invalid configuration")]
+    first_key = lines[0][0]
+    return ConfigError(lines[0][1], key=first_key, file=file, problems=lines)
+
+
+def load_config(
+    path: str | Path, *, overrides: Mapping[str, Any] | None = None
+) -> ProvisionerConfig:
+    """Load, check and return the config in ``path``.
+
+    ``overrides`` come from command-line flags (``provisioner run --broker-url URL`` passes
+    ``{"broker_urls": ["URL"]}``); keys may be dotted (``"admin.port"``) and ``None`` values are
+    ignored so unset flags change nothing. Relative paths in overrides resolve against the
+    current directory; relative paths in the file against the file's directory.
+    """
+    file = Path(path)
+    fname = str(file)
+    if not file.is_file():
+        raise ConfigError("file not found (or not a regular file)", file=fname)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"could not be read: {exc.__class__.__name__}", file=fname) from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(f"is not valid YAML{where}: {problem}", file=fname) from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError("the top level must be a mapping of key: value", file=fname)
+    raw: dict[str, Any] = loaded
+
+    unknown = _unknown_keys(raw, ProvisionerConfig, "")
+    if unknown:
+        raise ConfigError(unknown[0][1], key=unknown[0][0], file=fname, problems=unknown)
+
+    base = file.resolve().parent
+    _resolve_paths(raw, base, helper_mode=raw.get("helper_mode"))
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        top = key.split(".", 1)[0]
+        if top not in ProvisionerConfig.model_fields:
+            raise ConfigError("unknown key in command-line override", key=key, file=fname)
+        if tuple(key.split(".")) in _PATH_KEYS and isinstance(value, str) and value:
+            value = str(Path(value).expanduser().absolute())
+        _set_override(raw, key, value)
+
+    try:
+        cfg = ProvisionerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_validation_error(exc, fname) from None
+    cfg._source_file = file.resolve()
+    return cfg

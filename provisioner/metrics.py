@@ -1,0 +1,308 @@
+"""Prometheus metrics of the provisioner service.
+
+The anchor (choria-io/provisioner, ``hosts/stats.go``, ``host/stats.go``, ``config/stats.go``)
+exposes these series, all labelled ``site``; existing Grafana dashboards query them by exactly
+these names, so we keep them:
+
+=============================================  =========  ==================
+name                                           type       extra labels
+=============================================  =========  ==================
+``choria_provisioner_rpc_time``                summary    ``rpc`` (agent#action)
+``choria_provisioner_helper_time``             summary
+``choria_provisioner_rpc_errors``              counter    ``rpc``
+``choria_provisioner_helper_errors``           counter
+``choria_provisioner_discovered``              counter
+``choria_provisioner_event_discovered``        counter
+``choria_provisioner_discover_cycles``         counter
+``choria_provisioner_discovery_errors``        counter
+``choria_provisioner_provision_errors``        counter
+``choria_provisioner_provisioned``             counter
+``choria_provisioner_paused``                  gauge
+``choria_provisioner_busy_workers``            gauge
+``choria_provisioner_work_queue_entries``      gauge
+=============================================  =========  ==================
+
+The Go client exposes counters without a ``_total`` suffix, while ``prometheus_client`` always
+appends one to its ``Counter``. The anchor's counters are therefore served by a tiny collector
+(:class:`AnchorCounter`) as ``untyped`` series under their exact names, so
+``increase(choria_provisioner_provisioned[1h])`` keeps working. Our own additions follow the
+Prometheus naming conventions (``*_total`` counters, ``*_seconds`` histograms).
+
+Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`: tests (and a
+process hosting several provisioners) create many instances side by side.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+ANCHOR_METRIC_NAMES: tuple[str, ...] = (
+    "choria_provisioner_rpc_time",
+    "choria_provisioner_helper_time",
+    "choria_provisioner_rpc_errors",
+    "choria_provisioner_helper_errors",
+    "choria_provisioner_discovered",
+    "choria_provisioner_event_discovered",
+    "choria_provisioner_discover_cycles",
+    "choria_provisioner_discovery_errors",
+    "choria_provisioner_provision_errors",
+    "choria_provisioner_provisioned",
+    "choria_provisioner_paused",
+    "choria_provisioner_busy_workers",
+    "choria_provisioner_work_queue_entries",
+)
+
+# Provisioning stages last from milliseconds (an RPC on a LAN) to seconds (a CA under load).
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _CounterChild:
+    """One labelled series of an :class:`AnchorCounter`."""
+
+    __slots__ = ("_key", "_parent")
+
+    def __init__(self, parent: AnchorCounter, key: tuple[str, ...]) -> None:
+        self._parent = parent
+        self._key = key
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self._parent._add(self._key, amount)
+
+    def get(self) -> float:
+        return self._parent.value(*self._key)
+
+
+class AnchorCounter(Collector):
+    """A counter exposed under its exact name (no ``_total``), like the Go client does."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        # The HTTP exposition runs in another thread: guard the dict against concurrent resize.
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _CounterChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+        key = tuple(str(v) for v in values)
+        with self._lock:
+            self._values.setdefault(key, 0.0)
+        return _CounterChild(self, key)
+
+    def _add(self, key: tuple[str, ...], amount: float) -> None:
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, *values: str) -> float:
+        with self._lock:
+            return self._values.get(tuple(values), 0.0)
+
+    def collect(self) -> Iterable[Metric]:
+        metric = Metric(self.name, self.documentation, "unknown")
+        with self._lock:
+            items = list(self._values.items())
+        for key, value in items:
+            metric.add_sample(self.name, dict(zip(self.labelnames, key, strict=True)), value)
+        return [metric]
+
+    def describe(self) -> Iterable[Metric]:
+        return [Metric(self.name, self.documentation, "unknown")]
+
+
+class Metrics:
+    """All metrics of one provisioner instance, pre-bound to its ``site`` label."""
+
+    def __init__(self, site: str = "", registry: CollectorRegistry | None = None) -> None:
+        self.site = site
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        # --- anchor names -------------------------------------------------------------
+        self.rpc_time = Summary(
+            "choria_provisioner_rpc_time",
+            "How long it took to perform RPC requests",
+            ["site", "rpc"],
+            registry=r,
+        )
+        self.helper_time = Summary(
+            "choria_provisioner_helper_time",
+            "How long it took to run the helper",
+            ["site"],
+            registry=r,
+        )
+        self.rpc_errors = AnchorCounter(
+            "choria_provisioner_rpc_errors",
+            "How many rpc related errors were encountered",
+            ["site", "rpc"],
+            r,
+        )
+        self.helper_errors = AnchorCounter(
+            "choria_provisioner_helper_errors",
+            "How many helper related errors were encountered",
+            ["site"],
+            r,
+        )
+        self.discovered = AnchorCounter(
+            "choria_provisioner_discovered",
+            "How many nodes were found through discovery",
+            ["site"],
+            r,
+        )
+        self.event_discovered = AnchorCounter(
+            "choria_provisioner_event_discovered",
+            "How many nodes were found through receiving an event about them",
+            ["site"],
+            r,
+        )
+        self.discover_cycles = AnchorCounter(
+            "choria_provisioner_discover_cycles",
+            "How many discovery cycles were ran",
+            ["site"],
+            r,
+        )
+        self.discovery_errors = AnchorCounter(
+            "choria_provisioner_discovery_errors",
+            "How many discovery related errors were encountered",
+            ["site"],
+            r,
+        )
+        self.provision_errors = AnchorCounter(
+            "choria_provisioner_provision_errors",
+            "How many provision related errors were encountered",
+            ["site"],
+            r,
+        )
+        self.provisioned = AnchorCounter(
+            "choria_provisioner_provisioned",
+            "How many nodes were successfully provisioned",
+            ["site"],
+            r,
+        )
+        self.paused = Gauge(
+            "choria_provisioner_paused",
+            "Indicates if the provisioner is paused",
+            ["site"],
+            registry=r,
+        )
+        self.busy_workers = Gauge(
+            "choria_provisioner_busy_workers",
+            "How many workers are busy provisioning nodes",
+            ["site"],
+            registry=r,
+        )
+        self.work_queue_entries = Gauge(
+            "choria_provisioner_work_queue_entries",
+            "Number of nodes on the work queue waiting to be provisioned",
+            ["site"],
+            registry=r,
+        )
+
+        # --- our additions ------------------------------------------------------------
+        self.stage_seconds = Histogram(
+            "choria_provisioner_stage_seconds",
+            "Latency of each provisioning stage",
+            ["site", "stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.nodes_by_state = Gauge(
+            "choria_provisioner_nodes",
+            "Nodes known to the provisioner by state",
+            ["site", "state"],
+            registry=r,
+        )
+        self.wrong_sender = Counter(
+            "choria_provisioner_rpc_wrong_sender",
+            "Replies discarded because their sender was not the node the request was sent to",
+            ["site"],
+            registry=r,
+        )
+        self.queue_full = Counter(
+            "choria_provisioner_queue_full",
+            "Nodes that could not be queued because the work queue was full",
+            ["site"],
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "choria_provisioner_queue_capacity",
+            "Maximum number of nodes waiting on the work queue (queue_size)",
+            ["site"],
+            registry=r,
+        )
+        self.outcomes = Counter(
+            "choria_provisioner_outcomes",
+            "Provisioning attempts by decision (provisioned, deferred, shutdown, failed)",
+            ["site", "decision"],
+            registry=r,
+        )
+        self.overlay_provisioned = Counter(
+            "choria_provisioner_overlay_provisioned",
+            "Nodes provisioned into each overlay (as reported by the helper)",
+            ["site", "overlay"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "choria_provisioner_leader",
+            "1 when this instance is the elected leader (or runs without election)",
+            ["site"],
+            registry=r,
+        )
+
+        # Pre-create the site series so dashboards see zeros rather than gaps (anchor does too).
+        for c in (
+            self.discovered,
+            self.event_discovered,
+            self.discover_cycles,
+            self.discovery_errors,
+            self.provision_errors,
+            self.provisioned,
+            self.helper_errors,
+        ):
+            c.labels(site)
+        self.paused.labels(site).set(0)
+        self.busy_workers.labels(site).set(0)
+        self.work_queue_entries.labels(site).set(0)
+        self.wrong_sender.labels(site)
+        self.queue_full.labels(site)
+
+    # Small typed helpers so call sites stay short and never forget the site label.
+    def observe_rpc(self, rpc: str, seconds: float) -> None:
+        self.rpc_time.labels(self.site, rpc).observe(seconds)
+
+    def rpc_error(self, rpc: str) -> None:
+        self.rpc_errors.labels(self.site, rpc).inc()
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(self.site, stage).observe(seconds)
+
+    def set_states(self, counts: dict[str, int], states: Iterable[str]) -> None:
+        for state in states:
+            self.nodes_by_state.labels(self.site, state).set(counts.get(state, 0))
+
+
+def sample_value(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float | None:
+    """Value of one sample by exact sample name (tests, admin status)."""
+    value = registry.get_sample_value(name, labels)
+    return value
+
+
+def metric_names(registry: CollectorRegistry) -> Iterator[str]:
+    """Names of all metric families in ``registry``."""
+    for metric in registry.collect():
+        yield metric.name

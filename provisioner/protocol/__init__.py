@@ -1,0 +1,75 @@
+"""Choria protocol v1 wire layer: messages, subjects, MCORPC bodies, lifecycle events.
+
+Pure code, no I/O (spec ``choria-wire.md`` §2-§5, §9). Every decoder raises
+:class:`ProtocolError` (a ``ValueError``) and nothing else on malformed input.
+"""
+
+from provisioner.protocol.errors import ProtocolError
+from provisioner.protocol.lifecycle import (
+    LifecycleEvent,
+    encode_event,
+    new_event,
+    parse_event,
+)
+from provisioner.protocol.mcorpc import (
+    RPCReply,
+    RPCRequest,
+    StatusCode,
+    encode_rpc_request,
+    parse_rpc_request,
+)
+from provisioner.protocol.messages import (
+    Filter,
+    Reply,
+    Request,
+    TransportHeaders,
+    check_request,
+    decode_payload,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+    new_reply,
+    new_request,
+)
+from provisioner.protocol.subjects import (
+    broadcast_subject,
+    directed_subject,
+    is_valid_identity,
+    lifecycle_subject,
+    new_request_id,
+    reply_prefix,
+    reply_subject,
+)
+
+__all__ = [
+    "Filter",
+    "LifecycleEvent",
+    "ProtocolError",
+    "RPCReply",
+    "RPCRequest",
+    "Reply",
+    "Request",
+    "StatusCode",
+    "TransportHeaders",
+    "broadcast_subject",
+    "check_request",
+    "decode_payload",
+    "decode_reply",
+    "decode_request",
+    "directed_subject",
+    "encode_event",
+    "encode_reply",
+    "encode_request",
+    "encode_rpc_request",
+    "is_valid_identity",
+    "lifecycle_subject",
+    "new_event",
+    "new_reply",
+    "new_request",
+    "new_request_id",
+    "parse_event",
+    "parse_rpc_request",
+    "reply_prefix",
+    "reply_subject",
+]

@@ -1,0 +1,586 @@
+"""Choria protocol v1 messages: transport, secure request/reply, request/reply (spec §2).
+
+Layering (three levels of JSON embedded in JSON strings)::
+
+    choria:transport:1          {"protocol","data": b64(secure JSON),"headers":{..}}
+      choria:secure:request:1   {"protocol","message": request JSON text,"signature","pubcert"}
+        choria:request:1        {"protocol","message": payload,"envelope":{..}}
+      choria:secure:reply:1     {"protocol","message": reply JSON text,"hash": b64(sha256)}
+        choria:reply:1          {"protocol","message": raw reply text,"envelope":{..}}
+
+This module is on the hot path (every RPC to every node goes through it), so it uses the
+stdlib ``json`` C encoder with compact separators and hand-written checks rather than a
+validation framework. Every decode function raises :class:`ProtocolError` only.
+
+Requests are always built "insecure" (``signature``/``pubcert`` = ``insecure``): provisioning
+mode nodes never verify request signatures (spec §2.2).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import re
+import time as _time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+from provisioner.protocol.errors import ProtocolError
+from provisioner.protocol.subjects import new_request_id
+
+TRANSPORT_PROTOCOL = "choria:transport:1"
+SECURE_REQUEST_PROTOCOL = "choria:secure:request:1"
+SECURE_REPLY_PROTOCOL = "choria:secure:reply:1"
+REQUEST_PROTOCOL = "choria:request:1"
+REPLY_PROTOCOL = "choria:reply:1"
+INSECURE = "insecure"
+MIN_TTL = 30
+FACT_OPERATORS = frozenset({">=", "<=", "<", ">", "!=", "==", "=~"})
+
+_FILTER_KEYS = ("fact", "cf_class", "agent", "identity", "compound")
+_REQUIRED_FILTER_KEYS = ("fact", "cf_class", "identity", "compound")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_loads = json.loads
+
+
+def _fail(msg: str) -> NoReturn:
+    raise ProtocolError(msg)
+
+
+def _json(layer: str, data: bytes | str) -> dict[str, Any]:
+    try:
+        obj = _loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        raise ProtocolError(f"{layer}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        _fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _str(layer: str, obj: dict[str, Any], key: str, *, nonempty: bool = False) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        _fail(f"{layer}: field {key!r} must be a string")
+    if nonempty and not value:
+        _fail(f"{layer}: field {key!r} must not be empty")
+    return value
+
+
+def _int(layer: str, obj: dict[str, Any], key: str) -> int:
+    value = obj.get(key)
+    if type(value) is not int:  # bool is an int subclass and not acceptable
+        _fail(f"{layer}: field {key!r} must be an integer")
+    return value
+
+
+def _protocol(layer: str, obj: dict[str, Any], expected: str) -> None:
+    proto = obj.get("protocol")
+    if proto != expected:
+        shown = proto if isinstance(proto, str) else type(proto).__name__
+        _fail(f"{layer}: protocol {shown!r} is not {expected!r}")
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _b64decode_strict(layer: str, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(f"{layer}: not valid standard base64 with padding") from None
+
+
+# --------------------------------------------------------------------------- filter
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """The request envelope filter (spec §2.3, §5.3). Empty = every node matches."""
+
+    fact: tuple[dict[str, str], ...] = ()
+    cf_class: tuple[str, ...] = ()
+    agent: tuple[str, ...] = ()
+    identity: tuple[str, ...] = ()
+    compound: tuple[Any, ...] = ()
+
+    def to_json_obj(self) -> dict[str, Any]:
+        """The JSON object as Go emits it: every key present, lists never null."""
+        return {
+            "fact": [dict(f) for f in self.fact],
+            "cf_class": list(self.cf_class),
+            "agent": list(self.agent),
+            "identity": list(self.identity),
+            "compound": list(self.compound),
+        }
+
+    @classmethod
+    def from_json_obj(cls, obj: Any) -> Filter:
+        """Parse and schema-check a filter object; ``null`` lists count as empty."""
+        if not isinstance(obj, dict):
+            _fail("request: envelope filter must be an object")
+        for key in _REQUIRED_FILTER_KEYS:
+            if key not in obj:
+                _fail(f"request: envelope filter lacks required key {key!r}")
+        lists: dict[str, list[Any]] = {}
+        for key in _FILTER_KEYS:
+            value = obj.get(key)
+            if value is None:
+                value = []
+            if not isinstance(value, list):
+                _fail(f"request: filter {key!r} must be a list")
+            lists[key] = value
+        facts: list[dict[str, str]] = []
+        for item in lists["fact"]:
+            if not isinstance(item, dict):
+                _fail("request: filter fact items must be objects")
+            fact, op, val = item.get("fact"), item.get("operator"), item.get("value")
+            if not isinstance(fact, str) or not fact:
+                _fail("request: filter fact item needs a non-empty 'fact'")
+            if op not in FACT_OPERATORS:
+                _fail(f"request: filter fact operator must be one of {sorted(FACT_OPERATORS)}")
+            if not isinstance(val, str) or not val:
+                _fail("request: filter fact item needs a non-empty string 'value'")
+            facts.append({"fact": fact, "operator": op, "value": val})
+        for key in ("cf_class", "agent", "identity"):
+            if not all(isinstance(v, str) for v in lists[key]):
+                _fail(f"request: filter {key!r} items must be strings")
+        return cls(
+            fact=tuple(facts),
+            cf_class=tuple(lists["cf_class"]),
+            agent=tuple(lists["agent"]),
+            identity=tuple(lists["identity"]),
+            compound=tuple(lists["compound"]),
+        )
+
+    def is_empty(self) -> bool:
+        """True when no section restricts the target nodes."""
+        return not (self.fact or self.cf_class or self.agent or self.identity or self.compound)
+
+
+EMPTY_FILTER = Filter()
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A ``choria:request:1``; ``message`` is the request-layer payload string (base64 or raw)."""
+
+    requestid: str
+    senderid: str
+    callerid: str
+    collective: str
+    agent: str
+    ttl: int
+    time: int
+    filter: Filter
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A ``choria:reply:1``; ``message`` is the raw agent reply text (RPC JSON, or ``pong``)."""
+
+    requestid: str
+    senderid: str
+    agent: str
+    time: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransportHeaders:
+    """The ``choria:transport:1`` headers this implementation uses (federation is ignored)."""
+
+    reply_to: str | None = None
+    mc_sender: str | None = None
+    seen_by: tuple[tuple[str, str, str], ...] = ()
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _transport(data: bytes, headers: dict[str, Any]) -> bytes:
+    return _dumps(
+        {"protocol": TRANSPORT_PROTOCOL, "data": _b64encode(data), "headers": headers}
+    ).encode("ascii")
+
+
+def _headers(
+    reply_to: str | None, mc_sender: str | None, seen_by: Sequence[tuple[str, str, str]]
+) -> dict[str, Any]:
+    headers: dict[str, Any] = {}
+    if reply_to:
+        headers["reply-to"] = reply_to
+    if mc_sender:
+        headers["mc_sender"] = mc_sender
+    if seen_by:
+        headers["seen-by"] = [list(t) for t in seen_by]
+    return headers
+
+
+def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
+    raw = obj.get("headers")
+    if raw is None:
+        return TransportHeaders()
+    if not isinstance(raw, dict):
+        _fail("transport: 'headers' must be an object")
+    reply_to = raw.get("reply-to")
+    mc_sender = raw.get("mc_sender")
+    if reply_to is not None and not isinstance(reply_to, str):
+        _fail("transport: header 'reply-to' must be a string")
+    if mc_sender is not None and not isinstance(mc_sender, str):
+        _fail("transport: header 'mc_sender' must be a string")
+    seen = raw.get("seen-by")
+    seen_by: tuple[tuple[str, str, str], ...] = ()
+    if seen is not None:
+        if not isinstance(seen, list):
+            _fail("transport: header 'seen-by' must be a list")
+        triples = []
+        for item in seen:
+            if (
+                not isinstance(item, list)
+                or len(item) != 3
+                or not all(isinstance(s, str) for s in item)
+            ):
+                _fail("transport: header 'seen-by' items must be [in, processor, out] strings")
+            triples.append((item[0], item[1], item[2]))
+        seen_by = tuple(triples)
+    return TransportHeaders(reply_to=reply_to or None, mc_sender=mc_sender or None, seen_by=seen_by)
+
+
+def _open_transport(data: bytes) -> tuple[bytes, TransportHeaders]:
+    if not isinstance(data, bytes | bytearray | memoryview | str):
+        _fail(f"transport: expected bytes, got {type(data).__name__}")
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    obj = _json("transport", data)
+    _protocol("transport", obj, TRANSPORT_PROTOCOL)
+    inner = _b64decode_strict("transport data", _str("transport", obj, "data", nonempty=True))
+    return inner, _parse_headers(obj)
+
+
+def _guard(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Belt and braces: turn any stray lookup/type error of a decoder into ProtocolError."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except ProtocolError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+            raise ProtocolError(f"malformed message ({type(exc).__name__})") from None
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _check_request_fields(
+    requestid: str, callerid: str, collective: str, agent: str, ttl: int, message: str
+) -> None:
+    if not isinstance(requestid, str) or len(requestid) != 32:
+        _fail("request: requestid must be exactly 32 characters")
+    if type(ttl) is not int or ttl < MIN_TTL:
+        _fail(f"request: ttl must be an integer >= {MIN_TTL}")
+    for name, value in (
+        ("callerid", callerid),
+        ("collective", collective),
+        ("agent", agent),
+        ("message", message),
+    ):
+        if not isinstance(value, str) or not value:
+            _fail(f"request: {name} must be a non-empty string")
+
+
+def new_request(
+    *,
+    agent: str,
+    collective: str,
+    callerid: str,
+    senderid: str,
+    payload: bytes | str,
+    base64_payload: bool = False,
+    ttl: int = 60,
+    filter: Filter | None = None,
+    requestid: str | None = None,
+    now: int | None = None,
+) -> Request:
+    """Build a request the node will accept (schema rules checked here, not on every encode).
+
+    With ``base64_payload=False`` the payload is sent raw (what the Go RPC client does). A raw
+    payload that happens to be valid base64 (``ping``!) is refused, because the node would
+    base64-decode it into garbage (spec §2.5).
+    """
+    if isinstance(payload, bytes | bytearray):
+        raw_bytes = bytes(payload)
+        if base64_payload:
+            message = _b64encode(raw_bytes)
+        else:
+            try:
+                message = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                _fail("request: a raw payload must be UTF-8; use base64_payload=True for bytes")
+    elif isinstance(payload, str):
+        if base64_payload:
+            try:
+                message = _b64encode(payload.encode("utf-8"))
+            except UnicodeEncodeError:
+                _fail("request: payload is not encodable as UTF-8")
+        else:
+            message = payload
+    else:
+        _fail(f"request: payload must be bytes or str, not {type(payload).__name__}")
+    if not base64_payload and _is_strict_base64(message):
+        _fail(
+            "request: raw payload is valid base64 and the node would decode it; "
+            "pass base64_payload=True"
+        )
+    req = Request(
+        requestid=new_request_id() if requestid is None else requestid,
+        senderid=senderid,
+        callerid=callerid,
+        collective=collective,
+        agent=agent,
+        ttl=ttl,
+        time=int(_time.time()) if now is None else int(now),
+        filter=EMPTY_FILTER if filter is None else filter,
+        message=message,
+    )
+    _check_request_fields(req.requestid, callerid, collective, agent, ttl, message)
+    return req
+
+
+def _request_text(req: Request) -> str:
+    return _dumps(
+        {
+            "protocol": REQUEST_PROTOCOL,
+            "message": req.message,
+            "envelope": {
+                "requestid": req.requestid,
+                "senderid": req.senderid,
+                "callerid": req.callerid,
+                "collective": req.collective,
+                "agent": req.agent,
+                "ttl": req.ttl,
+                "time": req.time,
+                "filter": req.filter.to_json_obj(),
+            },
+        }
+    )
+
+
+def encode_request(
+    req: Request, *, reply_to: str, mc_sender: str, seen_by: Sequence[tuple[str, str, str]] = ()
+) -> bytes:
+    """Encode a request as ``choria:transport:1`` bytes, ready to publish on NATS."""
+    secure = _dumps(
+        {
+            "protocol": SECURE_REQUEST_PROTOCOL,
+            "message": _request_text(req),
+            "signature": INSECURE,
+            "pubcert": INSECURE,
+        }
+    )
+    return _transport(secure.encode("ascii"), _headers(reply_to, mc_sender, seen_by))
+
+
+@_guard
+def decode_request(data: bytes) -> tuple[Request, TransportHeaders]:
+    """Decode transport → secure request → request, applying the schema rules the node enforces.
+
+    Signatures are not verified (provisioning mode never does), but ``signature`` and
+    ``pubcert`` must be non-empty strings as the schema requires.
+    """
+    inner, headers = _open_transport(data)
+    secure = _json("secure request", inner)
+    _protocol("secure request", secure, SECURE_REQUEST_PROTOCOL)
+    text = _str("secure request", secure, "message", nonempty=True)
+    _str("secure request", secure, "signature", nonempty=True)
+    _str("secure request", secure, "pubcert", nonempty=True)
+
+    obj = _json("request", text)
+    _protocol("request", obj, REQUEST_PROTOCOL)
+    message = _str("request", obj, "message", nonempty=True)
+    env = obj.get("envelope")
+    if not isinstance(env, dict):
+        _fail("request: 'envelope' must be an object")
+    requestid = _str("request", env, "requestid")
+    if len(requestid) != 32:
+        _fail(f"request: requestid must be exactly 32 characters, got {len(requestid)}")
+    ttl = _int("request", env, "ttl")
+    if ttl < MIN_TTL:
+        _fail(f"request: ttl must be >= {MIN_TTL}, got {ttl}")
+    req = Request(
+        requestid=requestid,
+        senderid=_str("request", env, "senderid"),
+        callerid=_str("request", env, "callerid", nonempty=True),
+        collective=_str("request", env, "collective", nonempty=True),
+        agent=_str("request", env, "agent", nonempty=True),
+        ttl=ttl,
+        time=_int("request", env, "time"),
+        filter=Filter.from_json_obj(env.get("filter")),
+        message=message,
+    )
+    return req, headers
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def new_reply(req: Request, *, senderid: str, message: str, now: int | None = None) -> Reply:
+    """Build the reply to ``req`` (request id and agent copied from its envelope)."""
+    return Reply(
+        requestid=req.requestid,
+        senderid=senderid,
+        agent=req.agent,
+        time=int(_time.time()) if now is None else int(now),
+        message=message,
+    )
+
+
+def _reply_hash(text: str) -> str:
+    return _b64encode(hashlib.sha256(text.encode("utf-8")).digest())
+
+
+def encode_reply(
+    reply: Reply, *, mc_sender: str, seen_by: Sequence[tuple[str, str, str]] = ()
+) -> bytes:
+    """Encode a reply as ``choria:transport:1`` bytes (hash over the reply JSON text)."""
+    text = _dumps(
+        {
+            "protocol": REPLY_PROTOCOL,
+            "message": reply.message,
+            "envelope": {
+                "requestid": reply.requestid,
+                "senderid": reply.senderid,
+                "agent": reply.agent,
+                "time": reply.time,
+            },
+        }
+    )
+    secure = _dumps({"protocol": SECURE_REPLY_PROTOCOL, "message": text, "hash": _reply_hash(text)})
+    return _transport(secure.encode("ascii"), _headers(None, mc_sender, seen_by))
+
+
+@_guard
+def decode_reply(data: bytes) -> tuple[Reply, TransportHeaders]:
+    """Decode transport → secure reply → reply, verifying the sha256 ``hash``."""
+    inner, headers = _open_transport(data)
+    secure = _json("secure reply", inner)
+    _protocol("secure reply", secure, SECURE_REPLY_PROTOCOL)
+    text = _str("secure reply", secure, "message", nonempty=True)
+    claimed = _str("secure reply", secure, "hash", nonempty=True)
+    try:
+        actual = _reply_hash(text)
+    except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape
+        _fail("secure reply: message is not valid UTF-8 text")
+    # Integrity check only (replies are not signed in v1); the hash is not a secret.
+    if claimed != actual:
+        _fail("secure reply: hash does not match sha256 of the message")
+
+    obj = _json("reply", text)
+    _protocol("reply", obj, REPLY_PROTOCOL)
+    env = obj.get("envelope")
+    if not isinstance(env, dict):
+        _fail("reply: 'envelope' must be an object")
+    reply = Reply(
+        requestid=_str("reply", env, "requestid", nonempty=True),
+        senderid=_str("reply", env, "senderid"),
+        agent=_str("reply", env, "agent"),
+        time=_int("reply", env, "time"),
+        message=_str("reply", obj, "message"),
+    )
+    return reply, headers
+
+
+# --------------------------------------------------------------------------- payload
+
+
+def _is_strict_base64(message: str) -> bool:
+    try:
+        base64.b64decode(message.replace("\r", "").replace("\n", ""), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def decode_payload(message: str) -> bytes:
+    """The agent payload of a request ``message``: strict base64 if it decodes, else raw UTF-8.
+
+    Mirrors Go's ``SetBase64Payload`` (standard alphabet, padding required; Go's decoder skips
+    CR and LF, so we do too).
+    """
+    if not isinstance(message, str):
+        _fail(f"payload: expected a string, got {type(message).__name__}")
+    try:
+        return base64.b64decode(message.replace("\r", "").replace("\n", ""), validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        return message.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail("payload: neither base64 nor valid UTF-8 text")
+
+
+# --------------------------------------------------------------------------- node-side checks
+
+
+@lru_cache(maxsize=512)
+def _compile(pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None  # Go: an invalid regexp never matches
+
+
+def _matches(entry: str, value: str) -> bool:
+    if len(entry) >= 2 and entry[0] == "/" and entry[-1] == "/":
+        rx = _compile(entry[1:-1])
+        return rx is not None and rx.search(value) is not None
+    return entry == value
+
+
+def check_request(
+    req: Request,
+    *,
+    identity: str,
+    collectives: Sequence[str],
+    agents: Sequence[str],
+    now: float | None = None,
+) -> None:
+    """The node's acceptance checks (spec §2.3, §5.3); raises ProtocolError naming the check.
+
+    Collective membership, TTL window ``now - ttl < time < now + ttl`` (strict), then the
+    filter: identity (OR, exact or ``/regex/`` search), agent (AND over entries, each matching
+    one loaded agent), and any non-empty fact / cf_class / compound section is *no match*
+    (this node emulation has no facts engine, as the spec recommends).
+    """
+    if req.collective not in collectives:
+        _fail(f"collective check: {req.collective!r} is not on the list of known collectives")
+    t = _time.time() if now is None else now
+    if not (t - req.ttl < req.time < t + req.ttl):
+        _fail(
+            f"ttl check: request time {req.time} is outside the ttl window of {req.ttl}s "
+            f"around {int(t)}"
+        )
+    flt = req.filter
+    if flt.fact or flt.cf_class or flt.compound:
+        _fail("filter check: fact, class and compound filters are not supported in provisioning")
+    if flt.identity and not any(_matches(e, identity) for e in flt.identity):
+        _fail(f"filter check: identity {identity!r} does not match the identity filter")
+    for entry in flt.agent:
+        if not any(_matches(entry, a) for a in agents):
+            _fail(f"filter check: agent filter {entry!r} matches no loaded agent")
