@@ -18,15 +18,15 @@ Any failure raises :class:`~ca_adapters.base.CAVerificationError` (permanent).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-import re
 
 from .base import CAError, CAVerificationError, SignRequest, SignResult
 
@@ -87,7 +87,7 @@ def find_issuer(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> x5
             continue
         try:
             cert.verify_directly_issued_by(candidate)
-        except (ValueError, TypeError, x509.InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature):
             continue
         return candidate
     raise LookupError(cert.issuer.rfc4514_string())
@@ -138,9 +138,7 @@ def verify_issued(
     if got_dns != want_dns:
         raise fail(f"DNS SANs are {sorted(got_dns)}, expected {sorted(want_dns)}")
     if got_ip != want_ip:
-        raise fail(
-            f"IP SANs are {sorted(map(str, got_ip))}, expected {sorted(map(str, want_ip))}"
-        )
+        raise fail(f"IP SANs are {sorted(map(str, got_ip))}, expected {sorted(map(str, want_ip))}")
     if other:
         raise fail(f"unexpected SAN entries {[str(g.value) for g in other]}")
 
@@ -239,9 +237,7 @@ def check_request_names(req: SignRequest, *, ca: str) -> None:
             raise CAError(f"{ca}: {ip!r} is not a valid IP address", ca=ca) from exc
 
 
-def result_for(
-    cert: x509.Certificate, chain_pem: str, warnings: Sequence[str] = ()
-) -> SignResult:
+def result_for(cert: x509.Certificate, chain_pem: str, warnings: Sequence[str] = ()) -> SignResult:
     """Build the :class:`SignResult` for a verified certificate.
 
     The leaf is re-encoded from the parsed certificate, which drops anything a CA appended.

@@ -324,14 +324,18 @@ def provisioning_left_enabled(output: HelperOutput) -> bool:
 
 
 def decision(output: HelperOutput) -> str:
-    """What the provisioner does with `output`: "defer", "shutdown", "refuse" or "configure".
+    """What the provisioner does with `output`: defer, shutdown, upgrade, refuse or configure.
 
-    Same precedence as the anchor: defer first, then shutdown, then configure.
+    Same precedence as the anchor: defer first, then shutdown, then an upgrade (`upgrade` set:
+    the node updates its server and comes back to be provisioned, the rest of the output is
+    not used), then configure, unless the configuration leaves provisioning enabled (refuse).
     """
     if output.defer:
         return "defer"
     if output.shutdown:
         return "shutdown"
+    if output.upgrade:
+        return "upgrade"
     if provisioning_left_enabled(output):
         return "refuse"
     return "configure"

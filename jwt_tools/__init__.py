@@ -1,1 +1,67 @@
-"""jwt_tools package."""
+"""Choria JWTs: provisioning tokens, server tokens and the keys that sign and verify them.
+
+``jwt_tools.nats_jwt`` (NATS nkeys/JWT helpers for the auth callout) is a separate module and
+is deliberately not imported here.
+"""
+
+from jwt_tools.keys import (
+    KeyFileError,
+    SigningKey,
+    VerifyKey,
+    generate_keypair,
+    load_signing_key,
+    load_verify_key,
+    public_key_hex,
+    write_private_file,
+    write_public_file,
+)
+from jwt_tools.server_tokens import (
+    SERVER_PERMISSIONS,
+    create_server_token,
+    parse_server_token_unverified,
+    verify_chain,
+    verify_server_token,
+)
+from jwt_tools.tokens import (
+    ALLOWED_ALGORITHMS,
+    PROVISIONING_PURPOSE,
+    SECRET_CLAIMS,
+    SERVER_PURPOSE,
+    TokenError,
+    create_provisioning_token,
+    decode_unverified,
+    ksuid_timestamp,
+    new_ksuid,
+    parse_provisioning_token_unverified,
+    redact_claims,
+    verify_provisioning_token,
+)
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "PROVISIONING_PURPOSE",
+    "SECRET_CLAIMS",
+    "SERVER_PERMISSIONS",
+    "SERVER_PURPOSE",
+    "KeyFileError",
+    "SigningKey",
+    "TokenError",
+    "VerifyKey",
+    "create_provisioning_token",
+    "create_server_token",
+    "decode_unverified",
+    "generate_keypair",
+    "ksuid_timestamp",
+    "load_signing_key",
+    "load_verify_key",
+    "new_ksuid",
+    "parse_provisioning_token_unverified",
+    "parse_server_token_unverified",
+    "public_key_hex",
+    "redact_claims",
+    "verify_chain",
+    "verify_provisioning_token",
+    "verify_server_token",
+    "write_private_file",
+    "write_public_file",
+]

@@ -98,6 +98,7 @@ def load_signing_key(path: str | Path) -> SigningKey:
 
 def _verify_key_from_bytes(data: bytes, origin: str) -> VerifyKey:
     stripped = data.strip()
+    pub: object
     if stripped.startswith(b"-----BEGIN CERTIFICATE"):
         try:
             pub = x509.load_pem_x509_certificate(stripped).public_key()
@@ -134,7 +135,9 @@ def load_verify_key(source: str | Path) -> VerifyKey:
     itself inline (64 hex characters, or PEM text) as ``jwt_verify_cert`` allows.
     """
     if isinstance(source, Path):
-        return _verify_key_from_bytes(_read(source, "verification key"), f"verification key {source}")
+        return _verify_key_from_bytes(
+            _read(source, "verification key"), f"verification key {source}"
+        )
     text = source.strip()
     if _HEX64.fullmatch(text):
         return _verify_key_from_bytes(text.encode(), "inline verification key")

@@ -23,7 +23,7 @@ _BROKER_SCHEMES = {"nats", "tls", "ws", "wss"}
 #: Policies a placement chain may name. The last one must be a ranker.
 FILTER_POLICIES = ("stable", "pinned", "region", "affinity")
 RANKER_POLICIES = ("least_filled", "weighted", "hash")
-DEFAULT_POLICIES = ("stable", "pinned", "region", "affinity", "least_filled")
+DEFAULT_POLICIES = ("stable", "pinned", "affinity", "region", "least_filled")
 
 
 class OverlayConfigError(ValueError):

@@ -127,8 +127,7 @@ class OverlayRegistry:
             entry = await kv.get(key)
         except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
             raise OverlayConfigError(
-                f"kv://{bucket}/{key}: no registry published (run 'provisioner overlays "
-                "publish')"
+                f"kv://{bucket}/{key}: no registry published (run 'provisioner overlays publish')"
             ) from None
         return cls.from_text((entry.value or b"").decode("utf-8"), source=f"kv://{bucket}/{key}")
 
@@ -160,7 +159,9 @@ class OverlayRegistry:
         try:
             return self._overlays[name]
         except KeyError:
-            raise KeyError(f"unknown overlay {name!r}; known: {', '.join(self._overlays)}") from None
+            raise KeyError(
+                f"unknown overlay {name!r}; known: {', '.join(self._overlays)}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._overlays
@@ -185,7 +186,9 @@ class OverlayRegistry:
             check=name,
         )
 
-    def with_overlays(self, overlays: Sequence[Overlay], *, check: str | None = None) -> OverlayRegistry:
+    def with_overlays(
+        self, overlays: Sequence[Overlay], *, check: str | None = None
+    ) -> OverlayRegistry:
         """A copy with a different overlay list and the same placement config."""
         if check is not None:
             self.get(check)

@@ -400,14 +400,15 @@ class ProvisionerConfig(_Strict):
             raise ValueError("broker_user must not be empty")
         return v
 
-    @model_validator(mode="after")
-    def _features(self) -> ProvisionerConfig:
-        if self.features.pki and self.features.ed25519:
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: Features) -> Features:
+        if v.pki and v.ed25519:
             raise ValueError("can only enable one of the pki or ed25519 features")
-        if self.features.ed25519 and not self.features.jwt:
+        if v.ed25519 and not v.jwt:
             # anchor: ed25519 implies jwt (the server JWT is built from the provisioning JWT flow)
-            self.features.jwt = True
-        return self
+            return v.model_copy(update={"jwt": True})
+        return v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,11 +101,27 @@ def redact(text: str, secrets: Sequence[str] = ()) -> str:
     return text
 
 
-def _tail(data: bytes | bytearray, limit: int = STDERR_KEEP) -> str:
-    text = bytes(data).decode("utf-8", errors="replace")
-    if len(text) > limit:
-        text = "[...truncated...]" + text[-limit:]
-    return text
+class _StderrTail:
+    """The last :data:`STDERR_KEEP` bytes of a helper's stderr, remembering if more was cut."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.cut = False
+
+    def extend(self, chunk: bytes) -> None:
+        self.buf.extend(chunk)
+        if len(self.buf) > 2 * STDERR_KEEP:
+            del self.buf[: len(self.buf) - STDERR_KEEP]
+            self.cut = True
+
+    def text(self, secrets: Sequence[str] = ()) -> str:
+        data = bytes(self.buf)
+        cut = self.cut
+        if len(data) > STDERR_KEEP:
+            data = data[-STDERR_KEEP:]
+            cut = True
+        text = redact(data.decode("utf-8", errors="replace"), secrets)
+        return "[...truncated...]" + text if cut else text
 
 
 def _snippet(text: str, secrets: Sequence[str], limit: int = 120) -> str:
@@ -242,7 +258,7 @@ class ExecHelper:
         assert proc.stdin and proc.stdout and proc.stderr
         started = time.monotonic()
         stdout = bytearray()
-        stderr = bytearray()
+        stderr = _StderrTail()
         too_large = False
 
         async def feed() -> None:
@@ -268,8 +284,6 @@ class ExecHelper:
             assert proc.stderr
             while chunk := await proc.stderr.read(65536):
                 stderr.extend(chunk)
-                if len(stderr) > 2 * STDERR_KEEP:
-                    del stderr[: len(stderr) - STDERR_KEEP]
 
         async def drive() -> int:
             await asyncio.gather(feed(), read_stdout(), read_stderr())
@@ -281,7 +295,7 @@ class ExecHelper:
             _kill_group(proc.pid)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
-            err = redact(_tail(stderr), secrets)
+            err = stderr.text(secrets)
             self._log_stderr(inp, err, failed=True)
             raise HelperError(
                 "timeout",
@@ -294,7 +308,7 @@ class ExecHelper:
         except asyncio.CancelledError:
             _kill_group(proc.pid)
             raise
-        err = redact(_tail(stderr), secrets)
+        err = stderr.text(secrets)
         elapsed = time.monotonic() - started
         if too_large:
             with contextlib.suppress(TimeoutError):
@@ -352,7 +366,7 @@ class _Worker:
     reader: asyncio.Task[None] | None = None
     stderr_task: asyncio.Task[None] | None = None
     pending: deque[_Pending] = field(default_factory=deque)
-    stderr: bytearray = field(default_factory=bytearray)
+    stderr: _StderrTail = field(default_factory=_StderrTail)
     restarts: int = 0
     #: Set when we killed the process: it must not get new requests while it dies.
     doomed: bool = False
@@ -434,7 +448,7 @@ class PersistentHelper:
                 w.proc = None
                 raise _start_failed(self.argv, exc) from None
             w.doomed = False
-            w.stderr = bytearray()
+            w.stderr = _StderrTail()
             w.pending = deque()
             w.reader = asyncio.create_task(self._read_replies(w, w.proc))
             w.stderr_task = asyncio.create_task(self._read_stderr(w, w.proc))
@@ -455,11 +469,10 @@ class PersistentHelper:
 
     async def _read_stderr(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr
-        while line := await proc.stderr.readline():
-            w.stderr.extend(line)
-            if len(w.stderr) > 2 * STDERR_KEEP:
-                del w.stderr[: len(w.stderr) - STDERR_KEEP]
-            text = redact(line.decode("utf-8", errors="replace").rstrip())
+        # Chunks, not lines: a helper's stderr has no length limit per line.
+        while chunk := await proc.stderr.read(65536):
+            w.stderr.extend(chunk)
+            text = redact(chunk.decode("utf-8", errors="replace").rstrip())
             log.debug("helper pool process %d stderr: %s", w.index, text[:500])
 
     async def _read_replies(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
@@ -494,8 +507,12 @@ class PersistentHelper:
             if error is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), 2)
+                # Let the stderr reader drain what the dying process wrote: it is the reason.
+                if w.stderr_task is not None and not w.stderr_task.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(w.stderr_task), 1)
                 code = proc.returncode
-                err = redact(_tail(w.stderr))
+                err = w.stderr.text()
                 how = (
                     f"was killed by signal {-code}"
                     if code is not None and code < 0
@@ -542,7 +559,7 @@ class PersistentHelper:
             try:
                 line = await asyncio.wait_for(asyncio.shield(pending.future), self.timeout)
             except TimeoutError:
-                err = redact(_tail(w.stderr), secrets)
+                err = w.stderr.text(secrets)
                 # Replies are matched by order, so a late reply would be given to the next
                 # request: the only safe recovery is a fresh process.
                 with contextlib.suppress(ValueError):
@@ -559,7 +576,7 @@ class PersistentHelper:
                     ),
                     stderr=err,
                 ) from None
-        err = redact(_tail(w.stderr), secrets)
+        err = w.stderr.text(secrets)
         return self._decode(line, secrets, err)
 
     @staticmethod
@@ -666,11 +683,10 @@ class PythonHelper:
         except HelperError:
             raise
         except Exception as exc:
-            log.warning("python helper raised for %s", inp.identity, exc_info=True)
-            raise HelperError(
-                "crashed",
-                "python helper raised " + _snippet(f"{type(exc).__name__}: {exc}", secrets, 500),
-            ) from None
+            # No traceback in the log: exception text and locals may carry input secrets.
+            what = _snippet(f"{type(exc).__name__}: {exc}", secrets, 500)
+            log.warning("python helper raised for %s: %s", inp.identity, what)
+            raise HelperError("crashed", "python helper raised " + what) from None
         if isinstance(result, HelperOutput):
             # Re-validate so a model built with model_construct() cannot smuggle bad types.
             return validate_output(result.model_dump(), secrets)

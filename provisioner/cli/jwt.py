@@ -1,7 +1,279 @@
-"""`provisioner jwt` commands."""
+"""`provisioner jwt` commands: make key pairs, create, view and verify provisioning tokens.
+
+Secrets stay off screens and out of process lists where we can help it: ``view`` masks ``cht``
+and ``chpwd``, ``create`` accepts ``--token-file``/``--password-file`` so the secret need not be
+on the command line, and private keys and tokens are written 0600.
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+import time
+from pathlib import Path
+from typing import Any
 
-app = typer.Typer(help="jwt commands.", no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jwt_tools import (
+    TokenError,
+    create_provisioning_token,
+    decode_unverified,
+    generate_keypair,
+    load_signing_key,
+    load_verify_key,
+    redact_claims,
+    verify_provisioning_token,
+    write_private_file,
+    write_public_file,
+)
+from provisioner.config import parse_duration
+
+app = typer.Typer(
+    help="Create, view and verify provisioning tokens.",
+    no_args_is_help=True,
+)
+
+_TIME_CLAIMS = ("iat", "nbf", "exp", "issexp")
+_CLAIM_HELP = {
+    "cht": "provisioning token (shared secret)",
+    "chs": "secure protocol",
+    "chu": "broker URLs",
+    "chsrv": "SRV domain",
+    "chpd": "provision by default",
+    "chrd": "registration data file",
+    "chf": "facts file",
+    "chusr": "broker username",
+    "chpwd": "broker password",
+    "extensions": "extensions",
+    "ou": "organisation",
+    "v2": "protocol v2",
+    "update": "allow release_update",
+    "purpose": "purpose",
+    "sub": "subject",
+    "iss": "issuer",
+    "iat": "issued at",
+    "nbf": "not before",
+    "exp": "expires",
+    "jti": "token id",
+}
+
+
+def _console() -> Console:
+    # wide tables so claims are not folded; soft_wrap keeps plain lines on one line
+    return Console(width=160, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    # plain text, never wrapped: operators grep for the reason code
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _read_secret_file(path: Path, what: str) -> str:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise _fail(f"could not read the {what} file {path}: {exc.strerror}") from None
+    if not value:
+        raise _fail(f"the {what} file {path} is empty")
+    return value
+
+
+@app.command("keys")
+def keys_cmd(
+    key_type: str = typer.Option("rsa", "--type", help="Key type: rsa or ed25519."),
+    out_private: Path = typer.Option(..., "--out-private", help="Private key file (written 0600)."),
+    out_public: Path = typer.Option(..., "--out-public", help="Public key file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Generate a signing key pair for provisioning tokens."""
+    if key_type not in ("rsa", "ed25519"):
+        raise _fail(f"unknown key type {key_type!r}; use rsa or ed25519", code=2)
+    for p in (out_private, out_public):
+        if p.exists() and not force:
+            raise _fail(f"{p} exists; pass --force to overwrite it")
+    priv, pub = generate_keypair("rsa" if key_type == "rsa" else "ed25519")
+    write_private_file(out_private, priv)
+    write_public_file(out_public, pub)
+    c = _console()
+    c.print(f"Wrote {key_type} private key to {out_private} (mode 0600)", highlight=False)
+    c.print(f"Wrote {key_type} public key to {out_public}", highlight=False)
+    if key_type == "ed25519":
+        c.print(f"Public key: {pub.decode()}", highlight=False)
+
+
+@app.command("create")
+def create_cmd(
+    out: Path = typer.Argument(..., help="Where to write the token (mode 0600)."),
+    signing_key: Path = typer.Option(
+        ..., "--signing-key", help="RSA private key PEM or ed25519 seed (64 hex) file."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", help="The provisioning token secret (cht). Prefer --token-file."
+    ),
+    token_file: Path | None = typer.Option(
+        None, "--token-file", help="Read the provisioning token secret from this file."
+    ),
+    urls: str | None = typer.Option(
+        None, "--urls", help="Comma-separated broker URLs (nats://host:port or host:port)."
+    ),
+    srv: str | None = typer.Option(None, "--srv", help="SRV domain (exclusive with --urls)."),
+    validity: str = typer.Option("1y", "--validity", help="Token validity, e.g. 30d, 1y."),
+    default: bool = typer.Option(
+        False, "--default", help="Enable provisioning by default on the node (chpd)."
+    ),
+    insecure: bool = typer.Option(
+        True,
+        "--insecure/--secure",
+        help="Insecure (chs=false, the Choria default) or secure protocol for the node.",
+    ),
+    facts: str | None = typer.Option(None, "--facts", help="Facts file path on the node (chf)."),
+    registration: str | None = typer.Option(
+        None, "--registration", help="Registration data file path on the node (chrd)."
+    ),
+    username: str | None = typer.Option(None, "--username", help="Broker username (chusr)."),
+    password: str | None = typer.Option(None, "--password", help="Broker password (chpwd)."),
+    password_file: Path | None = typer.Option(
+        None, "--password-file", help="Read the broker password from this file."
+    ),
+    extensions: str | None = typer.Option(
+        None, "--extensions", help="Extensions as a JSON object."
+    ),
+    org: str = typer.Option("choria", "--org", help="Organisation (ou)."),
+    protocol_v2: bool = typer.Option(False, "--protocol-v2", help="Use protocol v2 (v2)."),
+    update: bool = typer.Option(False, "--update", help="Allow release_update (update)."),
+    issuer: str = typer.Option("fleet-provisioner", "--issuer", help="Issuer (iss)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Create a signed provisioning token (provisioning.jwt)."""
+    if (token is None) == (token_file is None):
+        raise _fail("give exactly one of --token or --token-file", code=2)
+    secret = token if token_file is None else _read_secret_file(token_file, "token")
+    if not secret:
+        raise _fail("the provisioning token secret must not be empty", code=2)
+    if password is not None and password_file is not None:
+        raise _fail("give at most one of --password or --password-file", code=2)
+    if password_file is not None:
+        password = _read_secret_file(password_file, "password")
+    if (urls is None) == (srv is None):
+        raise _fail("give exactly one of --urls or --srv", code=2)
+    try:
+        validity_s = parse_duration(validity)
+    except ValueError as exc:
+        raise _fail(f"--validity: {exc}", code=2) from None
+    ext: dict[str, Any] | None = None
+    if extensions is not None:
+        try:
+            parsed = json.loads(extensions)
+        except ValueError:
+            raise _fail("--extensions must be a JSON object", code=2) from None
+        if not isinstance(parsed, dict):
+            raise _fail("--extensions must be a JSON object", code=2)
+        ext = parsed
+    if out.exists() and not force:
+        raise _fail(f"{out} exists; pass --force to overwrite it")
+    try:
+        key = load_signing_key(signing_key)
+        jwt_text = create_provisioning_token(
+            key,
+            token=secret,
+            urls=[u for u in (urls or "").split(",") if u.strip()],
+            srv=srv,
+            validity_s=validity_s,
+            default=default,
+            secure=not insecure,
+            facts=facts,
+            registration=registration,
+            username=username,
+            password=password,
+            extensions=ext,
+            org=org,
+            protocol_v2=protocol_v2,
+            update=update,
+            issuer=issuer,
+        )
+    except TokenError as exc:
+        raise _fail(f"{exc} ({exc.reason})") from None
+    write_private_file(out, jwt_text.encode())
+    _, claims = decode_unverified(jwt_text)
+    _console().print(
+        f"Wrote provisioning token to {out} (mode 0600), expires {_fmt_time(claims['exp'])}",
+        highlight=False,
+    )
+
+
+def _fmt_time(value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value)) + f" ({int(value)})"
+    return str(value)
+
+
+def _fmt(key: str, value: Any) -> str:
+    if key in _TIME_CLAIMS:
+        return _fmt_time(value)
+    if isinstance(value, bool) or value is None or isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"could not read the token file {path}: {exc.__class__.__name__}") from None
+
+
+@app.command("view")
+def view_cmd(
+    token_file: Path = typer.Argument(..., help="The token file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the (masked) claims as JSON."),
+) -> None:
+    """Show a token's claims (unverified; secrets masked). Use `verify` to check it."""
+    try:
+        header, claims = decode_unverified(_read_token(token_file))
+    except TokenError as exc:
+        raise _fail(f"{token_file}: {exc} ({exc.reason})") from None
+    shown = redact_claims(claims)
+    if as_json:
+        typer.echo(json.dumps({"header": header, "claims": shown}, indent=2, sort_keys=True))
+        return
+    table = Table(title=f"{token_file} (not verified)", show_lines=False)
+    table.add_column("Claim", no_wrap=True)
+    table.add_column("Meaning", no_wrap=True)
+    table.add_column("Value", overflow="fold")
+    table.add_row("alg", "signing algorithm (header)", str(header.get("alg")))
+    ordered = [k for k in _CLAIM_HELP if k in shown] + sorted(
+        k for k in shown if k not in _CLAIM_HELP
+    )
+    for k in ordered:
+        table.add_row(k, _CLAIM_HELP.get(k, ""), _fmt(k, shown[k]))
+    _console().print(table, highlight=False)
+
+
+@app.command("verify")
+def verify_cmd(
+    token_file: Path = typer.Argument(..., help="The token file."),
+    verify_key: str = typer.Option(
+        ...,
+        "--verify-key",
+        help="Certificate PEM, public key PEM or ed25519 hex public key (file, or inline hex).",
+    ),
+) -> None:
+    """Verify a provisioning token. Exit 0 when valid, 1 (with the reason) when not."""
+    try:
+        key = load_verify_key(verify_key)
+    except TokenError as exc:
+        raise _fail(f"{exc} ({exc.reason})") from None
+    try:
+        claims = verify_provisioning_token(_read_token(token_file), key)
+    except TokenError as exc:
+        raise _fail(f"{token_file}: invalid token: {exc} (reason: {exc.reason})") from None
+    where = f"chu={claims['chu']}" if claims.get("chu") else f"chsrv={claims.get('chsrv')}"
+    expires = _fmt_time(claims["exp"]) if "exp" in claims else "never"
+    _console().print(
+        f"{token_file}: valid provisioning token ({where}, ou={claims.get('ou')}, "
+        f"expires {expires})",
+        highlight=False,
+    )

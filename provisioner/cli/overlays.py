@@ -1,7 +1,338 @@
-"""`provisioner overlays` commands."""
+"""`provisioner overlays` commands: registry status, what-if placement, drain planning.
+
+- ``status``: each overlay's state and fill (from the KV ledger when ``--nats-url`` is given).
+- ``simulate``: place a synthetic fleet with the registry's policies in memory and report.
+- ``plan-drain``: which nodes would leave an overlay, and where they would go.
+- ``publish``: store the registry in a KV bucket so several provisioners share it.
+"""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
-app = typer.Typer(help="overlays commands.", no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from overlays.drain import normalize_assignments, plan_drain
+from overlays.kvledger import DEFAULT_BUCKET, KVLedger
+from overlays.ledger import Assignment, LedgerError, MemoryLedger
+from overlays.model import OverlayConfigError
+from overlays.placer import Placer
+from overlays.registry import REGISTRY_BUCKET, OverlayRegistry
+
+app = typer.Typer(
+    help="Overlay registry, placement what-ifs and drain planning.", no_args_is_help=True
+)
+
+_OVERLAYS_OPT = typer.Option(..., "--overlays", help="Overlay registry YAML file.")
+_URL_OPT = typer.Option(None, "--nats-url", help="NATS URL of the shared ledger.")
+_USER_OPT = typer.Option(None, "--user", help="NATS user.", envvar="PROVISIONER_NATS_USER")
+_PASSWORD_OPT = typer.Option(
+    None,
+    "--password",
+    help="NATS password (prefer the environment variable).",
+    envvar="PROVISIONER_NATS_PASSWORD",
+)
+_BUCKET_OPT = typer.Option(DEFAULT_BUCKET, "--bucket", help="Ledger KV bucket.")
+
+
+def _console() -> Console:
+    return Console(width=160)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(path: Path) -> OverlayRegistry:
+    try:
+        return OverlayRegistry.from_yaml(path)
+    except OverlayConfigError as err:
+        raise _fail(str(err)) from None
+
+
+async def _with_ledger(url: str, user: str | None, password: str | None, bucket: str) -> Any:
+    import nats
+
+    try:
+        nc = await nats.connect(
+            url,
+            user=user,
+            password=password,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
+    except Exception as err:
+        # The exception text never carries the password; the type and text say what failed.
+        raise _fail(f"cannot connect to NATS at {url}: {type(err).__name__}: {err}", 1) from None
+    return nc, KVLedger(nc.jetstream(), bucket)
+
+
+async def _ledger_counts(
+    url: str, user: str | None, password: str | None, bucket: str
+) -> dict[str, int]:
+    nc, ledger = await _with_ledger(url, user, password, bucket)
+    try:
+        counts: dict[str, int] = await ledger.counts()
+        return counts
+    except LedgerError as err:
+        raise _fail(str(err), 1) from None
+    finally:
+        await nc.close()
+
+
+async def _ledger_assignments(
+    url: str, user: str | None, password: str | None, bucket: str
+) -> dict[str, Assignment]:
+    nc, ledger = await _with_ledger(url, user, password, bucket)
+    try:
+        found: dict[str, Assignment] = await ledger.assignments()
+        return found
+    except LedgerError as err:
+        raise _fail(str(err), 1) from None
+    finally:
+        await nc.close()
+
+
+@app.command()
+def status(
+    overlays: Path = _OVERLAYS_OPT,
+    nats_url: str | None = _URL_OPT,
+    user: str | None = _USER_OPT,
+    password: str | None = _PASSWORD_OPT,
+    bucket: str = _BUCKET_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show each overlay's state and fill (live from the ledger with --nats-url)."""
+    registry = _load(overlays)
+    counts: dict[str, int] | None = None
+    if nats_url:
+        counts = asyncio.run(_ledger_counts(nats_url, user, password, bucket))
+    rows = []
+    for ov in registry:
+        used = counts.get(ov.name, 0) if counts is not None else None
+        rows.append(
+            {
+                "name": ov.name,
+                "region": ov.region,
+                "state": ov.state,
+                "weight": ov.weight,
+                "capacity": ov.capacity,
+                "used": used,
+                "free": None if used is None else max(0, ov.capacity - used),
+                "fill": None if used is None or not ov.capacity else used / ov.capacity,
+                "brokers": ov.brokers,
+            }
+        )
+    if as_json:
+        typer.echo(
+            json.dumps({"source": "ledger" if counts is not None else "registry", "overlays": rows})
+        )
+        return
+    title = f"Overlays ({'ledger ' + bucket if counts is not None else 'registry only'})"
+    table = Table(title=title)
+    for col in (
+        "Overlay",
+        "Region",
+        "State",
+        "Weight",
+        "Capacity",
+        "Used",
+        "Free",
+        "Fill",
+        "Brokers",
+    ):
+        table.add_column(
+            col,
+            justify="right" if col in {"Weight", "Capacity", "Used", "Free", "Fill"} else "left",
+        )
+    for r in rows:
+        style = {"cordoned": "yellow", "draining": "red"}.get(str(r["state"]), "")
+        table.add_row(
+            str(r["name"]),
+            str(r["region"]),
+            f"[{style}]{r['state']}[/{style}]" if style else str(r["state"]),
+            f"{r['weight']:g}",
+            str(r["capacity"]),
+            "-" if r["used"] is None else str(r["used"]),
+            "-" if r["free"] is None else str(r["free"]),
+            "-" if r["fill"] is None else f"{r['fill']:.1%}",
+            ", ".join(r["brokers"]),  # type: ignore[arg-type]
+        )
+    _console().print(table)
+
+
+async def _simulate(
+    registry: OverlayRegistry, nodes: int, seed: int
+) -> tuple[Counter[str], Counter[str], dict[str, set[str]]]:
+    from node_agent.facts import synthetic_facts, synthetic_identity
+
+    placer = Placer(registry, MemoryLedger(), counts_max_age=0)
+    placed: Counter[str] = Counter()
+    deferred: Counter[str] = Counter()
+    groups: dict[str, set[str]] = {}
+    affinity = registry.placement.affinity
+    for i in range(nodes):
+        facts = synthetic_facts(i, seed)
+        p = await placer.place(synthetic_identity(i), facts, commit=True)
+        if p.overlay is None:
+            deferred[p.reason] += 1
+            continue
+        placed[p.overlay] += 1
+        if affinity and p.group is not None:
+            groups.setdefault(p.group, set()).add(p.overlay)
+    return placed, deferred, groups
+
+
+@app.command()
+def simulate(
+    overlays: Path = _OVERLAYS_OPT,
+    nodes: int = typer.Option(..., "--nodes", min=0, help="Synthetic fleet size."),
+    facts_seed: int = typer.Option(0, "--facts-seed", help="Seed of the synthetic facts."),
+    cordon: list[str] = typer.Option(
+        [], "--cordon", help="What-if: treat this overlay as cordoned (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What-if: place a synthetic fleet with the registry's policies (in memory only)."""
+    registry = _load(overlays)
+    for name in cordon:
+        try:
+            registry = registry.with_state(name, "cordoned")
+        except KeyError as err:
+            raise _fail(str(err.args[0])) from None
+    t0 = time.perf_counter()
+    placed, deferred, groups = asyncio.run(_simulate(registry, nodes, facts_seed))
+    elapsed = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "nodes": nodes,
+        "facts_seed": facts_seed,
+        "placed": {ov.name: placed.get(ov.name, 0) for ov in registry},
+        "unplaced": sum(deferred.values()),
+        "over_capacity": [ov.name for ov in registry if placed.get(ov.name, 0) > ov.capacity],
+        "fill": {
+            ov.name: round(placed.get(ov.name, 0) / ov.capacity, 4) if ov.capacity else None
+            for ov in registry
+        },
+        "affinity_fact": registry.placement.affinity,
+        "affinity_groups": len(groups),
+        "affinity_groups_split": sum(1 for g in groups.values() if len(g) > 1),
+        "defer_reasons": dict(deferred.most_common(10)),
+        "seconds": round(elapsed, 3),
+    }
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table(title=f"Simulated placement of {nodes} nodes (seed {facts_seed})")
+    for col in ("Overlay", "State", "Placed", "Capacity", "Fill"):
+        table.add_column(col, justify="left" if col in {"Overlay", "State"} else "right")
+    for ov in registry:
+        n = placed.get(ov.name, 0)
+        table.add_row(
+            ov.name,
+            ov.state,
+            str(n),
+            str(ov.capacity),
+            f"{n / ov.capacity:.1%}" if ov.capacity else "-",
+        )
+    con = _console()
+    con.print(table)
+    con.print(
+        f"unplaced: {result['unplaced']}  over capacity: {result['over_capacity'] or 'none'}  "
+        f"affinity groups: {result['affinity_groups']} "
+        f"(split across overlays: {result['affinity_groups_split']})  "
+        f"{nodes / elapsed if elapsed else 0:.0f} placements/s",
+        highlight=False,
+    )
+    for reason, n in deferred.most_common(5):
+        con.print(f"  deferred {n}: {reason}", highlight=False)
+
+
+@app.command("plan-drain")
+def plan_drain_cmd(
+    name: str = typer.Argument(..., help="Overlay to drain."),
+    overlays: Path = _OVERLAYS_OPT,
+    assignments: Path | None = typer.Option(
+        None, "--assignments", help="JSON/YAML file: identity -> overlay (or {overlay, group})."
+    ),
+    nats_url: str | None = _URL_OPT,
+    user: str | None = _USER_OPT,
+    password: str | None = _PASSWORD_OPT,
+    bucket: str = _BUCKET_OPT,
+    limit: int = typer.Option(20, "--limit", help="Moves to list in the table (0 = all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full plan as JSON."),
+) -> None:
+    """Plan draining overlay NAME: which nodes move where (nothing is changed)."""
+    registry = _load(overlays)
+    if name not in registry:
+        raise _fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}")
+    if (assignments is None) == (nats_url is None):
+        raise _fail("give exactly one of --assignments FILE or --nats-url URL")
+    if assignments is not None:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(assignments.read_text(encoding="utf-8"))
+            current = normalize_assignments(raw)
+        except OSError as err:
+            raise _fail(f"{assignments}: cannot read: {err.strerror or err}") from None
+        except (yaml.YAMLError, ValueError) as err:
+            raise _fail(f"{assignments}: {err}") from None
+    else:
+        assert nats_url is not None
+        current = asyncio.run(_ledger_assignments(nats_url, user, password, bucket))
+    plan = plan_drain(registry, name, current)
+    if as_json:
+        typer.echo(json.dumps(plan.to_dict()))
+        return
+    con = _console()
+    summary = Table(title=f"Drain {name}: {len(plan.moves)} node(s) to move")
+    summary.add_column("Target")
+    summary.add_column("Nodes", justify="right")
+    summary.add_column("Fill after", justify="right")
+    for target, n in plan.by_target.items():
+        ov = registry.get(target) if target in registry else None
+        fill = f"{plan.fill_after[target] / ov.capacity:.1%}" if ov and ov.capacity else "-"
+        summary.add_row(target, str(n), fill)
+    con.print(summary)
+    con.print(
+        f"groups split: {plan.groups_split}  unplaceable: {plan.unplaceable}", highlight=False
+    )
+    if plan.moves:
+        moves = Table(title="Moves" + (f" (first {limit})" if limit else ""))
+        for col in ("Node", "Group", "To", "Why"):
+            moves.add_column(col)
+        for m in plan.moves[: limit or None]:
+            moves.add_row(m.identity, m.group or "-", m.target or "(no room)", m.reason)
+        con.print(moves)
+
+
+@app.command()
+def publish(
+    overlays: Path = _OVERLAYS_OPT,
+    nats_url: str = typer.Option(..., "--nats-url", help="NATS URL."),
+    user: str | None = _USER_OPT,
+    password: str | None = _PASSWORD_OPT,
+    bucket: str = typer.Option(REGISTRY_BUCKET, "--bucket", help="Registry KV bucket."),
+) -> None:
+    """Validate the registry file and store it in KV for provisioners to share."""
+    registry = _load(overlays)
+
+    async def run() -> int:
+        nc, _ = await _with_ledger(nats_url, user, password, DEFAULT_BUCKET)
+        try:
+            rev: int = await registry.publish(nc.jetstream(), bucket)
+            return rev
+        finally:
+            await nc.close()
+
+    rev = asyncio.run(run())
+    typer.echo(f"published {len(registry)} overlays to kv://{bucket}/registry (revision {rev})")

@@ -1,10 +1,119 @@
-"""`provisioner run` command."""
+"""`provisioner run`: run the provisioning service until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from provisioner.config import ConfigError, ProvisionerConfig, load_config
+
+log = logging.getLogger("provisioner.run")
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "panic": logging.CRITICAL,
+}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, msg (+ exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, separators=(",", ":"))
+
+
+def setup_logging(cfg: ProvisionerConfig, log_format: str) -> None:
+    """Log to ``logfile`` (or stderr) at ``loglevel``, as JSON lines or text."""
+    if cfg.logfile and cfg.logfile not in {"-", "stderr", "stdout"}:
+        handler: logging.Handler = logging.FileHandler(cfg.logfile)
+    elif cfg.logfile == "stdout":
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(cfg.loglevel, logging.INFO))
+    # nats-py is chatty at debug level about every reconnect attempt.
+    logging.getLogger("nats").setLevel(max(root.level, logging.INFO))
+
+
+async def serve(cfg: ProvisionerConfig) -> int:
+    """Run a :class:`~provisioner.service.Provisioner` until a signal arrives."""
+    from provisioner.service import Provisioner, ProvisionerError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    prov = Provisioner(cfg)
+    try:
+        await prov.start()
+    except ProvisionerError as exc:
+        log.error("cannot start: %s", exc)
+        await prov.stop()
+        return 1
+    print(
+        f"provisioner {cfg.identity} running"
+        + (f", metrics on port {prov.http_port}" if prov.http_port else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    log.info("signal received, shutting down")
+    await prov.stop()
+    return 0
 
 
 def register(app: typer.Typer) -> None:
     """Attach the `run` command to the main app."""
-    _ = app
+
+    @app.command("run")
+    def run_cmd(
+        config: Path = typer.Option(..., "--config", "-c", help="The provisioner YAML file."),
+        broker_url: list[str] = typer.Option(
+            [],
+            "--broker-url",
+            help="Broker URL (repeatable); overrides broker_urls from the file.",
+        ),
+        log_format: str = typer.Option("json", "--log-format", help="json or text."),
+    ) -> None:
+        """Run the provisioner: discover nodes and provision them until SIGINT/SIGTERM."""
+        overrides: dict[str, Any] = {}
+        if broker_url:
+            overrides["broker_urls"] = list(broker_url)
+        try:
+            cfg = load_config(config, overrides=overrides or None)
+        except ConfigError as exc:
+            typer.echo(f"invalid configuration: {exc}", err=True)
+            raise typer.Exit(1) from None
+        if log_format not in {"json", "text"}:
+            typer.echo("--log-format must be json or text", err=True)
+            raise typer.Exit(2)
+        setup_logging(cfg, log_format)
+        raise typer.Exit(asyncio.run(serve(cfg)))

@@ -343,11 +343,6 @@ def new_request(
             message = payload
     else:
         _fail(f"request: payload must be bytes or str, not {type(payload).__name__}")
-    if not base64_payload and _is_strict_base64(message):
-        _fail(
-            "request: raw payload is valid base64 and the node would decode it; "
-            "pass base64_payload=True"
-        )
     req = Request(
         requestid=new_request_id() if requestid is None else requestid,
         senderid=senderid,
@@ -360,6 +355,11 @@ def new_request(
         message=message,
     )
     _check_request_fields(req.requestid, callerid, collective, agent, ttl, message)
+    if not base64_payload and _is_strict_base64(message):
+        _fail(
+            "request: raw payload is valid base64 and the node would decode it; "
+            "pass base64_payload=True"
+        )
     return req
 
 

@@ -1,0 +1,304 @@
+"""The reference helper's decision: rules, overlay placement, CA signing, configuration.
+
+For each node, in order:
+
+1. **rules**: `shutdown_facts` → shutdown; server older than `min_version` → defer, shutdown or
+   upgrade; `require_facts` not met → defer ("site not ready").
+2. **placement** through `overlays.Placer` (MemoryLedger, or KVLedger when `ledger.nats_url` is
+   set); no room → defer with the placer's `retry_after`.
+3. **signing**: the CSR through the configured CA adapter, CN and SAN = identity, the overlay's
+   `ca_profile`; a CA outage is a defer (retryable) and keeps the reservation, a refused CSR
+   is an error and frees it. The reservation is committed once the certificate exists.
+4. **configuration**: brokers, collectives, file security paths under the node's ssldir,
+   identity, the templated settings, and always `plugin.choria.server.provision=false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from helpers.models import PROVISION_SETTING, HelperInput, HelperOutput
+from helpers.reference.config import ReferenceConfig, ReferenceConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceHelperError(Exception):
+    """A node the reference helper refuses to decide for (the message says why)."""
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """`0.29.4` / `0.99.0.20221129` / `v1.2.3-rc1` → comparable tuple of the numeric parts."""
+    parts = re.findall(r"\d+", text.split("-", 1)[0].split("+", 1)[0])
+    return tuple(int(p) for p in parts)
+
+
+def _fact_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _lookup(facts: Mapping[str, Any], name: str) -> Any:
+    # Dotted names reach into nested facts ("network.site"), as the overlays policies do.
+    cur: Any = facts
+    for part in name.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+class ReferenceHelper:
+    """One configured helper; reuse it for many nodes (persistent and python modes)."""
+
+    def __init__(self, cfg: ReferenceConfig) -> None:
+        from overlays import MemoryLedger, OverlayRegistry, Placer, load_sample_registry
+
+        self.cfg = cfg
+        if cfg.overlays == "sample":
+            self.registry = load_sample_registry()
+        else:
+            self.registry = OverlayRegistry.from_yaml(cfg.path(cfg.overlays))
+        self._placer_cls = Placer
+        self.placer: Any = None if cfg.ledger.nats_url else Placer(self.registry, MemoryLedger())
+        self._nc: Any = None
+        self._ca: Any = None
+        self._lock = asyncio.Lock()
+        self.action_policies = {
+            name: cfg.path(f).read_text() for name, f in cfg.policies.action_policies.items()
+        }
+        self.opa_policies = {
+            name: cfg.path(f).read_text() for name, f in cfg.policies.opa_policies.items()
+        }
+        from provisioner.config import parse_duration
+
+        self.ttl_s = parse_duration(cfg.certificate.ttl)
+
+    # -- lazily opened resources --------------------------------------------------------------
+
+    async def _get_placer(self) -> Any:
+        if self.placer is not None:
+            return self.placer
+        async with self._lock:
+            if self.placer is None:
+                import nats
+
+                from overlays import KVLedger
+
+                led = self.cfg.ledger
+                opts: dict[str, Any] = {"servers": [led.nats_url], "connect_timeout": 5}
+                if led.user:
+                    opts["user"] = led.user
+                if led.password_env:
+                    opts["password"] = os.environ.get(led.password_env, "")
+                self._nc = await nats.connect(**opts)
+                ledger = await KVLedger.open(self._nc.jetstream(), bucket=led.bucket)
+                self.placer = self._placer_cls(self.registry, ledger)
+        return self.placer
+
+    async def _get_ca(self) -> Any:
+        if self._ca is None:
+            async with self._lock:
+                if self._ca is None:
+                    from ca_adapters import adapter_from_config
+
+                    self._ca = adapter_from_config(self.cfg.ca, base_dir=self.cfg.base_dir)
+        return self._ca
+
+    async def aclose(self) -> None:
+        """Close the CA adapter and the NATS connection."""
+        if self._ca is not None:
+            await self._ca.aclose()
+            self._ca = None
+        if self._nc is not None:
+            await self._nc.close()
+            self._nc = None
+
+    # -- the decision --------------------------------------------------------------------------
+
+    async def decide(self, inp: HelperInput) -> HelperOutput:
+        """The whole decision for one node."""
+        inventory = inp.inventory_data()
+        facts = inp.facts()
+        ruled = self._rules(inventory, facts)
+        if ruled is not None:
+            return ruled
+
+        placer = await self._get_placer()
+        placement = await placer.place(inp.identity, facts)
+        if placement.deferred or placement.overlay is None:
+            return HelperOutput(
+                defer=True,
+                msg=f"no overlay for this node yet: {placement.reason}",
+                retry_after=placement.retry_after,
+            )
+        overlay = self.registry.get(placement.overlay)
+        ssldir = (inp.csr.ssldir if inp.csr and inp.csr.ssldir else "") or self.cfg.ssldir
+        variables: dict[str, Any] = {
+            "identity": inp.identity,
+            "overlay": overlay.name,
+            "region": overlay.region,
+            "brokers": ",".join(overlay.brokers),
+            "ssldir": ssldir,
+            "facts": _Facts(facts),
+        }
+        out = HelperOutput(
+            msg=(
+                f"placed in overlay {overlay.name} by {placement.policy or 'placement'}: "
+                f"{placement.reason}"
+            ),
+            overlay=overlay.name,
+            action_policies=dict(self.action_policies),
+            opa_policies=dict(self.opa_policies),
+        )
+
+        if inp.csr is not None:
+            signed = await self._sign(inp, placement, variables)
+            if isinstance(signed, HelperOutput):
+                return signed
+            out.certificate, out.ca, out.ssldir = signed[0], signed[1], ssldir
+        elif inp.ed25519_pubkey is not None:
+            out.server_claims = {"collectives": list(self.cfg.collectives)}
+
+        out.configuration = self._configuration(inp, variables)
+        # The place is taken for good once the node has credentials for this overlay.
+        await placer.commit(inp.identity)
+        return out
+
+    def _rules(self, inventory: Mapping[str, Any], facts: Mapping[str, Any]) -> HelperOutput | None:
+        rules = self.cfg.rules
+        for name, want in rules.shutdown_facts.items():
+            if _fact_text(_lookup(facts, name)) == want:
+                return HelperOutput(
+                    shutdown=True, msg=f"fact {name}={want}: shutting the node down"
+                )
+        if rules.min_version:
+            have = str(inventory.get("version") or "")
+            if not have or version_tuple(have) < version_tuple(rules.min_version):
+                why = f"server version {have or 'unknown'} is older than {rules.min_version}"
+                if rules.too_old_action == "shutdown":
+                    return HelperOutput(shutdown=True, msg=why)
+                if rules.too_old_action == "upgrade" and rules.upgrade_to:
+                    if not inventory.get("upgradable"):
+                        return HelperOutput(
+                            defer=True,
+                            msg=why + " and not upgradable",
+                            retry_after=rules.retry_after,
+                        )
+                    return HelperOutput(
+                        upgrade=rules.upgrade_to, msg=why + f": upgrading to {rules.upgrade_to}"
+                    )
+                return HelperOutput(defer=True, msg=why, retry_after=rules.retry_after)
+        for name, want in rules.require_facts.items():
+            have_fact = _fact_text(_lookup(facts, name))
+            if have_fact != want:
+                return HelperOutput(
+                    defer=True,
+                    msg=f"site not ready: fact {name} is {have_fact or 'unset'!s}, want {want}",
+                    retry_after=rules.retry_after,
+                )
+        return None
+
+    async def _sign(
+        self, inp: HelperInput, placement: Any, variables: Mapping[str, Any]
+    ) -> tuple[str, str] | HelperOutput:
+        from ca_adapters import CAError, SignRequest
+
+        assert inp.csr is not None
+        self._check_csr(inp.identity, inp.csr.csr)
+        sans = tuple(s.format_map(variables) for s in self.cfg.certificate.extra_dns_sans)
+        profile = placement.ca_profile if self.cfg.certificate.use_overlay_profile else None
+        req = SignRequest(
+            identity=inp.identity,
+            csr_pem=inp.csr.csr,
+            dns_sans=sans,
+            ttl_s=self.ttl_s,
+            profile=profile,
+            metadata={"overlay": str(placement.overlay)},
+        )
+        ca = await self._get_ca()
+        try:
+            res = await ca.sign(req)
+        except CAError as exc:
+            if exc.retryable:
+                # Keep the reservation: the retry lands in the same overlay (stable policy).
+                return HelperOutput(
+                    defer=True,
+                    msg=f"CA {exc.ca} unavailable: {exc}",
+                    retry_after=30,
+                    overlay=placement.overlay,
+                )
+            await self.placer.release(inp.identity)
+            raise ReferenceHelperError(f"CA {exc.ca} refused the CSR: {exc}") from None
+        return res.certificate_pem, res.chain_pem
+
+    @staticmethod
+    def _check_csr(identity: str, pem: str) -> None:
+        try:
+            csr = x509.load_pem_x509_csr(pem.encode())
+        except ValueError:
+            raise ReferenceHelperError("the node's CSR is not a valid PEM CSR") from None
+        if not csr.is_signature_valid:
+            raise ReferenceHelperError("the node's CSR signature does not verify")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = cns[0].value if cns else "(none)"
+        if cn != identity:
+            raise ReferenceHelperError(f"the CSR's CN {cn!r} is not the identity {identity!r}")
+
+    def _configuration(self, inp: HelperInput, variables: Mapping[str, Any]) -> dict[str, str]:
+        cfg = self.cfg
+        ssldir = variables["ssldir"]
+        conf: dict[str, str] = {
+            "identity": inp.identity,
+            "plugin.choria.middleware_hosts": variables["brokers"],
+            "collectives": ",".join(cfg.collectives),
+            "main_collective": cfg.main_collective or cfg.collectives[0],
+        }
+        if inp.csr is not None:
+            conf.update(
+                {
+                    "plugin.security.provider": "file",
+                    "plugin.security.file.certificate": f"{ssldir}/certificate.pem",
+                    "plugin.security.file.key": f"{ssldir}/private.pem",
+                    "plugin.security.file.ca": f"{ssldir}/ca.pem",
+                }
+            )
+        elif inp.ed25519_pubkey is not None:
+            d = inp.ed25519_pubkey.directory or "/etc/choria"
+            conf.update(
+                {
+                    "plugin.security.provider": "choria",
+                    "plugin.security.choria.token_file": f"{d}/server.jwt",
+                    "plugin.security.choria.seed_file": f"{d}/server.seed",
+                }
+            )
+        for k, v in cfg.configuration.items():
+            conf[k] = v.format_map(variables)
+        for k, v in cfg.overlay_configuration.get(str(variables["overlay"]), {}).items():
+            conf[k] = v.format_map(variables)
+        # Never negotiable: without it the node provisions again after every restart.
+        conf[PROVISION_SETTING] = "false"
+        return conf
+
+
+class _Facts(dict[str, Any]):
+    """Facts for templates: a missing fact renders as an empty string, not a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key) if key in self else self.__missing__(key)
+        return _fact_text(value) if not isinstance(value, dict) else value
+
+
+__all__ = ["ReferenceConfigError", "ReferenceHelper", "ReferenceHelperError", "version_tuple"]

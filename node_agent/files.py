@@ -1,0 +1,267 @@
+"""Files a node writes while being provisioned, written like go-choria but safely.
+
+go-choria (spec §7.5, §16.8) writes the config as ``key=value`` lines without escaping, lets the
+remote pick any absolute ``ssldir``, joins policy names without traversal checks and leaves
+partial state behind when a step fails. Here:
+
+* :func:`render_config` refuses keys and values with line breaks (no injected settings);
+* :func:`resolve_ssldir` keeps ``ssldir`` under a configured root;
+* :func:`check_policy_name` refuses separators, ``..`` and wrong suffixes;
+* :class:`FileTransaction` stages every write, applies them with temp file + ``os.replace`` and
+  rolls every applied change back if a later one fails, so a failed ``configure`` leaves the
+  previous state in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ConfigFileError",
+    "FileTransaction",
+    "UnsafePathError",
+    "check_policy_name",
+    "config_bool",
+    "parse_config",
+    "read_config",
+    "render_config",
+    "resolve_ssldir",
+    "write_atomic",
+]
+
+_LINE_RE = re.compile(r"^(.+?)\s*=\s*(.+)$")
+_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_TRUE = {"1", "t", "true", "y", "yes", "on"}
+_FALSE = {"0", "f", "false", "n", "no", "off"}
+
+
+class ConfigFileError(ValueError):
+    """A config file or a setting to write is invalid; the message names the key, never a value."""
+
+
+class UnsafePathError(ValueError):
+    """A remote-supplied path or file name would escape where it is allowed to write."""
+
+
+# --- config files --------------------------------------------------------------------------
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """Parse a Choria ``key = value`` config: ``#`` comments, blank lines; ``key=`` is ignored.
+
+    Lines that are neither comments nor settings raise ConfigFileError (go-choria ignores them;
+    we want ``restart`` to refuse a file it cannot fully understand).
+    """
+    settings: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LINE_RE.match(line)
+        if match is None:
+            if line.endswith("="):
+                continue  # "key=" with an empty value is ignored, like go-choria
+            raise ConfigFileError(f"line {number} is not a 'key = value' setting")
+        settings[match.group(1).strip()] = match.group(2).strip()
+    return settings
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """Read and parse a config file; errors name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"cannot read {path}: {exc.__class__.__name__}") from exc
+    try:
+        return parse_config(text)
+    except ConfigFileError as exc:
+        raise ConfigFileError(f"{path}: {exc}") from exc
+
+
+def config_bool(value: str | None) -> bool | None:
+    """Choria-style boolean of a setting; ``None`` when unset, ValueError when not a boolean."""
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def sanitize_header(text: str) -> str:
+    """Make remote-supplied text safe for the one-line config header (no line breaks)."""
+    return _CONTROL_RE.sub("?", text)[:200]
+
+
+def render_config(settings: Mapping[str, str], header: str) -> str:
+    """The config text: the header comment line, then ``key=value`` lines (sorted keys).
+
+    Refuses keys that are not plain setting names and keys or values with line breaks or other
+    control characters, which go-choria would write verbatim (newline injection, §16.8).
+    """
+    lines = [f"# {sanitize_header(header)}"]
+    for key in sorted(settings):
+        value = settings[key]
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            shown = sanitize_header(str(key))[:64]
+            raise ConfigFileError(f"invalid configuration key {shown!r}")
+        if not isinstance(value, str):
+            raise ConfigFileError(f"configuration value of {key} must be a string")
+        if _CONTROL_RE.search(value):
+            raise ConfigFileError(
+                f"configuration value of {key} contains a line break or control character"
+            )
+        lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+# --- paths ---------------------------------------------------------------------------------
+
+
+def resolve_ssldir(requested: str, ssl_root: Path) -> Path:
+    """The ``ssldir`` to use, which must be absolute and inside ``ssl_root`` (symlinks resolved)."""
+    if not isinstance(requested, str) or not requested or _CONTROL_RE.search(requested):
+        raise UnsafePathError("ssldir must be a non-empty path without control characters")
+    if not os.path.isabs(requested):
+        raise UnsafePathError(f"ssldir {requested!r} must be an absolute path")
+    root = Path(os.path.realpath(ssl_root))
+    resolved = Path(os.path.realpath(requested))
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"ssldir {requested!r} is outside the permitted root {str(root)!r}")
+    return resolved
+
+
+def check_policy_name(name: str, suffix: str) -> str:
+    """A policy file name must be a plain file name ending in ``suffix`` (``.policy``/``.rego``)."""
+    shown = sanitize_header(str(name))[:64]
+    if (
+        not isinstance(name, str)
+        or "/" in name
+        or "\\" in name
+        or ".." in name
+        or _CONTROL_RE.search(name)
+        or name.startswith(".")
+        or len(name) > 200
+    ):
+        raise UnsafePathError(f"invalid policy file name {shown!r}")
+    if not name.endswith(suffix) or name == suffix:
+        raise UnsafePathError(f"policy file name {shown!r} must end in {suffix}")
+    return name
+
+
+# --- writing -------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
+    """Write ``data`` to a temp file beside ``path`` with ``mode``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: str  # "write" | "delete" | "mkdir"
+    path: Path
+    data: bytes = b""
+    mode: int = 0o600
+
+
+@dataclass(slots=True)
+class _Undo:
+    kind: str  # "restore" | "unlink" | "rmdir"
+    path: Path
+    data: bytes = b""
+    mode: int = 0o600
+
+
+class FileTransaction:
+    """Stage file writes/deletes/mkdirs, then apply them all or none.
+
+    Nothing touches the disk until :meth:`commit`. If an operation fails mid-way, the ones
+    already applied are undone in reverse order (old contents and modes restored, new files and
+    directories removed) and the original exception is re-raised.
+    """
+
+    def __init__(self, *, durable: bool = True) -> None:
+        self._ops: list[_Op] = []
+        self._durable = durable
+
+    def mkdir(self, path: Path, mode: int = 0o700) -> None:
+        """Create ``path`` and missing parents with ``mode`` (kept if it exists)."""
+        self._ops.append(_Op("mkdir", path, mode=mode))
+
+    def write(self, path: Path, data: bytes, mode: int) -> None:
+        """Replace ``path`` with ``data`` and ``mode``."""
+        self._ops.append(_Op("write", path, data=data, mode=mode))
+
+    def delete(self, path: Path) -> None:
+        """Remove the file ``path`` if it exists."""
+        self._ops.append(_Op("delete", path))
+
+    @property
+    def paths(self) -> list[Path]:
+        """Staged target paths, in order (for tests and logs)."""
+        return [op.path for op in self._ops]
+
+    def commit(self) -> None:
+        """Apply every staged operation; on failure undo the applied ones and re-raise."""
+        undo: list[_Undo] = []
+        try:
+            for op in self._ops:
+                self._apply(op, undo)
+        except BaseException:
+            for u in reversed(undo):
+                try:
+                    if u.kind == "restore":
+                        write_atomic(u.path, u.data, u.mode, durable=self._durable)
+                    elif u.kind == "unlink":
+                        u.path.unlink(missing_ok=True)
+                    elif u.kind == "rmdir":
+                        u.path.rmdir()
+                except OSError:
+                    pass  # best effort: the original error is what the caller must see
+            raise
+        finally:
+            self._ops = []
+
+    def _apply(self, op: _Op, undo: list[_Undo]) -> None:
+        if op.kind == "mkdir":
+            missing: list[Path] = []
+            p = op.path
+            while not p.exists():
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                d.mkdir(mode=op.mode)
+                os.chmod(d, op.mode)  # mkdir's mode is filtered by the umask
+                undo.append(_Undo("rmdir", d))
+            return
+        old: tuple[bytes, int] | None = None
+        if op.path.is_file():
+            old = (op.path.read_bytes(), op.path.stat().st_mode & 0o7777)
+        elif op.path.exists() or op.path.is_symlink():
+            raise IsADirectoryError(f"{op.path} exists and is not a regular file")
+        if op.kind == "write":
+            write_atomic(op.path, op.data, op.mode, durable=self._durable)
+            undo.append(_Undo("restore", op.path, *old) if old else _Undo("unlink", op.path))
+        elif op.kind == "delete" and old is not None:
+            op.path.unlink()
+            undo.append(_Undo("restore", op.path, *old))

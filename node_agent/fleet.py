@@ -1,0 +1,333 @@
+"""Fleet simulator: many :class:`~node_agent.node.NodeAgent` instances for tests, demo and bench.
+
+Node ``i`` gets identity :func:`~node_agent.facts.synthetic_identity` ``(start + i)`` and the
+deterministic facts :func:`~node_agent.facts.synthetic_facts` ``(start + i, seed)``, and its own
+state directory ``<workdir>/nodes/<identity>``. All nodes of one OS process share one asyncio
+event loop (no thread per node); keys are made lazily at ``gencsr`` time, optionally from a
+pre-generated :class:`~node_agent.keys.KeyPool`.
+
+``processes=P`` splits the nodes over P worker processes (``python -m node_agent.fleet``), each
+running its share in one loop and reporting counts as JSON lines on stdout; the parent reads them.
+``connections="shared"`` multiplexes a process's nodes on one NATS connection (benchmarks only:
+it bypasses per-node authentication and broker permissions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from node_agent.facts import synthetic_facts, synthetic_identity
+from node_agent.keys import KeyPool, KeyType
+from node_agent.node import NodeAgent, NodeError
+from node_agent.transport import SharedConnections
+
+__all__ = ["Fleet", "FleetSpec", "count_modes"]
+
+log = logging.getLogger(__name__)
+
+Connections = Literal["per-node", "shared"]
+_COUNT_KEYS = ("total", "starting", "provisioning", "normal", "stopped", "failed")
+
+
+@dataclass(slots=True)
+class FleetSpec:
+    """Everything a worker process needs to run its share of the fleet (JSON-serialisable)."""
+
+    start: int
+    count: int
+    token_path: str
+    workdir: str
+    broker_urls: list[str] | None = None
+    seed: int = 0
+    key_type: str = "ec"
+    connections: str = "per-node"
+    domain: str = "fleet.example.net"
+    restart_delay_scale: float = 1.0
+    key_pool: bool = False
+    tls_ca: str | None = None
+    connect_concurrency: int = 64
+    report_interval: float = 0.25
+
+
+def count_modes(nodes: Sequence[NodeAgent], failed: int = 0, starting: int = 0) -> dict[str, int]:
+    """Counts by mode (``starting`` = not yet up, ``failed`` = could not start)."""
+    counts = dict.fromkeys(_COUNT_KEYS, 0)
+    counts["total"] = len(nodes)
+    for node in nodes:
+        if node.mode in counts:
+            counts[node.mode] += 1
+    counts["stopped"] -= failed + starting
+    counts["failed"] = failed
+    counts["starting"] = starting
+    return counts
+
+
+class _LocalFleet:
+    """The nodes of one process, all in the running event loop."""
+
+    def __init__(self, spec: FleetSpec) -> None:
+        self.spec = spec
+        self.shared = SharedConnections() if spec.connections == "shared" else None
+        workdir = Path(spec.workdir)
+        pool = (
+            KeyPool(workdir / "keypool", spec.key_type, offset=spec.start)  # type: ignore[arg-type]
+            if spec.key_pool
+            else None
+        )
+        key_type: KeyType = "rsa" if spec.key_type == "rsa" else "ec"
+        self.nodes = [
+            NodeAgent(
+                identity=synthetic_identity(i, spec.domain),
+                token_path=Path(spec.token_path),
+                state_dir=workdir / "nodes" / synthetic_identity(i, spec.domain),
+                facts=synthetic_facts(i, spec.seed),
+                key_type=key_type,
+                broker_urls=spec.broker_urls,
+                tls_ca=Path(spec.tls_ca) if spec.tls_ca else None,
+                key_pool=pool,
+                shared=self.shared,
+                restart_delay_scale=spec.restart_delay_scale,
+                durable=False,
+            )
+            for i in range(spec.start, spec.start + spec.count)
+        ]
+        self.failed = 0
+        self.starting = len(self.nodes)
+
+    async def start(self) -> None:
+        sem = asyncio.Semaphore(max(1, self.spec.connect_concurrency))
+
+        async def _one(node: NodeAgent) -> None:
+            async with sem:
+                try:
+                    await node.start()
+                except (NodeError, OSError) as exc:
+                    self.failed += 1
+                    log.error("node %s failed to start: %s", node.identity, exc)
+                finally:
+                    self.starting -= 1
+
+        await asyncio.gather(*(_one(n) for n in self.nodes))
+
+    def counts(self) -> dict[str, int]:
+        return count_modes(self.nodes, self.failed, self.starting)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
+
+
+@dataclass(slots=True)
+class _Worker:
+    proc: asyncio.subprocess.Process
+    counts: dict[str, int] = field(default_factory=dict)
+    rss: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: asyncio.Task[None] | None = None
+
+
+class Fleet:
+    """A simulated fleet of ``nodes`` nodes. Use ``await start()``, ``counts()``,
+    ``await wait_all_normal(t)``, ``await stop()``; ``rss_bytes()`` reports memory use."""
+
+    def __init__(
+        self,
+        nodes: int,
+        token_path: Path,
+        broker_urls: Sequence[str] | None,
+        workdir: Path,
+        *,
+        seed: int = 0,
+        key_type: KeyType = "ec",
+        processes: int = 1,
+        connections: Connections = "per-node",
+        key_pool: bool = False,
+        start_index: int = 0,
+        domain: str = "fleet.example.net",
+        restart_delay_scale: float = 1.0,
+        tls_ca: Path | None = None,
+        connect_concurrency: int = 64,
+    ) -> None:
+        if nodes < 0:
+            raise ValueError("nodes must be >= 0")
+        if processes < 1:
+            raise ValueError("processes must be >= 1")
+        if connections not in ("per-node", "shared"):
+            raise ValueError("connections must be 'per-node' or 'shared'")
+        self.nodes = nodes
+        self.processes = min(processes, max(1, nodes))
+        self.workdir = Path(workdir)
+        self.key_type: KeyType = key_type
+        self._spec = FleetSpec(
+            start=start_index,
+            count=nodes,
+            token_path=str(Path(token_path).absolute()),
+            workdir=str(self.workdir.absolute()),
+            broker_urls=list(broker_urls) if broker_urls else None,
+            seed=seed,
+            key_type=key_type,
+            connections=connections,
+            domain=domain,
+            restart_delay_scale=restart_delay_scale,
+            key_pool=key_pool,
+            tls_ca=str(tls_ca) if tls_ca else None,
+            connect_concurrency=connect_concurrency,
+        )
+        self._local: _LocalFleet | None = None
+        self._workers: list[_Worker] = []
+
+    @property
+    def local_nodes(self) -> list[NodeAgent]:
+        """The NodeAgent objects when running in this process (``processes == 1``)."""
+        return self._local.nodes if self._local is not None else []
+
+    def identities(self) -> list[str]:
+        """All node identities, in index order."""
+        s = self._spec
+        return [synthetic_identity(i, s.domain) for i in range(s.start, s.start + s.count)]
+
+    async def prepare_key_pool(self) -> int:
+        """Fill the on-disk key pool for every node (process pool); returns keys generated."""
+        pool = KeyPool(self.workdir / "keypool", self.key_type)
+        return await asyncio.to_thread(pool.ensure, self._spec.start + self.nodes)
+
+    async def start(self) -> None:
+        """Start every node; returns once each is up (or failed)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self._spec.key_pool:
+            await self.prepare_key_pool()
+        if self.processes == 1:
+            self._local = _LocalFleet(self._spec)
+            await self._local.start()
+            return
+        per, extra = divmod(self.nodes, self.processes)
+        start = self._spec.start
+        for p in range(self.processes):
+            count = per + (1 if p < extra else 0)
+            spec = FleetSpec(**{**asdict(self._spec), "start": start, "count": count})
+            start += count
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "node_agent.fleet",
+                json.dumps(asdict(spec)),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            worker = _Worker(proc)
+            worker.reader = asyncio.get_running_loop().create_task(self._read(worker))
+            self._workers.append(worker)
+        await asyncio.gather(*(w.ready.wait() for w in self._workers))
+
+    async def _read(self, worker: _Worker) -> None:
+        assert worker.proc.stdout is not None
+        async for line in worker.proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            worker.counts = msg.get("counts", worker.counts)
+            worker.rss = int(msg.get("rss", worker.rss))
+            if msg.get("event") in ("ready", "stopped"):
+                worker.ready.set()
+        worker.ready.set()  # a dead worker must not hang start()
+
+    def counts(self) -> dict[str, int]:
+        """Node counts by mode across all processes."""
+        if self._local is not None:
+            return self._local.counts()
+        total = dict.fromkeys(_COUNT_KEYS, 0)
+        for w in self._workers:
+            for k in _COUNT_KEYS:
+                total[k] += int(w.counts.get(k, 0))
+        return total
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the processes running nodes (this one, or the workers)."""
+        if self._workers:
+            return sum(w.rss for w in self._workers)
+        return int(psutil.Process().memory_info().rss)
+
+    async def wait_all_normal(self, timeout: float) -> None:
+        """Wait until every node is in normal mode; TimeoutError with the counts otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.counts()
+            if counts["normal"] >= self.nodes:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"not all nodes reached normal mode in {timeout}s: {counts}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Stop every node and worker process."""
+        if self._local is not None:
+            await self._local.stop()
+        for w in self._workers:
+            if w.proc.returncode is None and w.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    w.proc.stdin.write(b"stop\n")
+                    await w.proc.stdin.drain()
+                    w.proc.stdin.close()
+        for w in self._workers:
+            try:
+                await asyncio.wait_for(w.proc.wait(), 30)
+            except TimeoutError:
+                w.proc.kill()
+                await w.proc.wait()
+            if w.reader is not None:
+                await w.reader
+
+
+# --- worker process -------------------------------------------------------------------------
+
+
+async def _worker_main(spec: FleetSpec) -> None:
+    fleet = _LocalFleet(spec)
+    proc = psutil.Process()
+
+    def report(event: str) -> None:
+        msg = {"event": event, "counts": fleet.counts(), "rss": proc.memory_info().rss}
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+
+    await fleet.start()
+    report("ready")
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stop_line = loop.create_task(reader.readline())
+    while not stop_line.done():
+        await asyncio.wait({stop_line}, timeout=spec.report_interval)
+        report("counts")
+    await fleet.stop()
+    report("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Worker entry point: ``python -m node_agent.fleet '<FleetSpec JSON>'``."""
+    parser = argparse.ArgumentParser(description="fleet simulator worker process (internal)")
+    parser.add_argument("spec", help="FleetSpec as JSON")
+    args = parser.parse_args(argv)
+    spec = FleetSpec(**json.loads(args.spec))
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(_worker_main(spec))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""NATS connections for nodes: one connection per node, or many nodes on a shared connection.
+
+Per-node connections are what a real go-choria server does (spec §6.3): CONNECT carries
+``auth_token`` = the provisioning JWT, ``user``/``pass`` from the token's ``chusr``/``chpwd``
+claims, and the node identity as the connection name. nats-py sends *either* user/password *or*
+a token, so :class:`_ChoriaClient` adds the token to CONNECT when both are configured, exactly
+what go-choria sends (and what an auth-callout broker needs to see).
+
+Shared connections (:class:`SharedConnections`) multiplex many simulated nodes on one NATS
+connection per broker URL set: one wildcard subscription per collective routes directed requests
+by the identity in the subject and fans broadcasts out in-process. This bypasses per-node
+authentication and broker permissions and exists only for very large benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+__all__ = [
+    "ConnectOptions",
+    "Handler",
+    "Link",
+    "SharedConnections",
+    "connect_own",
+    "tls_context",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], Awaitable[None]]
+
+
+class _ChoriaClient(Client):
+    """nats-py client that sends ``auth_token`` alongside ``user``/``pass`` like go-choria."""
+
+    def _connect_command(self) -> bytes:
+        cmd: bytes = super()._connect_command()
+        token = self.options.get("token")
+        if token is None or self.options.get("user") is None:
+            return cmd
+        head, _, rest = cmd.partition(b" ")
+        options = json.loads(rest.strip())
+        if "auth_token" not in options:
+            options["auth_token"] = token() if callable(token) else token
+        return head + b" " + json.dumps(options, sort_keys=True).encode() + b"\r\n"
+
+
+@dataclass(slots=True)
+class ConnectOptions:
+    """How to reach a broker."""
+
+    urls: list[str]
+    name: str
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+    max_backoff: float = 20.0
+    connect_timeout: float = 2.0
+
+    def key(self) -> tuple[str, ...]:
+        """Pool key for shared connections (the broker URL set)."""
+        return tuple(sorted(self.urls))
+
+
+def tls_context(
+    *,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client TLS context (TLS ≥ 1.2). Without ``ca`` and with ``verify=False`` it is the
+    anonymous, unverified TLS of go-choria's provisioning mode (spec §6.3, weakness §16.4)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        ctx.load_verify_locations(cafile=str(ca))
+    elif verify:
+        ctx.load_default_certs()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+class Link(Protocol):
+    """A node's view of its broker connection."""
+
+    @property
+    def server_url(self) -> str: ...
+    async def publish(self, subject: str, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+
+
+def _server_url(nc: Client) -> str:
+    url = nc.connected_url
+    if url is None:
+        return ""
+    return f"{url.scheme}://{url.hostname}:{url.port}"
+
+
+async def _connect(opts: ConnectOptions, stopping: asyncio.Event | None) -> Client:
+    """Connect, retrying with exponential backoff (capped at ``max_backoff``) until it works
+    or ``stopping`` is set. Reconnects after that are nats-py's, forever."""
+    delay = 0.5
+    while True:
+        nc = _ChoriaClient()
+
+        async def _error_cb(exc: Exception, _name: str = opts.name) -> None:
+            log.debug("nats error name=%s: %s", _name, exc)
+
+        kwargs: dict[str, Any] = {
+            "servers": opts.urls,
+            "name": opts.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 2,
+            "connect_timeout": opts.connect_timeout,
+            "error_cb": _error_cb,
+            "pending_size": 1024 * 1024,
+        }
+        if opts.token is not None:
+            kwargs["token"] = opts.token
+        if opts.user is not None:
+            kwargs["user"] = opts.user
+            kwargs["password"] = opts.password or ""
+        if opts.tls is not None:
+            kwargs["tls"] = opts.tls
+            kwargs["tls_hostname"] = None
+        try:
+            await nc.connect(**kwargs)
+            return nc
+        except Exception as exc:
+            if stopping is not None and stopping.is_set():
+                raise
+            log.info(
+                "connect failed name=%s (%s), retrying in %.1fs",
+                opts.name,
+                type(exc).__name__,
+                delay,
+            )
+            wait = delay * random.uniform(0.5, 1.5)
+            if stopping is None:
+                await asyncio.sleep(wait)
+            else:
+                try:
+                    await asyncio.wait_for(stopping.wait(), wait)
+                    raise ConnectionAbortedError("node stopped while connecting") from exc
+                except TimeoutError:
+                    pass
+            delay = min(delay * 2, opts.max_backoff)
+
+
+@dataclass(slots=True)
+class _OwnLink:
+    nc: Client
+    subs: list[Any] = field(default_factory=list)
+
+    @property
+    def server_url(self) -> str:
+        return _server_url(self.nc)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        await self.nc.publish(subject, data)
+
+    async def close(self) -> None:
+        try:
+            await self.nc.close()
+        except Exception as exc:  # closing a broken connection must not fail a stop
+            log.debug("close failed: %s", exc)
+
+
+async def connect_own(
+    opts: ConnectOptions,
+    subjects: Sequence[str],
+    handler: Handler,
+    *,
+    stopping: asyncio.Event | None = None,
+) -> Link:
+    """One connection for one node, subscribed to ``subjects``; messages go to ``handler``."""
+    nc = await _connect(opts, stopping)
+    link = _OwnLink(nc)
+
+    async def _cb(msg: Msg) -> None:
+        await handler(msg.subject, msg.data)
+
+    try:
+        for subject in subjects:
+            link.subs.append(await nc.subscribe(subject, cb=_cb))
+        await nc.flush(timeout=5)
+    except BaseException:
+        await link.close()
+        raise
+    return link
+
+
+# --- shared connections -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Member:
+    identity: str
+    collectives: tuple[str, ...]
+    agents: tuple[str, ...]
+    handler: Handler
+
+
+class _SharedConn:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self.members: dict[str, _Member] = {}
+        self.collectives: set[str] = set()
+        self.broadcasts: set[tuple[str, str]] = set()
+        self.refs = 0
+
+    async def ensure(self, collective: str, agents: Sequence[str]) -> None:
+        """Subscribe (once) to the collective's directed subjects and the agents' broadcasts.
+
+        Broadcast subjects are subscribed one by one rather than with ``*``: the provisioning
+        account's node permissions list them individually.
+        """
+        changed = False
+        if collective not in self.collectives:
+            self.collectives.add(collective)
+            node_prefix = f"{collective}.node."
+
+            async def _directed(msg: Msg) -> None:
+                member = self.members.get(msg.subject[len(node_prefix) :])
+                if member is not None and collective in member.collectives:
+                    await member.handler(msg.subject, msg.data)
+
+            await self.nc.subscribe(f"{node_prefix}>", cb=_directed)
+            changed = True
+        for agent in agents:
+            if (collective, agent) in self.broadcasts:
+                continue
+            self.broadcasts.add((collective, agent))
+
+            async def _broadcast(msg: Msg, _c: str = collective, _a: str = agent) -> None:
+                for member in list(self.members.values()):
+                    if _c in member.collectives and _a in member.agents:
+                        await member.handler(msg.subject, msg.data)
+
+            await self.nc.subscribe(f"{collective}.broadcast.agent.{agent}", cb=_broadcast)
+            changed = True
+        if changed:
+            await self.nc.flush(timeout=5)
+
+
+@dataclass(slots=True)
+class _SharedLink:
+    pool: SharedConnections
+    key: tuple[str, ...]
+    conn: _SharedConn
+    identity: str
+
+    @property
+    def server_url(self) -> str:
+        return _server_url(self.conn.nc)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        await self.conn.nc.publish(subject, data)
+
+    async def close(self) -> None:
+        await self.pool.detach(self)
+
+
+class SharedConnections:
+    """One NATS connection per broker URL set, shared by many simulated nodes (benchmarks only:
+    every node uses the first node's credentials and broker permissions are not per node)."""
+
+    def __init__(self) -> None:
+        self._conns: dict[tuple[str, ...], _SharedConn] = {}
+        self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    async def attach(
+        self,
+        opts: ConnectOptions,
+        identity: str,
+        collectives: Sequence[str],
+        agents: Sequence[str],
+        handler: Handler,
+        *,
+        stopping: asyncio.Event | None = None,
+    ) -> Link:
+        """Route ``identity``'s directed requests and its agents' broadcasts to ``handler``."""
+        key = opts.key()
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(key)
+            if conn is None or conn.nc.is_closed:
+                shared = ConnectOptions(**{**_asdict(opts), "name": f"shared-{len(self._conns)}"})
+                conn = _SharedConn(await _connect(shared, stopping))
+                self._conns[key] = conn
+            for collective in collectives:
+                await conn.ensure(collective, agents)
+            conn.members[identity] = _Member(identity, tuple(collectives), tuple(agents), handler)
+            conn.refs += 1
+        return _SharedLink(self, key, conn, identity)
+
+    async def detach(self, link: _SharedLink) -> None:
+        """Stop routing to a node; the connection stays open for the others."""
+        link.conn.members.pop(link.identity, None)
+        link.conn.refs -= 1
+
+    async def close(self) -> None:
+        """Close every shared connection."""
+        for conn in self._conns.values():
+            try:
+                await conn.nc.close()
+            except Exception as exc:
+                log.debug("close failed: %s", exc)
+        self._conns.clear()
+
+    def connection_count(self) -> int:
+        """How many NATS connections are open."""
+        return sum(1 for c in self._conns.values() if not c.nc.is_closed)
+
+
+def _asdict(opts: ConnectOptions) -> dict[str, Any]:
+    return {name: getattr(opts, name) for name in ConnectOptions.__slots__}

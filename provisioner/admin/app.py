@@ -1,0 +1,296 @@
+"""The admin API and status page of the provisioner (FastAPI).
+
+Open routes: ``/healthz``, ``/readyz``, ``/metrics`` (for probes and Prometheus), the status
+page ``/`` and its static files, ``/openapi.json`` and ``/docs``. Everything under ``/api/v1``
+needs ``Authorization: Bearer <token>``; the token is compared in constant time and never
+logged or echoed. Endpoints are ``async def`` on purpose: they run on the event loop thread
+that owns the provisioner's state, so the provider needs no locks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from provisioner.admin.models import (
+    AuditEntry,
+    AuditTail,
+    DiscoverResult,
+    ErrorBody,
+    Health,
+    NodeInfo,
+    NodeList,
+    OverlayFill,
+    OverlayList,
+    PauseState,
+    Readiness,
+    Status,
+)
+from provisioner.admin.provider import AdminProvider
+from provisioner.queue import NodeState
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+_STATIC = ("admin.js", "admin.css")
+_STATIC_TYPES = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
+# The page loads only its own files and talks only to this origin.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong bearer token."}
+}
+
+
+# Module level: endpoint annotations are resolved against module globals.
+_bearer = HTTPBearer(auto_error=False, description="The admin token (config admin.token).")
+
+
+class AdminConfigError(ValueError):
+    """The admin API was asked to start in an unsafe configuration."""
+
+
+def _static(name: str) -> bytes:
+    return resources.files("provisioner.admin").joinpath("static", name).read_bytes()
+
+
+def create_app(
+    provider: AdminProvider,
+    *,
+    token: str | None,
+    registry: CollectorRegistry | None = None,
+    allow_unauthenticated: bool = False,
+) -> FastAPI:
+    """Build the admin app for ``provider``.
+
+    ``token`` is the bearer token for ``/api/v1``. Without one the app refuses to be built
+    unless ``allow_unauthenticated=True`` is passed explicitly (then ``/api/v1`` is open:
+    only sensible on a loopback-only listener).
+    """
+    if token is not None and not token.strip():
+        raise AdminConfigError("admin token is empty; set a real token or leave it unset")
+    if token is None and not allow_unauthenticated:
+        raise AdminConfigError(
+            "the admin API needs a bearer token (admin.token); refusing to start without one "
+            "unless allow_unauthenticated=True is passed explicitly"
+        )
+    expected = token.encode("utf-8") if token is not None else None
+    metrics_registry = registry if registry is not None else REGISTRY
+    page = _static("index.html")
+    static_files = {name: _static(name) for name in _STATIC}
+
+    async def require_token(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode("utf-8") if credentials is not None else b""
+        if not given or not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or invalid bearer token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    app = FastAPI(
+        title="Fleet provisioner admin API",
+        version="1",
+        description=(
+            "Status, node states, pause/resume, discovery and audit tail of one provisioner "
+            "replica. Everything under /api/v1 needs `Authorization: Bearer <admin token>`."
+        ),
+    )
+    api = APIRouter(
+        prefix=API_PREFIX,
+        dependencies=[Depends(require_token), Depends(_reject_unknown_query)],
+        responses=_UNAUTHORIZED,
+    )
+
+    @app.get("/healthz", response_model=Health, tags=["probes"])
+    async def healthz() -> Health:
+        """Liveness: the process serves HTTP."""
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["probes"],
+        responses={503: {"model": Readiness, "description": "Not ready."}},
+    )
+    async def readyz() -> Any:
+        """Readiness: 200 when the provisioner can work, 503 otherwise."""
+        ready = bool(provider.ready())
+        if not ready:
+            return JSONResponse({"ready": False}, status_code=503)
+        return Readiness(ready=True)
+
+    @app.get(
+        "/metrics",
+        tags=["probes"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text."}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics in the text exposition format."""
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/status", response_model=Status, tags=["status"])
+    async def status() -> Status:
+        """Leader, paused, queue and node counts by state."""
+        raw = dict(provider.status())
+        counts = {str(s): 0 for s in NodeState}
+        counts.update({str(k): int(v) for k, v in dict(raw.get("counts") or {}).items()})
+        raw["counts"] = counts
+        raw["total"] = sum(counts.values())
+        raw.setdefault("queue", {})
+        return Status.model_validate(raw)
+
+    @api.get("/nodes", response_model=NodeList, tags=["nodes"])
+    async def nodes(
+        state: Annotated[NodeState | None, Query(description="Only nodes in this state.")] = None,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> NodeList:
+        """Known nodes, optionally by state (``?state=failed``), paged by offset/limit."""
+        records = provider.nodes(str(state) if state is not None else None)
+        page_ = records[offset : offset + limit]
+        return NodeList(
+            state=str(state) if state is not None else None,
+            total=len(records),
+            nodes=[NodeInfo.model_validate(r) for r in page_],
+        )
+
+    @api.get(
+        "/nodes/{identity}",
+        response_model=NodeInfo,
+        tags=["nodes"],
+        responses={404: {"model": ErrorBody, "description": "Unknown identity."}},
+    )
+    async def node(identity: Annotated[str, Path(max_length=255)]) -> NodeInfo:
+        """One node's record."""
+        record = provider.node(identity)
+        if record is None:
+            raise HTTPException(status_code=404, detail="no such node")
+        return NodeInfo.model_validate(record)
+
+    @api.post("/pause", response_model=PauseState, tags=["control"])
+    async def pause(request: Request) -> PauseState:
+        """Pause provisioning: no new nodes are taken; in-flight nodes finish."""
+        provider.pause()
+        log.info("provisioning paused via admin API client=%s", _client(request))
+        return PauseState(paused=True)
+
+    @api.post("/resume", response_model=PauseState, tags=["control"])
+    async def resume(request: Request) -> PauseState:
+        """Resume provisioning."""
+        provider.resume()
+        log.info("provisioning resumed via admin API client=%s", _client(request))
+        return PauseState(paused=False)
+
+    @api.post("/discover", response_model=DiscoverResult, tags=["control"])
+    async def discover() -> DiscoverResult:
+        """Run a broadcast discovery sweep now."""
+        return DiscoverResult(discovered=int(await provider.discover_now()))
+
+    @api.get("/audit", response_model=AuditTail, tags=["audit"])
+    async def audit(
+        since: Annotated[
+            float | None, Query(ge=0, description="Only records newer than this Unix time.")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    ) -> AuditTail:
+        """The most recent audit records (no secrets: the audit log never holds any)."""
+        entries = provider.audit_tail(since, limit)[-limit:]
+        return AuditTail(entries=[AuditEntry.model_validate(e) for e in entries])
+
+    @api.get("/overlays", response_model=OverlayList, tags=["overlays"])
+    async def overlays() -> OverlayList:
+        """Fill of each overlay (assigned nodes against capacity)."""
+        out = []
+        for name, info in sorted(provider.overlay_fill().items()):
+            count, capacity = int(info.get("count", 0)), int(info.get("capacity", 0))
+            out.append(
+                OverlayFill.model_validate(
+                    {
+                        **info,
+                        "name": name,
+                        "count": count,
+                        "capacity": capacity,
+                        "state": str(info.get("state", "active")),
+                        "fill": count / capacity if capacity > 0 else 0.0,
+                    }
+                )
+            )
+        return OverlayList(overlays=out)
+
+    app.include_router(api)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        body = static_files.get(name)  # fixed table: no path from the request reaches the disk
+        if body is None:
+            raise HTTPException(status_code=404, detail="not found")
+        return Response(
+            body, media_type=_STATIC_TYPES[name.rsplit(".", 1)[1]], headers=_PAGE_HEADERS
+        )
+
+    return app
+
+
+def _query_names(dependant: Dependant) -> frozenset[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+async def _reject_unknown_query(request: Request) -> None:
+    """422 for query parameters the route does not declare.
+
+    A typo such as ``?stat=failed`` must not silently return every node.
+    """
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    allowed: frozenset[str] = frozenset()
+    if isinstance(route, APIRoute):
+        allowed = _query_names(route.dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        # Same body shape as FastAPI's own validation errors (HTTPValidationError).
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ["query", name],
+                    "msg": "Unknown query parameter",
+                    "input": request.query_params.get(name),
+                }
+                for name in unknown[:20]
+            ]
+        )
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "-"

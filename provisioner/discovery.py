@@ -1,0 +1,169 @@
+"""Finding nodes that wait to be provisioned.
+
+Two sources feed one deduplicating queue (spec §5, §9, §14):
+
+* **Events** (fast path): nodes publish a ``startup`` lifecycle event on
+  ``choria.lifecycle.event.startup.<lifecycle_component>`` after subscribing. We listen in a
+  NATS *queue group*, so provisioner replicas share the events instead of each getting all of
+  them. Both CloudEvents and the legacy format are understood.
+* **Broadcast discovery** (catches missed events): ``discovery#ping`` to every node with the
+  ``choria_provision`` agent, at start, every ``interval`` and on demand
+  (:meth:`Discovery.discover_now`, used by the admin API and on winning an election).
+
+While the service is paused the event listener unsubscribes, so a standby replica does not
+swallow events the leader should see; resuming re-subscribes and runs a sweep for anything
+missed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from provisioner.metrics import Metrics
+from provisioner.protocol import ProtocolError, is_valid_identity, lifecycle_subject, parse_event
+from provisioner.queue import AddResult
+from provisioner.rpc import RPCClient
+
+log = logging.getLogger(__name__)
+
+#: Queue group shared by all provisioner replicas for lifecycle events.
+EVENT_QUEUE_GROUP = "choria_provisioner"
+
+AddFn = Callable[[str, str], AddResult]
+
+
+class Discovery:
+    """Event listener plus periodic broadcast sweeps, both calling ``add(identity, source)``."""
+
+    def __init__(
+        self,
+        nc: Any,
+        rpc: RPCClient,
+        add: AddFn,
+        metrics: Metrics,
+        *,
+        lifecycle_component: str = "provision_mode_server",
+        interval: float = 60.0,
+        timeout: float = 2.0,
+        window: float = 0.3,
+    ) -> None:
+        self.nc = nc
+        self.rpc = rpc
+        self._add = add
+        self.metrics = metrics
+        self.subject = lifecycle_subject("startup", lifecycle_component)
+        self.interval = interval
+        self.timeout = timeout
+        self.window = window
+        self._sub: Any = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_lock = asyncio.Lock()
+        self._active = False
+        self.last_sweep: float | None = None
+        self.last_sweep_found = 0
+        self.last_sweep_answered = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, active: bool = True) -> None:
+        """Start the periodic sweeper; listen for events when ``active``."""
+        if active:
+            await self.activate(sweep=False)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="discovery-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self.deactivate()
+
+    async def activate(self, *, sweep: bool = True) -> None:
+        """Listen for events (again) and optionally sweep at once."""
+        self._active = True
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(
+                self.subject,
+                queue=EVENT_QUEUE_GROUP,
+                cb=self._on_event,
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=256 * 1024 * 1024,
+            )
+        if sweep:
+            await self.discover_now()
+
+    async def deactivate(self) -> None:
+        """Stop listening for events (paused / standby)."""
+        self._active = False
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    # ------------------------------------------------------------------ events
+    async def _on_event(self, msg: Any) -> None:
+        try:
+            event = parse_event(msg.data)
+        except ProtocolError as exc:
+            self.metrics.discovery_errors.labels(self.metrics.site).inc()
+            log.warning("ignoring undecodable lifecycle event on %s: %s", msg.subject, exc)
+            return
+        if event.type != "startup":
+            return
+        if not is_valid_identity(event.identity):
+            self.metrics.discovery_errors.labels(self.metrics.site).inc()
+            log.warning("ignoring startup event with invalid identity %r", event.identity[:100])
+            return
+        if not self._active:
+            return
+        if self._add(event.identity, "event") is AddResult.ADDED:
+            self.metrics.event_discovered.labels(self.metrics.site).inc()
+            log.info("adding %s to the provision list after receiving an event", event.identity)
+
+    # ------------------------------------------------------------------ sweeps
+    async def discover_now(self) -> int:
+        """Run one broadcast discovery now; returns how many nodes answered.
+
+        ``last_sweep_found`` holds how many of them were newly queued.
+
+        Concurrent calls share one sweep rather than flooding the fleet with pings.
+        """
+        if self._sweep_lock.locked():
+            async with self._sweep_lock:
+                return self.last_sweep_answered
+        async with self._sweep_lock:
+            self.metrics.discover_cycles.labels(self.metrics.site).inc()
+            loop = asyncio.get_running_loop()
+            try:
+                nodes = await self.rpc.discover(timeout=self.timeout, window=self.window)
+            except Exception as exc:
+                self.metrics.discovery_errors.labels(self.metrics.site).inc()
+                log.error("could not discover nodes: %s", exc)
+                return 0
+            added = 0
+            for identity in nodes:
+                if self._add(identity, "discovery") is AddResult.ADDED:
+                    added += 1
+                    self.metrics.discovered.labels(self.metrics.site).inc()
+            self.last_sweep = loop.time()
+            self.last_sweep_found = added
+            self.last_sweep_answered = len(nodes)
+            log.info("discovery found %d provisionable nodes, %d newly queued", len(nodes), added)
+            return len(nodes)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self._active:
+                log.debug("skipping discovery while paused")
+                continue
+            await self.discover_now()

@@ -1,0 +1,380 @@
+"""Asynchronous Choria RPC client: one connection, one reply subscription, thousands in flight.
+
+Every request goes out as a Choria v1 transport (spec §2) directly to
+``provisioning.node.<identity>`` with ``headers.reply-to`` set to
+``provisioning.reply.<md5(callerid)>.<requestid>``. The client holds a single wildcard
+subscription on ``provisioning.reply.<md5(callerid)>.>`` and matches replies to waiting
+requests by request id, so no subscribe/unsubscribe happens per request.
+
+Per action it uses the anchor's number of tries (``jwt`` 3, ``gen25519`` 5, ``inventory`` 5,
+``gencsr`` 1, ``configure`` 5, ``restart`` 3, ``shutdown`` 3, ``release_update`` 3) with a
+jittered exponential backoff capped at 5 s (the anchor's ``backoff.FiveSec``). The timeout of
+one try is the anchor's (agent timeout + 2 s discovery allowance: 22 s for ``choria_provision``,
+4 s for ``rpcutil``), capped by the configured ``rpc_timeout``.
+
+A reply whose sender (transport ``mc_sender`` and reply ``senderid``) is not the node the
+request was sent to is discarded and counted (``choria_provisioner_rpc_wrong_sender_total``): in
+the provisioning account any node may publish replies, and we must not take a neighbour's
+``ecdh_public`` or CSR for the target's. The reply hash is verified by the wire layer. A reply
+with ``statuscode != 0`` raises :class:`RPCStatusError` carrying the node's ``statusmsg``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from provisioner.metrics import Metrics
+from provisioner.protocol import (
+    Filter,
+    ProtocolError,
+    RPCReply,
+    broadcast_subject,
+    decode_reply,
+    directed_subject,
+    encode_request,
+    encode_rpc_request,
+    is_valid_identity,
+    new_request,
+    reply_prefix,
+    reply_subject,
+)
+
+log = logging.getLogger(__name__)
+
+COLLECTIVE = "provisioning"
+
+
+class RPCError(Exception):
+    """An RPC to a node failed; ``reason`` is a short code, the message is for operators."""
+
+    def __init__(self, message: str, *, identity: str, rpc: str, reason: str) -> None:
+        self.identity = identity
+        self.rpc = rpc
+        self.reason = reason
+        super().__init__(message)
+
+
+class RPCTimeout(RPCError):
+    """No (acceptable) reply arrived in time, on every try."""
+
+
+class RPCStatusError(RPCError):
+    """The node answered with ``statuscode != 0``."""
+
+    def __init__(self, *, identity: str, rpc: str, statuscode: int, statusmsg: str) -> None:
+        self.statuscode = statuscode
+        self.statusmsg = statusmsg
+        super().__init__(
+            f"{rpc} on {identity} failed with status {statuscode}: {statusmsg}",
+            identity=identity,
+            rpc=rpc,
+            reason="status",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ActionPolicy:
+    """How often and how long to try one action."""
+
+    tries: int
+    timeout: float
+
+
+#: The anchor's tries per action (``host/rpc.go``) and node-side agent timeout + 2 s.
+ACTION_POLICIES: dict[str, ActionPolicy] = {
+    "jwt": ActionPolicy(3, 22.0),
+    "gen25519": ActionPolicy(5, 22.0),
+    "inventory": ActionPolicy(5, 4.0),
+    "gencsr": ActionPolicy(1, 22.0),
+    "configure": ActionPolicy(5, 22.0),
+    "restart": ActionPolicy(3, 22.0),
+    "shutdown": ActionPolicy(3, 22.0),
+    "release_update": ActionPolicy(3, 22.0),
+}
+_DEFAULT_POLICY = ActionPolicy(1, 22.0)
+
+
+class _Pending:
+    """A request waiting for its reply (directed) or replies (broadcast)."""
+
+    __slots__ = ("future", "on_reply", "target", "wrong")
+
+    def __init__(
+        self,
+        target: str | None,
+        future: asyncio.Future[str] | None,
+        on_reply: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.future = future
+        self.on_reply = on_reply
+        self.wrong = 0
+
+
+class RPCClient:
+    """Choria v1 RPC over one NATS connection (``nc`` is a connected ``nats.aio.client.Client``)."""
+
+    def __init__(
+        self,
+        nc: Any,
+        *,
+        identity: str,
+        metrics: Metrics | None = None,
+        timeout: float = 10.0,
+        collective: str = COLLECTIVE,
+        backoff_base: float = 0.5,
+        backoff_max: float = 5.0,
+        ttl: int = 60,
+    ) -> None:
+        self.nc = nc
+        self.identity = identity
+        self.callerid = f"choria={identity}"
+        self.collective = collective
+        self.metrics = metrics
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.ttl = ttl
+        self._prefix = reply_prefix(collective, self.callerid)
+        self._pending: dict[str, _Pending] = {}
+        self._sub: Any = None
+        self.wrong_sender = 0
+        self.bad_replies = 0
+        self.late_replies = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Subscribe to the reply prefix (once)."""
+        if self._sub is None:
+            self._sub = await self.nc.subscribe(
+                f"{self._prefix}.>",
+                cb=self._on_reply,
+                # Thousands of nodes may answer at once: never drop replies as a slow consumer.
+                pending_msgs_limit=1_000_000,
+                pending_bytes_limit=512 * 1024 * 1024,
+            )
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception as exc:  # connection already closed: nothing to release
+                log.debug("reply unsubscribe failed: %s", exc)
+            self._sub = None
+        for p in self._pending.values():
+            if p.future is not None and not p.future.done():
+                p.future.cancel()
+        self._pending.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ replies
+    async def _on_reply(self, msg: Any) -> None:
+        try:
+            reply, headers = decode_reply(msg.data)
+        except ProtocolError as exc:
+            self.bad_replies += 1
+            log.debug("discarding undecodable reply on %s: %s", msg.subject, exc)
+            return
+        pending = self._pending.get(reply.requestid)
+        if pending is None:
+            self.late_replies += 1
+            return
+        sender = headers.mc_sender or reply.senderid
+        if pending.target is not None:
+            if sender != pending.target or reply.senderid != pending.target:
+                pending.wrong += 1
+                self.wrong_sender += 1
+                if self.metrics is not None:
+                    self.metrics.wrong_sender.labels(self.metrics.site).inc()
+                log.warning(
+                    "discarding reply to a request for %s from wrong sender %r (senderid %r)",
+                    pending.target,
+                    sender,
+                    reply.senderid,
+                )
+                return
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_result(reply.message)
+        elif pending.on_reply is not None:
+            pending.on_reply(sender, reply.message)
+
+    # ------------------------------------------------------------------ requests
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return base * random.uniform(0.5, 1.5)
+
+    def policy(self, action: str) -> ActionPolicy:
+        p = ACTION_POLICIES.get(action, _DEFAULT_POLICY)
+        return ActionPolicy(p.tries, min(p.timeout, self.timeout))
+
+    async def request_once(
+        self, identity: str, agent: str, action: str, data: Mapping[str, Any] | None, timeout: float
+    ) -> RPCReply:
+        """One try: publish, wait for the target's reply, parse it (no status check)."""
+        rpc = f"{agent}#{action}"
+        req = new_request(
+            agent=agent,
+            collective=self.collective,
+            callerid=self.callerid,
+            senderid=self.identity,
+            payload=encode_rpc_request(agent, action, data or {}),
+            filter=Filter(agent=(agent,)),
+            ttl=self.ttl,
+        )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(identity, loop.create_future())
+        self._pending[req.requestid] = pending
+        try:
+            payload = encode_request(
+                req,
+                reply_to=reply_subject(self.collective, self.callerid, req.requestid),
+                mc_sender=self.identity,
+            )
+            await self.nc.publish(directed_subject(self.collective, identity), payload)
+            assert pending.future is not None
+            try:
+                text = await asyncio.wait_for(pending.future, timeout)
+            except TimeoutError:
+                extra = (
+                    f" ({pending.wrong} replies from other senders were discarded)"
+                    if pending.wrong
+                    else ""
+                )
+                raise RPCTimeout(
+                    f"no reply from {identity} to {rpc} within {timeout:g}s{extra}",
+                    identity=identity,
+                    rpc=rpc,
+                    reason="wrong_sender" if pending.wrong else "timeout",
+                ) from None
+        finally:
+            self._pending.pop(req.requestid, None)
+        try:
+            return RPCReply.from_json(text)
+        except ProtocolError as exc:
+            raise RPCError(
+                f"invalid {rpc} reply from {identity}: {exc}",
+                identity=identity,
+                rpc=rpc,
+                reason="protocol",
+            ) from None
+
+    async def call(
+        self,
+        identity: str,
+        agent: str,
+        action: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        tries: int | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Perform ``agent#action`` on ``identity`` with retries; returns the reply ``data``."""
+        policy = self.policy(action)
+        tries = tries if tries is not None else policy.tries
+        timeout = timeout if timeout is not None else policy.timeout
+        rpc = f"{agent}#{action}"
+        last: RPCError | None = None
+        for attempt in range(1, max(1, tries) + 1):
+            started = time.monotonic()
+            try:
+                reply = await self.request_once(identity, agent, action, data, timeout)
+            except RPCTimeout as exc:
+                last = exc
+                self._count_error(rpc)
+                if attempt < tries:
+                    log.info(
+                        "%s on %s: try %d/%d timed out, retrying", rpc, identity, attempt, tries
+                    )
+                    await asyncio.sleep(self._backoff(attempt))
+                continue
+            except RPCError:
+                self._count_error(rpc)
+                raise
+            finally:
+                if self.metrics is not None:
+                    self.metrics.observe_rpc(rpc, time.monotonic() - started)
+            if not reply.ok:
+                self._count_error(rpc)
+                # A definite answer (wrong token, lock held, not in provisioning mode):
+                # retrying now would get the same answer, the next cycle may not.
+                raise RPCStatusError(
+                    identity=identity,
+                    rpc=rpc,
+                    statuscode=reply.statuscode,
+                    statusmsg=reply.statusmsg,
+                )
+            return reply.data
+        assert last is not None
+        if tries > 1:
+            raise type(last)(
+                f"{last} (after {tries} tries)", identity=identity, rpc=rpc, reason=last.reason
+            )
+        raise last
+
+    def _count_error(self, rpc: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rpc_error(rpc)
+
+    # ------------------------------------------------------------------ discovery
+    async def discover(
+        self, *, agent_filter: str = "choria_provision", timeout: float = 2.0, window: float = 0.3
+    ) -> list[str]:
+        """Broadcast discovery (``discovery`` agent, base64 ``ping``) with a sliding window.
+
+        Stops at min(``timeout``, ``window`` after the last reply). Returns unique, valid
+        identities in the order they answered.
+        """
+        req = new_request(
+            agent="discovery",
+            collective=self.collective,
+            callerid=self.callerid,
+            senderid=self.identity,
+            payload="ping",
+            base64_payload=True,
+            filter=Filter(agent=(agent_filter,)),
+            ttl=self.ttl,
+        )
+        found: dict[str, None] = {}
+        arrived = asyncio.Event()
+
+        def on_reply(sender: str, message: str) -> None:
+            if "pong" not in message or not is_valid_identity(sender):
+                self.bad_replies += 1
+                return
+            found[sender] = None
+            arrived.set()
+
+        self._pending[req.requestid] = _Pending(None, None, on_reply)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.nc.publish(
+                broadcast_subject(self.collective, "discovery"),
+                encode_request(
+                    req,
+                    reply_to=reply_subject(self.collective, self.callerid, req.requestid),
+                    mc_sender=self.identity,
+                ),
+            )
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                wait = remaining if not found else min(remaining, window)
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), wait)
+                except TimeoutError:
+                    break
+        finally:
+            self._pending.pop(req.requestid, None)
+        return list(found)

@@ -1,0 +1,236 @@
+"""Test environment for provisioner integration tests: real brokers, tokens, CA, helper.
+
+``ProvEnv`` holds a provisioning nats-server (dev layout), an overlay nats-server (where
+provisioned nodes go), a token signing key pair, a LocalCA written to disk and the test
+helper script. ``env.config(...)`` builds a :class:`ProvisionerConfig` for it and
+``env.node(...)`` a :class:`NodeAgent` holding a valid provisioning token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from cryptography import x509
+
+from ca_adapters import LocalCA
+from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
+from node_agent.node import NodeAgent
+from provisioner.audit import read_audit_file
+from provisioner.config import Features, ProvisionerConfig
+from provisioner.natsserver import NatsServer, start_nats_server
+from provisioner.service import Provisioner
+
+HELPERS = Path(__file__).resolve().parent.parent / "helpers"
+TOKEN = "s3cret-provisioning-token"
+
+
+@dataclass
+class ProvEnv:
+    server: NatsServer
+    overlay: NatsServer
+    workdir: Path
+    ca: LocalCA
+    ca_dir: Path
+    signer_key_path: Path
+    verify_path: Path
+    token_path: Path
+    behaviour_file: Path
+    overlay_password_file: Path
+    audit_path: Path
+    nodes: list[NodeAgent] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ tokens
+    def make_token(
+        self,
+        path: Path,
+        *,
+        key_path: Path | None = None,
+        validity_s: float = 3600,
+        now: float | None = None,
+    ) -> Path:
+        node_user, node_pw = self.server.users["node"]
+        key = load_signing_key(key_path or self.signer_key_path)
+        token = create_provisioning_token(
+            key,
+            token=TOKEN,
+            urls=[self.server.url],
+            username=node_user,
+            password=node_pw,
+            default=True,
+            validity_s=validity_s,
+            now=now,
+        )
+        path.write_text(token)
+        path.chmod(0o600)
+        return path
+
+    def token_with_wrong_key(self) -> Path:
+        priv, _pub = generate_keypair("ed25519")
+        other = self.workdir / f"other-{uuid.uuid4().hex[:6]}.seed"
+        other.write_bytes(priv)
+        return self.make_token(self.workdir / "wrong-key.jwt", key_path=other)
+
+    def expired_token(self) -> Path:
+        return self.make_token(
+            self.workdir / "expired.jwt", validity_s=60, now=time.time() - 3600
+        )
+
+    # ------------------------------------------------------------------ parts
+    def set_behaviour(self, behaviour: str) -> None:
+        self.behaviour_file.write_text(behaviour)
+
+    def helper_command(self, script: str = "localca_helper.py") -> str:
+        return f"{sys.executable} {HELPERS / script}"
+
+    def helper_args(self) -> list[str]:
+        overlay_user, _ = self.overlay.users["choria"]
+        return [
+            "--ca-dir",
+            str(self.ca_dir),
+            "--overlay-url",
+            self.overlay.url,
+            "--overlay-user",
+            overlay_user,
+            "--overlay-password-file",
+            str(self.overlay_password_file),
+            "--behaviour-file",
+            str(self.behaviour_file),
+        ]
+
+    def config(self, **overrides: Any) -> ProvisionerConfig:
+        _, prov_pw = self.server.users["provisioner"]
+        values: dict[str, Any] = {
+            "identity": f"prov-{uuid.uuid4().hex[:8]}.test.example.net",
+            "site": "test",
+            "broker_urls": [self.server.url],
+            "broker_provisioning_password": prov_pw,
+            "token": TOKEN,
+            "jwt_verify_cert": str(self.verify_path),
+            "helper": self.helper_command(),
+            "helper_args": self.helper_args(),
+            "helper_mode": "exec",
+            "helper_timeout": 5,
+            "features": Features(pki=True),
+            "audit_log": str(self.audit_path),
+            "rpc_timeout": 2,
+            "concurrency": 32,
+        }
+        values.update(overrides)
+        return ProvisionerConfig(**values)
+
+    def provisioner(self, **overrides: Any) -> Provisioner:
+        return Provisioner(
+            self.config(**overrides), discovery_timeout=1.0, rpc_backoff=0.05
+        )
+
+    def node(self, identity: str, *, token_path: Path | None = None, **kw: Any) -> NodeAgent:
+        n = NodeAgent(
+            identity=identity,
+            token_path=token_path or self.token_path,
+            state_dir=self.workdir / "nodes" / identity,
+            facts={"role": "test", "index": len(self.nodes)},
+            key_type="ec",
+            restart_delay_scale=0.01,
+            durable=False,
+            alive_events=False,
+            **kw,
+        )
+        self.nodes.append(n)
+        return n
+
+    def audit(self) -> list[dict[str, Any]]:
+        return read_audit_file(self.audit_path) if self.audit_path.exists() else []
+
+    def audit_for(self, identity: str) -> list[dict[str, Any]]:
+        return [r for r in self.audit() if r["identity"] == identity]
+
+    def verify_node_certificate(self, node: NodeAgent) -> x509.Certificate:
+        """The node's certificate has CN = identity and is signed by our CA."""
+        cert = x509.load_pem_x509_certificate((node.ssldir / "certificate.pem").read_bytes())
+        cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+        assert cn == node.identity
+        cert.verify_directly_issued_by(self.ca.cert)
+        return cert
+
+
+def make_env(tmp: Path, server: NatsServer) -> ProvEnv:
+    overlay = start_nats_server(tmp / "overlay-nats")
+    ca = LocalCA.generate(key_type="ec", common_name="Test Fleet CA")
+    ca_dir = tmp / "ca"
+    ca.write(ca_dir)
+    priv, pub = generate_keypair("ed25519")
+    signer = tmp / "signer.seed"
+    signer.write_bytes(priv)
+    signer.chmod(0o600)
+    verify = tmp / "signer.pub"
+    verify.write_bytes(pub)
+    pw_file = tmp / "overlay.pass"
+    pw_file.write_text(overlay.users["choria"][1])
+    pw_file.chmod(0o600)
+    env = ProvEnv(
+        server=server,
+        overlay=overlay,
+        workdir=tmp,
+        ca=ca,
+        ca_dir=ca_dir,
+        signer_key_path=signer,
+        verify_path=verify,
+        token_path=tmp / "provisioning.jwt",
+        behaviour_file=tmp / "behaviour",
+        overlay_password_file=pw_file,
+        audit_path=tmp / "audit" / "audit.jsonl",
+    )
+    env.make_token(env.token_path)
+    env.set_behaviour("ok")
+    return env
+
+
+@pytest.fixture
+def prov_env(tmp_path: Path, nats_server: NatsServer) -> Iterator[ProvEnv]:
+    env = make_env(tmp_path, nats_server)
+    try:
+        yield env
+    finally:
+        env.overlay.stop()
+
+
+@pytest.fixture
+async def stop_nodes(prov_env: ProvEnv) -> AsyncIterator[None]:
+    """Stops every node created through ``prov_env.node`` at the end of the test."""
+    yield
+    await asyncio.gather(*(n.stop() for n in prov_env.nodes), return_exceptions=True)
+
+
+class OverlayWatcher:
+    """Counts nodes announcing ``startup`` in normal mode on the overlay broker."""
+
+    def __init__(self, overlay: NatsServer) -> None:
+        self.overlay = overlay
+        self.seen: dict[str, int] = {}
+        self.nc: Any = None
+
+    async def start(self) -> None:
+        user, pw = self.overlay.users["choria"]
+        self.nc = await nats.connect(self.overlay.url, user=user, password=pw)
+
+        async def on_event(msg: Any) -> None:
+            from provisioner.protocol import parse_event
+
+            ev = parse_event(msg.data)
+            self.seen[ev.identity] = self.seen.get(ev.identity, 0) + 1
+
+        await self.nc.subscribe("choria.lifecycle.event.startup.server", cb=on_event)
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()

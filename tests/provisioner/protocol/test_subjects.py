@@ -1,0 +1,105 @@
+"""Subjects and request ids (spec §3)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from provisioner.protocol import (
+    ProtocolError,
+    broadcast_subject,
+    directed_subject,
+    is_valid_identity,
+    lifecycle_subject,
+    new_request_id,
+    reply_prefix,
+    reply_subject,
+)
+
+REQID = "3f1d2c9e8b7a4c6d9e0f1a2b3c4d5e6f"
+
+
+def test_reply_subject_matches_spec_worked_example() -> None:
+    assert (
+        reply_subject("provisioning", "choria=prov1.example.net", REQID)
+        == "provisioning.reply.f233e84b1879ff8f207108d2dda253a5.3f1d2c9e8b7a4c6d9e0f1a2b3c4d5e6f"
+    )
+
+
+def test_reply_prefix_is_md5_of_callerid() -> None:
+    caller = "choria=other.example.net"
+    assert reply_prefix("provisioning", caller) == (
+        "provisioning.reply." + hashlib.md5(caller.encode()).hexdigest()
+    )
+
+
+def test_directed_broadcast_and_lifecycle_subjects() -> None:
+    assert directed_subject("provisioning", "node1.example.net") == (
+        "provisioning.node.node1.example.net"
+    )
+    assert broadcast_subject("provisioning", "discovery") == (
+        "provisioning.broadcast.agent.discovery"
+    )
+    assert lifecycle_subject("startup", "provision_mode_server") == (
+        "choria.lifecycle.event.startup.provision_mode_server"
+    )
+
+
+@pytest.mark.parametrize(
+    "identity",
+    ["node1.example.net", "a", "n-1.b-2.c", "NODE01", "x1.example.net"],
+)
+def test_valid_identities(identity: str) -> None:
+    assert is_valid_identity(identity)
+
+
+@pytest.mark.parametrize(
+    "identity",
+    [
+        "",
+        "*",
+        ">",
+        "node 1",
+        "node1.*",
+        "node1.>",
+        "-node",
+        "node-",
+        "a..b",
+        ".a",
+        "a.",
+        "node1\n",
+        "nöde",
+        "under_score",
+    ],
+)
+def test_invalid_identities_rejected_and_never_build_a_subject(identity: str) -> None:
+    assert not is_valid_identity(identity)
+    with pytest.raises(ProtocolError, match="identity"):
+        directed_subject("provisioning", identity)
+
+
+@pytest.mark.parametrize("bad", ["", "a.b", "*", ">", "a b"])
+def test_subject_tokens_validated(bad: str) -> None:
+    with pytest.raises(ProtocolError):
+        broadcast_subject(bad, "discovery")
+    with pytest.raises(ProtocolError):
+        broadcast_subject("provisioning", bad)
+    with pytest.raises(ProtocolError):
+        lifecycle_subject(bad, "server")
+
+
+def test_reply_subject_rejects_bad_request_id() -> None:
+    with pytest.raises(ProtocolError, match="32"):
+        reply_subject("provisioning", "choria=x", REQID[:31])
+    with pytest.raises(ProtocolError):
+        reply_subject("provisioning", "choria=x", "*" * 32)
+
+
+def test_new_request_id_is_32_lower_hex_and_unique() -> None:
+    ids = {new_request_id() for _ in range(100)}
+    assert len(ids) == 100
+    for rid in ids:
+        assert len(rid) == 32
+        int(rid, 16)
+        assert rid == rid.lower()
