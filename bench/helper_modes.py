@@ -132,7 +132,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 # Warm-up (imports, pool start) is not timed; other node identities.
                 await drive(runner, warm, args.concurrency)
+                load_before = os.getloadavg()[0]
                 results[mode] = await drive(runner, inputs, args.concurrency)
+                # The machine is shared: record how busy it was around this mode's run.
+                results[mode]["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 if mode == "persistent":
                     results[mode]["pool_size"] = args.pool_size
             finally:

@@ -183,6 +183,10 @@ class VaultAdapter:
             return False
         self._set_lease(body["auth"])
         self.renewals += 1
+        lease = float(body["auth"].get("lease_duration") or 0)
+        if self.uses_approle and 0 < lease < 60:
+            # Near token_max_ttl renewals return ever shorter leases: log in afresh instead.
+            return False
         return True
 
     async def _lookup_static(self, token: str) -> None:

@@ -33,12 +33,25 @@ __all__ = [
     "Link",
     "SharedConnections",
     "connect_own",
+    "sync_flush",
     "tls_context",
 ]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[None]]
+
+
+async def sync_flush(nc: Client, timeout: float = 5.0) -> None:
+    """Wait until the server has processed everything sent so far (e.g. our SUBs).
+
+    nats-py 2.16's ``flush()`` writes its PING straight to the socket, *ahead of* commands still
+    queued for its flusher task, so the PONG can come back before queued SUBs even left the
+    process and a request published right after would find no subscriber. Push the queue out
+    first, then ping.
+    """
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout=timeout)
 
 
 class _ChoriaClient(Client):
@@ -201,7 +214,7 @@ async def connect_own(
     try:
         for subject in subjects:
             link.subs.append(await nc.subscribe(subject, cb=_cb))
-        await nc.flush(timeout=5)
+        await sync_flush(nc)
     except BaseException:
         await link.close()
         raise
@@ -258,7 +271,7 @@ class _SharedConn:
             await self.nc.subscribe(f"{collective}.broadcast.agent.{agent}", cb=_broadcast)
             changed = True
         if changed:
-            await self.nc.flush(timeout=5)
+            await sync_flush(self.nc)
 
 
 @dataclass(slots=True)

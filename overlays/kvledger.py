@@ -88,6 +88,7 @@ class KVLedger:
         self._init_lock = asyncio.Lock()
         self._counters: dict[str, _Counter] = {}
         self._groups: dict[str, tuple[list[str], int]] = {}
+        self._mine: dict[str, tuple[Assignment, int]] = {}
 
     @classmethod
     async def open(cls, js: Any, bucket: str = DEFAULT_BUCKET, **kwargs: Any) -> KVLedger:
@@ -273,7 +274,8 @@ class KVLedger:
             mine = Assignment(identity, overlay, "reserved", now + ttl_s, group)
             if await self._adjust(overlay, +1, capacity):
                 try:
-                    await kv.create(key, self._encode(mine))
+                    rev = await kv.create(key, self._encode(mine))
+                    self._remember(mine, rev)
                     return True
                 except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as err:
                     if not _wrong_seq(err):
@@ -311,8 +313,24 @@ class KVLedger:
     async def commit(self, overlay: str, identity: str) -> None:
         await self._guard("commit", self._commit(overlay, identity))
 
+    def _remember(self, a: Assignment, rev: int) -> None:
+        # Revision of our own fresh reservation, so commit can CAS without reading first.
+        if len(self._mine) >= 100_000:
+            self._mine.clear()
+        self._mine[a.identity] = (a, rev)
+
     async def _commit(self, overlay: str, identity: str) -> None:
         kv = await self._kv()
+        mine = self._mine.pop(identity, None)
+        if mine is not None and mine[0].overlay == overlay and mine[0].live(self._clock()):
+            done = Assignment(identity, overlay, "committed", None, mine[0].group)
+            try:
+                await kv.update(node_key(identity), self._encode(done), last=mine[1])
+                return
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as err:
+                if not _wrong_seq(err):
+                    raise
+                # Changed since we reserved (refreshed, reclaimed...): read and decide below.
         for _ in range(_MAX_TRIES):
             held = await self._get_node(identity)
             if held is None or held[0].overlay != overlay or not held[0].live(self._clock()):
@@ -344,8 +362,26 @@ class KVLedger:
         raise LedgerError(f"release {identity!r}: too much contention")
 
     async def counts(self) -> dict[str, int]:
-        entries = await self._guard("counts", self._scan("cnt."))
-        return {e.key[4:]: int(e.value or b"0") for e in entries if int(e.value or b"0")}
+        result: dict[str, int] = await self._guard("counts", self._counts())
+        return result
+
+    async def _counts(self) -> dict[str, int]:
+        # Stream info lists the counter subjects without creating a consumer (a watcher per
+        # call would pile up ephemeral consumers on a busy placer); then one get per counter.
+        kv = await self._kv()
+        prefix = f"$KV.{self.bucket}.cnt."
+        info = await self._js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">")
+        names = sorted(s[len(prefix) :] for s in (info.state.subjects or {}))
+        out: dict[str, int] = {}
+        for name in names:
+            try:
+                entry = await kv.get("cnt." + name)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            value = int(entry.value or b"0")
+            if value:
+                out[name] = value
+        return out
 
     async def assignment(self, identity: str) -> str | None:
         a = await self.entry(identity)
@@ -384,7 +420,8 @@ class KVLedger:
 
     async def _scan(self, prefix: str) -> list[Any]:
         kv = await self._kv()
-        watcher = await kv.watch(prefix + ">", ignore_deletes=True)
+        # A short inactivity threshold lets the server drop the scan's consumer soon after.
+        watcher = await kv.watch(prefix + ">", ignore_deletes=True, inactive_threshold=5.0)
         out = []
         try:
             while True:

@@ -73,6 +73,7 @@ class Placer:
         ledger: Ledger,
         *,
         counts_max_age: float = 1.0,
+        sweep_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
@@ -82,6 +83,8 @@ class Placer:
         self._counts: dict[str, int] = {}
         self._counts_at = -float("inf")
         self._swept_at = -float("inf")
+        self._refreshing = False
+        self._sweep_interval = sweep_interval
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -298,7 +301,7 @@ class Placer:
                 full.append(ov.name)
             if restart:
                 continue
-            if not swept and self._clock() - self._swept_at > 1.0:
+            if not swept and self._clock() - self._swept_at >= self._sweep_interval:
                 # Room may be held by reservations of nodes that never completed.
                 swept = True
                 self._swept_at = self._clock()
@@ -343,10 +346,16 @@ class Placer:
         return policy, "; ".join(parts)
 
     async def _snapshot(self) -> dict[str, int]:
+        # The snapshot only orders candidates (reserve decides), so one refresh in flight at a
+        # time is enough; concurrent placements use the previous snapshot meanwhile.
         now = self._clock()
-        if now - self._counts_at >= self._counts_max_age:
-            self._counts = await self.ledger.counts()
-            self._counts_at = now
+        if now - self._counts_at >= self._counts_max_age and not self._refreshing:
+            self._refreshing = True
+            try:
+                self._counts = await self.ledger.counts()
+                self._counts_at = now
+            finally:
+                self._refreshing = False
         return self._counts
 
     def _placed(

@@ -66,6 +66,7 @@ class Discovery:
         self.last_sweep: float | None = None
         self.last_sweep_found = 0
         self.last_sweep_answered = 0
+        self._sweeps_started = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, active: bool = True) -> None:
@@ -133,14 +134,16 @@ class Discovery:
     async def discover_now(self) -> int:
         """Run one broadcast discovery now; returns how many nodes answered.
 
-        ``last_sweep_found`` holds how many of them were newly queued.
-
-        Concurrent calls share one sweep rather than flooding the fleet with pings.
+        ``last_sweep_found`` holds how many of them were newly queued. The sweep always starts
+        after the call: a sweep already running may predate a node's change, so callers wait
+        for it and then run their own. Callers waiting together share that one sweep rather
+        than flooding the fleet with pings.
         """
-        if self._sweep_lock.locked():
-            async with self._sweep_lock:
-                return self.last_sweep_answered
+        wanted = self._sweeps_started + 1
         async with self._sweep_lock:
+            if self._sweeps_started >= wanted:
+                return self.last_sweep_answered
+            self._sweeps_started += 1
             self.metrics.discover_cycles.labels(self.metrics.site).inc()
             loop = asyncio.get_running_loop()
             try:

@@ -412,6 +412,9 @@ class PersistentHelper:
         self._slots = asyncio.Semaphore(pool_size * depth)
         self._closed = False
         self._start_lock = asyncio.Lock()
+        # Secrets seen in recent inputs (one token is usually shared by the whole fleet), so
+        # stderr logged between requests is redacted too.
+        self._secrets: dict[str, None] = {}
 
     @property
     def restarts(self) -> int:
@@ -472,7 +475,7 @@ class PersistentHelper:
         # Chunks, not lines: a helper's stderr has no length limit per line.
         while chunk := await proc.stderr.read(65536):
             w.stderr.extend(chunk)
-            text = redact(chunk.decode("utf-8", errors="replace").rstrip())
+            text = redact(chunk.decode("utf-8", errors="replace").rstrip(), list(self._secrets))
             log.debug("helper pool process %d stderr: %s", w.index, text[:500])
 
     async def _read_replies(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
@@ -512,7 +515,7 @@ class PersistentHelper:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(w.stderr_task), 1)
                 code = proc.returncode
-                err = w.stderr.text()
+                err = w.stderr.text(list(self._secrets))
                 how = (
                     f"was killed by signal {-code}"
                     if code is not None and code < 0
@@ -543,6 +546,10 @@ class PersistentHelper:
         if self._closed:
             raise HelperError("start_failed", "the helper pool is closed")
         secrets = inp.secrets()
+        for secret in secrets:
+            self._secrets[secret] = None
+        while len(self._secrets) > 64:
+            del self._secrets[next(iter(self._secrets))]
         async with self._slots:
             w = self._pick()
             await self._ensure_started(w)

@@ -376,7 +376,9 @@ class Provisioner:
             try:
                 server, task = await serve_admin(app, host, port)
             except OSError as exc:
-                raise ProvisionerError(f"cannot serve the admin API on {host}:{port}: {exc}") from None
+                raise ProvisionerError(
+                    f"cannot serve the admin API on {host}:{port}: {exc}"
+                ) from None
             self._http = ("admin", server, task)
             self.http_port = server.port
             log.info("serving the admin API and metrics on http://%s:%d", host, self.http_port)

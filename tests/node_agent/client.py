@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from jwt_tools import create_provisioning_token
+from node_agent.transport import sync_flush
 from provisioner.natsserver import NatsServer
 from provisioner.protocol import (
     Filter,
@@ -71,6 +72,7 @@ class ProvClient:
         self.senderid = senderid
         self._waiters: dict[str, asyncio.Queue[tuple[RPCReply | bytes, str]]] = {}
         self._sub: Any = None
+        self._collective = "provisioning"
 
     @classmethod
     async def connect(
@@ -80,6 +82,13 @@ class ProvClient:
         nc = await nats.connect(server.url, user=user, password=password, name="test-prov")
         client = cls(nc, callerid=callerid, senderid=senderid)
         await client._subscribe("provisioning")
+        return client
+
+    @classmethod
+    async def attach(cls, nc: Client, collective: str) -> ProvClient:
+        """A client on an existing connection, for requests in ``collective``."""
+        client = cls(nc)
+        await client._subscribe(collective)
         return client
 
     async def _subscribe(self, collective: str) -> None:
@@ -96,8 +105,9 @@ class ProvClient:
                 )
                 queue.put_nowait((body, sender))
 
+        self._collective = collective
         self._sub = await self.nc.subscribe(f"{reply_prefix(collective, self.callerid)}.*", cb=_cb)
-        await self.nc.flush()
+        await sync_flush(self.nc)
 
     async def close(self) -> None:
         await self.nc.close()
@@ -128,7 +138,7 @@ class ProvClient:
         )
         queue: asyncio.Queue[tuple[RPCReply | bytes, str]] = asyncio.Queue()
         self._waiters[req.requestid] = queue
-        reply_to = f"{reply_prefix(collective, self.callerid)}.{req.requestid}"
+        reply_to = f"{reply_prefix(self._collective, self.callerid)}.{req.requestid}"
         await self.nc.publish(
             subject, encode_request(req, reply_to=reply_to, mc_sender=self.senderid)
         )
@@ -225,7 +235,7 @@ class EventLog:
             log.events.append((msg.subject, parse_event(msg.data)))
 
         await nc.subscribe(subject, cb=_cb)
-        await nc.flush()
+        await sync_flush(nc)
         return log
 
     def of(self, event_type: str, identity: str | None = None) -> list[LifecycleEvent]:

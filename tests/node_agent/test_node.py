@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import logging
 import re
@@ -13,16 +12,18 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from node_agent import ecdh
 from node_agent.node import NodeAgent, NodeError
+from node_agent.transport import sync_flush
 from provisioner.natsserver import NatsServer, default_accounts, start_nats_server
 from provisioner.protocol import Filter, StatusCode, directed_subject, encode_rpc_request
 from tests.node_agent.client import TOKEN, ProvClient, write_token
 from tests.node_agent.conftest import NodeEnv
+from tests.node_agent.pki import ThrowawayCA
 from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ async def test_startup_event_is_cloudevents(shared_nats_server: NatsServer, tmp_
         raw.append(msg.data)  # type: ignore[attr-defined]
 
     await client.nc.subscribe("choria.lifecycle.event.startup.provision_mode_server", cb=_cb)
-    await client.nc.flush()
+    await sync_flush(client.nc)
     node = NodeAgent(
         identity="cloudevents.example.net",
         token_path=write_token(tmp_path / "t.jwt", shared_nats_server),
@@ -267,52 +268,12 @@ async def test_gencsr(node_env: NodeEnv) -> None:
 # --- configure ----------------------------------------------------------------------------------
 
 
-def _ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _sign(
-    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate], public_key: object, cn: str
-) -> str:
-    key, cert = ca
-    now = datetime.datetime.now(datetime.UTC)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(cert.subject)
-        .public_key(public_key)  # type: ignore[arg-type]
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return leaf.public_bytes(serialization.Encoding.PEM).decode()
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 async def test_configure_with_csr_certificate_and_policies(node_env: NodeEnv) -> None:
     env, c = node_env, node_env.client
     csr_reply = await c.rpc(env.identity, P, "gencsr", {"token": TOKEN})
     assert csr_reply is not None and csr_reply.statuscode == 0
     csr = x509.load_pem_x509_csr(csr_reply.data["csr"].encode())
-    ca = _ca()
+    ca = ThrowawayCA.create()
     key_before = (env.state_dir / "ssl" / "private.pem").read_bytes()
     config = {
         "identity": env.identity,
@@ -326,8 +287,8 @@ async def test_configure_with_csr_certificate_and_policies(node_env: NodeEnv) ->
         {
             "token": TOKEN,
             "config": json.dumps(config),
-            "certificate": _sign(ca, csr.public_key(), env.identity),
-            "ca": _pem(ca[1]),
+            "certificate": ca.sign(csr.public_key(), env.identity),
+            "ca": ca.pem,
             "ssldir": csr_reply.data["ssldir"],
             "action_policies": {"rpcutil.policy": "policy default allow\n", "": "skipped"},
             "opa_policies": {"default.rego": "package choria\n"},
@@ -342,7 +303,7 @@ async def test_configure_with_csr_certificate_and_policies(node_env: NodeEnv) ->
     assert stat.S_IMODE(env.node.config_path.stat().st_mode) == 0o600
     ssl = env.state_dir / "ssl"
     assert (ssl / "private.pem").read_bytes() == key_before  # no key sent: the CSR key stays
-    assert (ssl / "ca.pem").read_text() == _pem(ca[1])
+    assert (ssl / "ca.pem").read_text() == ca.pem
     pol = env.state_dir / "policies"
     assert stat.S_IMODE((pol / "rpcutil.policy").stat().st_mode) == 0o400
     assert (pol / "rego" / "default.rego").read_text() == "package choria\n"
@@ -364,16 +325,16 @@ async def test_configure_refusals_leave_state_intact(node_env: NodeEnv) -> None:
     ssl = env.state_dir / "ssl"
     snapshot = {p.name: p.read_bytes() for p in ssl.iterdir()}
 
-    ca = _ca()
+    ca = ThrowawayCA.create()
     csr = x509.load_pem_x509_csr(csr_reply.data["csr"].encode())
-    cert = _sign(ca, csr.public_key(), env.identity)
+    cert = ca.sign(csr.public_key(), env.identity)
     other_key = ec.generate_private_key(ec.SECP256R1())
     other_pem = other_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
-    tls = {"certificate": cert, "ca": _pem(ca[1]), "ssldir": str(ssl)}
+    tls = {"certificate": cert, "ca": ca.pem, "ssldir": str(ssl)}
     enc, prov_pub = ecdh.encrypt_private_key(other_pem, jwt.data["ecdh_public"], aead=True)
     env_obj = json.loads(enc)
     ct = bytearray(base64.b64decode(env_obj["ct"]))

@@ -237,7 +237,7 @@ async def test_expired_reservation_frees_its_place() -> None:
     now = [1000.0]
     ledger = MemoryLedger(clock=lambda: now[0])
     reg = _registry([_ov("a", 1)], reservation_ttl=30)
-    # The placer sweeps expired reservations before deferring, at most once a second.
+    # The placer sweeps expired reservations before deferring, at most every sweep_interval.
     placer = Placer(reg, ledger, counts_max_age=0, clock=lambda: now[0])
     assert (await placer.place("n1", {})).overlay == "a"  # reserved, never committed
     assert (await placer.place("n2", {})).deferred

@@ -326,7 +326,8 @@ for line in sys.stdin:
     req = json.loads(line)
     ident = req["identity"]
     if ident.startswith("die"):
-        sys.stderr.write("fatal: lost my database\\n"); sys.stderr.flush()
+        sys.stderr.write("fatal: lost my database " + req["jwt"]["cht"] + "\\n")
+        sys.stderr.flush()
         os._exit(7)
     if ident.startswith("slow"):
         time.sleep(60)
@@ -368,6 +369,7 @@ async def test_persistent_dead_process_errors_clearly_and_is_restarted(tmp_path:
             await runner.run(make_input("die.example.net"))
         assert ei.value.reason == "crashed"
         assert "exited with code 7" in ei.value.message and "lost my database" in ei.value.message
+        assert SECRET not in ei.value.message and "[redacted]" in ei.value.message
         again = await runner.run(make_input("b.example.net"))
         assert again.msg.startswith("b.example.net@")
         assert int(again.msg.split("@")[1]) != pid1

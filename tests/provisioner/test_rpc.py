@@ -22,8 +22,13 @@ pytestmark = pytest.mark.integration
 async def client(shared_nats_server: NatsServer) -> AsyncIterator[RPCClient]:
     user, pw = shared_nats_server.users["provisioner"]
     nc = await nats.connect(shared_nats_server.url, user=user, password=pw)
-    rpc = RPCClient(nc, identity="prov-rpc-test.example.net", metrics=Metrics(site="t"),
-                    timeout=1.0, backoff_base=0.01)
+    rpc = RPCClient(
+        nc,
+        identity="prov-rpc-test.example.net",
+        metrics=Metrics(site="t"),
+        timeout=1.0,
+        backoff_base=0.01,
+    )
     await rpc.start()
     yield rpc
     await rpc.close()
@@ -44,7 +49,9 @@ async def test_thousand_requests_in_flight_one_subscription(
         await asyncio.sleep(0.2)  # all requests overlap
         return RPCReply(action=action, data={"n": data["n"]})
 
-    nodes = [await _responder(shared_nats_server, f"echo{i}.example.net", slow_echo) for i in range(4)]
+    nodes = [
+        await _responder(shared_nats_server, f"echo{i}.example.net", slow_echo) for i in range(4)
+    ]
     subs_before = len(client.nc._subs)
     try:
         results = await asyncio.gather(
@@ -80,7 +87,9 @@ async def test_status_error_carries_statusmsg(
     assert client.metrics.rpc_errors.value("t", "choria_provision#jwt") == 1
 
 
-async def test_timeout_retries_per_action(client: RPCClient, shared_nats_server: NatsServer) -> None:
+async def test_timeout_retries_per_action(
+    client: RPCClient, shared_nats_server: NatsServer
+) -> None:
     node = await _responder(shared_nats_server, "silent.example.net", lambda a, d: None)
     try:
         with pytest.raises(RPCTimeout) as err:
@@ -110,9 +119,12 @@ async def test_wrong_sender_is_discarded_and_counted(
     assert "other senders were discarded" in str(err.value)
     assert client.wrong_sender == 1
     assert client.metrics is not None
-    assert client.metrics.registry.get_sample_value(
-        "choria_provisioner_rpc_wrong_sender_total", {"site": "t"}
-    ) == 1
+    assert (
+        client.metrics.registry.get_sample_value(
+            "choria_provisioner_rpc_wrong_sender_total", {"site": "t"}
+        )
+        == 1
+    )
 
 
 async def test_broadcast_discovery_sliding_window(

@@ -36,8 +36,15 @@ async def test_provisions_a_node_end_to_end(prov_env: ProvEnv, stop_nodes: None)
         assert provisioned == ["web1.example.net"]
         rec = prov.node("web1.example.net")
         assert rec is not None and rec["state"] == "provisioned"
-        assert set(rec["stage_times"]) >= {"jwt", "validate", "inventory", "csr", "helper",
-                                           "configure", "restart"}
+        assert set(rec["stage_times"]) >= {
+            "jwt",
+            "validate",
+            "inventory",
+            "csr",
+            "helper",
+            "configure",
+            "restart",
+        }
         assert rec["source"] == "event"
         prov_env.verify_node_certificate(node)
         # metrics endpoint: the anchor's names, served over HTTP
@@ -72,7 +79,9 @@ async def test_provisions_a_node_end_to_end(prov_env: ProvEnv, stop_nodes: None)
         assert secret not in text
 
 
-async def test_discovery_sweep_finds_nodes_started_before(prov_env: ProvEnv, stop_nodes: None) -> None:
+async def test_discovery_sweep_finds_nodes_started_before(
+    prov_env: ProvEnv, stop_nodes: None
+) -> None:
     nodes = [prov_env.node(f"early{i}.example.net") for i in range(3)]
     for n in nodes:
         await n.start()  # nobody listens yet: the events are lost

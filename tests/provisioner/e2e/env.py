@@ -80,9 +80,7 @@ class ProvEnv:
         return self.make_token(self.workdir / "wrong-key.jwt", key_path=other)
 
     def expired_token(self) -> Path:
-        return self.make_token(
-            self.workdir / "expired.jwt", validity_s=60, now=time.time() - 3600
-        )
+        return self.make_token(self.workdir / "expired.jwt", validity_s=60, now=time.time() - 3600)
 
     # ------------------------------------------------------------------ parts
     def set_behaviour(self, behaviour: str) -> None:
@@ -128,9 +126,7 @@ class ProvEnv:
         return ProvisionerConfig(**values)
 
     def provisioner(self, **overrides: Any) -> Provisioner:
-        return Provisioner(
-            self.config(**overrides), discovery_timeout=1.0, rpc_backoff=0.05
-        )
+        return Provisioner(self.config(**overrides), discovery_timeout=0.5, rpc_backoff=0.05)
 
     def node(self, identity: str, *, token_path: Path | None = None, **kw: Any) -> NodeAgent:
         n = NodeAgent(

@@ -84,6 +84,4 @@ class Responder:
             text = result.to_json()
         reply = new_reply(req, senderid=self.claim_sender, message=text)
         assert headers.reply_to
-        await self.nc.publish(
-            headers.reply_to, encode_reply(reply, mc_sender=self.claim_sender)
-        )
+        await self.nc.publish(headers.reply_to, encode_reply(reply, mc_sender=self.claim_sender))

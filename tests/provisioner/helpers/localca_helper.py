@@ -80,7 +80,9 @@ def handler(inp: HelperInput) -> HelperOutput | dict[str, Any]:
         return HelperOutput(defer=True, msg="no capacity right now", retry_after=0.5)
     elif behaviour == "shutdown":
         return HelperOutput(shutdown=True, msg="decommissioned hardware")
-    password = Path(ARGS.overlay_password_file).read_text().strip() if ARGS.overlay_password_file else ""
+    password = (
+        Path(ARGS.overlay_password_file).read_text().strip() if ARGS.overlay_password_file else ""
+    )
     config = {
         "identity": inp.identity,
         "plugin.choria.server.provision": "false",
