@@ -1,0 +1,100 @@
+"""The fleet simulator: 1,000 nodes answering discovery, worker processes, shared connections."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from node_agent.facts import synthetic_facts, synthetic_identity
+from node_agent.fleet import Fleet
+from provisioner.natsserver import NatsServer
+from tests.node_agent.client import ProvClient, write_token
+from tests.node_agent.provision import HandProvisioner, plain_server
+
+pytestmark = pytest.mark.integration
+
+
+def _connections(server: NatsServer) -> int:
+    url = f"http://127.0.0.1:{server.monitor_port}/connz"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return int(json.load(resp)["num_connections"])
+
+
+async def test_thousand_nodes_answer_discovery(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    rss_before = psutil.Process().memory_info().rss
+    fleet = Fleet(1000, token, None, tmp_path / "fleet", key_type="ec")
+    client = await ProvClient.connect(nats_server)
+    try:
+        await fleet.start()
+        assert fleet.counts()["provisioning"] == 1000
+        rss_after = psutil.Process().memory_info().rss
+        found = await client.discover(window=2.0, expect=1000)
+        assert len(set(found)) == 1000
+        assert set(found) == set(fleet.identities())
+        assert _connections(nats_server) == 1001  # one connection per node + the client
+        with capsys.disabled():
+            print(
+                f"\n[fleet] 1000 nodes: RSS {rss_after / 1e6:.0f} MB, "
+                f"{(rss_after - rss_before) / 1000 / 1024:.0f} KiB per node"
+            )
+    finally:
+        await client.close()
+        await fleet.stop()
+    assert fleet.counts()["stopped"] == 1000
+
+
+async def test_worker_processes_report_counts(nats_server: NatsServer, tmp_path: Path) -> None:
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(60, token, None, tmp_path / "fleet", processes=2, seed=7)
+    client = await ProvClient.connect(nats_server)
+    try:
+        await fleet.start()
+        assert fleet.counts()["provisioning"] == 60 and fleet.counts()["total"] == 60
+        assert fleet.rss_bytes() > 0
+        found = await client.discover(window=2.0, expect=60)
+        assert sorted(set(found)) == fleet.identities()
+        # facts are the deterministic synthetic ones, whichever process runs the node
+        r = await client.rpc(synthetic_identity(42), "rpcutil", "inventory")
+        assert r is not None and r.data["facts"] == json.loads(json.dumps(synthetic_facts(42, 7)))
+    finally:
+        await client.close()
+        await fleet.stop()
+
+
+async def test_shared_connections(nats_server: NatsServer, tmp_path: Path) -> None:
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(300, token, None, tmp_path / "fleet", connections="shared", start_index=1000)
+    client = await ProvClient.connect(nats_server)
+    try:
+        await fleet.start()
+        assert _connections(nats_server) == 2  # one shared connection + the client
+        found = await client.discover(window=2.0, expect=300)
+        assert sorted(set(found)) == fleet.identities()
+        r = await client.rpc(synthetic_identity(1123), "rpcutil", "ping")
+        assert r is not None and r.statuscode == 0
+    finally:
+        await client.close()
+        await fleet.stop()
+
+
+async def test_fleet_reaches_normal_mode(nats_server: NatsServer, tmp_path: Path) -> None:
+    overlay = plain_server(tmp_path / "overlay")
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(5, token, None, tmp_path / "fleet", restart_delay_scale=0.01)
+    prov = await HandProvisioner.start(nats_server, overlay)
+    try:
+        await fleet.start()
+        await fleet.wait_all_normal(20)
+        assert fleet.counts()["normal"] == 5
+        assert sorted(prov.done) == fleet.identities()
+    finally:
+        await prov.stop()
+        await fleet.stop()
+        overlay.stop()
