@@ -143,3 +143,25 @@ async def test_status_views(prov_env: ProvEnv, stop_nodes: None) -> None:
 
 def test_env_paths_exist(prov_env: ProvEnv) -> None:
     assert Path(prov_env.ca_dir / "ca.pem").exists()
+
+
+async def test_leader_election_resumes_the_winner(prov_env: ProvEnv, stop_nodes: None) -> None:
+    from provisioner.config import ElectionConfig
+
+    election = ElectionConfig(bucket="PROV_TEST_ELECTION", ttl=2.0, campaign_interval=0.2)
+    first = prov_env.provisioner(leader_election=True, election=election)
+    second = prov_env.provisioner(leader_election=True, election=election)
+    await first.start()
+    await async_wait_for(lambda: first.leader and not first.paused, 10)
+    await second.start()
+    try:
+        node = prov_env.node("elected.example.net")
+        await node.start()
+        await node.wait_normal(20)
+        # only the leader works; the standby stays paused and saw nothing
+        assert first.node("elected.example.net")["state"] == "provisioned"  # type: ignore[index]
+        assert second.paused and not second.leader
+        assert second.node("elected.example.net") is None
+    finally:
+        await second.stop()
+        await first.stop()
