@@ -632,7 +632,7 @@ class Demo:
             admin=AdminConfig(enabled=True, host="127.0.0.1", port=free_port(), token=self.admin_token),
             rpc_timeout=10,
         )
-        prov = Provisioner(cfg, helper=helper, discovery_timeout=1.0, drain_timeout=5.0)
+        prov = Provisioner(cfg, helper=helper, discovery_timeout=1.0, drain_timeout=3.0)
         prov.on_provisioned.append(self._on_provisioned)
         self.provisioner = prov
         self._push("provisioner", prov.stop)
@@ -871,10 +871,18 @@ class Demo:
         if self._closed:
             return
         self._closed = True
+        # The provisioner first: its in-flight attempts finish quickly while the nodes are
+        # still there to answer (stopping the nodes first would leave them waiting for RPC
+        # timeouts). Then the nodes, then the rest in reverse start order.
+        if self.provisioner is not None:
+            try:
+                await asyncio.wait_for(self.provisioner.stop(), 30)
+            except Exception as exc:
+                log.warning("stopping the provisioner: %s: %s", type(exc).__name__, exc)
         try:
             await asyncio.wait_for(self._stop_fleet(), 30)
         except Exception as exc:
-            log.warning("stopping the fleet: %s", exc)
+            log.warning("stopping the fleet: %s: %s", type(exc).__name__, exc)
         while self._cleanups:
             what, fn = self._cleanups.pop()
             try:

@@ -154,9 +154,11 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
     try:
         console.print(f"[bold]Fleet provisioner demo[/bold]  work directory {demo.workdir}")
         await demo.start(lambda what: console.print(f"  starting {what}"))
-        console.print(f"  provisioning broker  {demo.broker.url}")
-        console.print(f"  admin API            {demo.admin_url}  (bearer token {demo.admin_token})")
-        console.print(f"  status page          {demo.status_page_url}")
+        # soft_wrap: URLs and the token must stay on one line to be copied.
+        console.print(f"  provisioning broker  {demo.broker.url}", soft_wrap=True)
+        console.print(f"  admin API            {demo.admin_url}", soft_wrap=True)
+        console.print(f"  admin bearer token   {demo.admin_token}", soft_wrap=True)
+        console.print(f"  status page          {demo.status_page_url}", soft_wrap=True)
         live = Live(console=console, refresh_per_second=8, transient=False)
         with live:
             await demo.run(lambda snap: live.update(_progress_view(snap, options.nodes)))
@@ -168,7 +170,8 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
         if keep_running:
             console.print(
                 f"\nEverything keeps running. Status page: {demo.status_page_url}\n"
-                "Press Ctrl-C to stop."
+                "Press Ctrl-C to stop.",
+                soft_wrap=True,
             )
             await asyncio.Event().wait()
         return 0 if result.ok else 1
@@ -182,7 +185,7 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
     finally:
         t0 = time.monotonic()
         await demo.close()
-        console.print(f"Stopped everything in {time.monotonic() - t0:.1f}s.")
+        console.print(f"\nStopped everything in {time.monotonic() - t0:.1f}s.")
 
 
 def _log_to(path: Path) -> None:
