@@ -250,7 +250,12 @@ class FileTransaction:
                 missing.append(p)
                 p = p.parent
             for d in reversed(missing):
-                d.mkdir(mode=op.mode)
+                try:
+                    d.mkdir(mode=op.mode)
+                except FileExistsError:
+                    if d.is_dir():  # created concurrently (another node in this process)
+                        continue
+                    raise
                 os.chmod(d, op.mode)  # mkdir's mode is filtered by the umask
                 undo.append(_Undo("rmdir", d))
             return

@@ -177,6 +177,7 @@ class NodeAgent:
         self._noted_ssldir: Path | None = None
         self._alive_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rpc_tasks: set[asyncio.Task[Any]] = set()
 
     # --- NodeHost properties ----------------------------------------------------------------
 
@@ -269,10 +270,11 @@ class NodeAgent:
             except Exception as exc:
                 log.debug("shutdown event not published: %s", exc)
         await self._teardown()
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *self._rpc_tasks]
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         self.mode = "stopped"
 
     async def wait_normal(self, timeout: float) -> None:
@@ -507,10 +509,17 @@ class NodeAgent:
 
     # --- restart / shutdown -----------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> None:
+        group = self._tasks if tasks is None else tasks
         task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        group.add(task)
+        task.add_done_callback(group.discard)
+
+    async def _drain_rpcs(self, timeout: float = 5.0) -> None:
+        """Let in-flight actions send their replies (the restart reply itself) before closing."""
+        pending = [t for t in self._rpc_tasks if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     def schedule_restart(self, delay_s: float) -> None:
         """Restart after ``delay_s`` (scaled), once: publish ``shutdown``, close, boot again."""
@@ -528,9 +537,10 @@ class NodeAgent:
 
     async def _restart(self, delay_s: float) -> None:
         try:
-            await asyncio.sleep(0.05 * min(1.0, self.restart_delay_scale))  # let the reply go out
+            await self._drain_rpcs()  # the reply to restart goes out first
             await self._publish_event_now("shutdown")
             await asyncio.sleep(delay_s * self.restart_delay_scale)
+            await self._drain_rpcs()
             await self._teardown()
             # A new process would start without these.
             self.ecdh_private = None
@@ -548,7 +558,9 @@ class NodeAgent:
 
     async def _shutdown(self, delay_s: float) -> None:
         try:
-            await asyncio.sleep(max(0.05, delay_s * self.restart_delay_scale))
+            await self._drain_rpcs()
+            await asyncio.sleep(delay_s * self.restart_delay_scale)
+            await self._drain_rpcs()
             await self._publish_event_now("shutdown")
             await self._teardown()
             self.mode = "stopped"
@@ -593,7 +605,7 @@ class NodeAgent:
         if agent is None:
             log.debug("no agent %s on %s", req.agent, self.identity)
             return
-        self._spawn(self._handle_rpc(agent, req, headers))
+        self._spawn(self._handle_rpc(agent, req, headers), self._rpc_tasks)
 
     async def _handle_rpc(self, agent: _Agent, req: Request, headers: TransportHeaders) -> None:
         try:

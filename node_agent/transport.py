@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], Awaitable[None]]
 
 
-async def sync_flush(nc: Client, timeout: float = 5.0) -> None:
+async def sync_flush(nc: Client, timeout: int = 5) -> None:
     """Wait until the server has processed everything sent so far (e.g. our SUBs).
 
     nats-py 2.16's ``flush()`` writes its PING straight to the socket, *ahead of* commands still

@@ -21,7 +21,6 @@ happens in the helper / CA.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -348,8 +347,10 @@ def check_output(ctx: PipelineContext, att: Attempt) -> None:
     out = att.output
     assert out is not None
     if not out.configuration:
+        ctx.metrics.helper_errors.labels(ctx.metrics.site).inc()
         raise _fail(att, "helper_refused", "helper returned an empty configuration")
     if provisioning_left_enabled(out):
+        ctx.metrics.helper_errors.labels(ctx.metrics.site).inc()
         value = out.configuration.get("plugin.choria.server.provision")
         detail = "does not set it" if value is None else f"sets it to {value[:20]!r}"
         raise _fail(
@@ -537,8 +538,3 @@ def csr_fingerprint(csr_pem: str) -> str:
     """sha256 (hex) of a PEM CSR's DER (as recorded in the audit log)."""
     csr = x509.load_pem_x509_csr(csr_pem.encode("utf-8"))
     return hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def describe(att: Attempt) -> str:
-    """One-line JSON summary for debug logs (no secrets)."""
-    return json.dumps({"identity": att.identity, "stage": att.stage, "timings": att.timings})

@@ -113,9 +113,19 @@ class Provisioner:
     # ================================================================== lifecycle
     async def start(self) -> None:
         """Connect, announce, subscribe and start working."""
-        cfg = self.config
         verify_keys = self._load_verify_keys()
         signing_key = self._load_signing_key()
+        self._running = True  # from here on stop() releases whatever was set up
+        try:
+            await self._start(verify_keys, signing_key)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(
+        self, verify_keys: list[VerifyKey], signing_key: Ed25519PrivateKey | None
+    ) -> None:
+        cfg = self.config
         if self._helper is None:
             self._helper = runner_from_config(cfg)
         self._resumed = asyncio.Event()
@@ -152,7 +162,6 @@ class Provisioner:
         await self.audit.start()
         self.metrics.queue_capacity.labels(cfg.site).set(cfg.queue_size)
         self._started_at = time.time()
-        self._running = True
         if cfg.leader_election:
             # Standby until elected: paused, not listening for events.
             self._set_paused(True)
@@ -291,8 +300,10 @@ class Provisioner:
             "name": self.identity,
             "user": cfg.broker_user,
             "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 2,
+            # nats-py applies these to the *initial* connect too, where -1 would retry an
+            # unreachable broker forever: a few quick tries at start, then (below) forever.
+            "max_reconnect_attempts": 3,
+            "reconnect_time_wait": 0.5,
             "connect_timeout": 5,
             "error_cb": on_error,
             "disconnected_cb": on_disconnect,
@@ -307,13 +318,17 @@ class Provisioner:
         if tls is not None:
             options["tls"] = tls
         try:
-            return await nats.connect(**options)
+            nc = await nats.connect(**options)
         except Exception as exc:
             # nats-py errors name the server, never the password.
             raise ProvisionerError(
                 f"could not connect to the broker {','.join(cfg.broker_urls)} as "
                 f"{cfg.broker_user}: {type(exc).__name__}: {exc}"
             ) from None
+        # Connected: from now on survive broker restarts by reconnecting forever.
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 2
+        return nc
 
     async def _announce(self) -> None:
         event = new_event(

@@ -461,9 +461,7 @@ class CalloutService:
         if not isinstance(token, str) or not token:
             raise Refused("no_token", f"identity={_printable(identity)} presented no token")
         try:
-            claims = verify_provisioning_token(
-                token, self._keys, leeway_s=self.config.token_leeway
-            )
+            claims = verify_provisioning_token(token, self._keys, leeway_s=self.config.token_leeway)
         except TokenError as exc:
             # TokenError messages are written for operators and carry no secret.
             raise Refused(exc.reason, f"identity={_printable(identity)}: {exc}") from None
@@ -478,7 +476,8 @@ class CalloutService:
                 and verify_nonce_signature(nkey, nonce, sig)
             ):
                 raise Refused(
-                    "bad_nkey_signature", f"identity={_printable(identity)}: nonce signature invalid"
+                    "bad_nkey_signature",
+                    f"identity={_printable(identity)}: nonce signature invalid",
                 )
         await self._check_pin(identity, nkey if isinstance(nkey, str) else None)
 

@@ -160,7 +160,10 @@ accounts {{
   {CHORIA_ACCOUNT} {{
     users: [
       {{ user: "choria", password: {_q(s.choria_password)},
-        permissions: {{ publish: {{ deny: [">"] }}, subscribe: {{ allow: ["choria.lifecycle.>"] }} }} }}
+        permissions: {{
+          publish: {{ deny: [">"] }}
+          subscribe: {{ allow: ["choria.lifecycle.>"] }}
+        }} }}
     ]
     imports: [
       {{ stream: {{ account: {PROVISIONING_ACCOUNT}, subject: {_q(NODE_LIFECYCLE)} }} }}
@@ -206,9 +209,10 @@ class BrokerFiles:
 
 def _write_tls(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     """A local CA plus a server certificate for ``hosts``; returns (ca, cert, key)."""
+    from cryptography import x509
+
     from ca_adapters.base import SignRequest
     from ca_adapters.local import LocalCA
-    from cryptography import x509
 
     ca = LocalCA.generate("ec", "Provisioning Broker CA")
     ca_cert, _ = ca.write(directory)

@@ -121,26 +121,30 @@ class IsolatedBroker:
         for _ in range(self.replicas):
             port = free_port()
             self._metrics_ports.append(port)
-            self._procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "provisioner",
-                        "broker",
-                        "auth",
-                        "--config",
-                        str(self.files.auth_config),
-                        "--metrics-port",
-                        str(port),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=(self.files.directory / "broker-auth.log").open("ab"),
-                    start_new_session=True,
-                )
-            )
+            self._procs.append(self._spawn_callout(port))
         await asyncio.gather(*(self._wait_process_ready(p) for p in self._metrics_ports))
+
+    def _spawn_callout(self, metrics_port: int) -> subprocess.Popen[bytes]:
+        """Start one ``provisioner broker auth`` process (its log: ``broker-auth.log``)."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "provisioner",
+            "broker",
+            "auth",
+            "--config",
+            str(self.files.auth_config),
+            "--metrics-port",
+            str(metrics_port),
+        ]
+        with (self.files.directory / "broker-auth.log").open("ab") as logf:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=logf,
+                start_new_session=True,
+            )
 
     async def _wait_process_ready(self, port: int, timeout: float = 20.0) -> None:
         loop = asyncio.get_running_loop()
@@ -149,7 +153,7 @@ class IsolatedBroker:
 
         def probe() -> bool:
             try:
-                with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                with urllib.request.urlopen(url, timeout=1) as resp:
                     body = resp.read().decode()
             except OSError:
                 return False

@@ -41,7 +41,9 @@ def config_cmd(
     require_nkey: bool = typer.Option(
         False, "--require-nkey", help="With --pinning: refuse nodes that present no nkey."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing config (new secrets)."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite an existing config (new secrets)."
+    ),
 ) -> None:
     """Write DIR/nats-server.conf, DIR/broker-auth.yaml and DIR/provisioner.password (0600)."""
     from jwt_tools.keys import load_verify_key

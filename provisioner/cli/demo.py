@@ -152,7 +152,9 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
     _log_to(demo.workdir / "demo.log")
     result: DemoResult | None = None
     try:
-        console.print(f"[bold]Fleet provisioner demo[/bold]  work directory {demo.workdir}")
+        console.print(
+            f"[bold]Fleet provisioner demo[/bold]  work directory {demo.workdir}", soft_wrap=True
+        )
         await demo.start(lambda what: console.print(f"  starting {what}"))
         # soft_wrap: URLs and the token must stay on one line to be copied.
         console.print(f"  provisioning broker  {demo.broker.url}", soft_wrap=True)
@@ -196,7 +198,8 @@ def _log_to(path: Path) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for noisy in ("nats", "uvicorn.access", "httpx"):
+    # asyncio warns about every TLS connection closed by a peer (nodes restarting).
+    for noisy in ("nats", "uvicorn.access", "httpx", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -76,7 +76,9 @@ async def serve(cfg: ProvisionerConfig) -> int:
         await prov.start()
     except ProvisionerError as exc:
         log.error("cannot start: %s", exc)
-        await prov.stop()
+        return 1
+    except Exception as exc:  # e.g. the election bucket cannot be created
+        log.error("cannot start: %s: %s", type(exc).__name__, exc)
         return 1
     print(
         f"provisioner {cfg.identity} running"

@@ -64,7 +64,7 @@ class HandProvisioner:
         if all(r is not None and r.statuscode == 0 for r in (jwt, conf, restart)):
             self.done.append(identity)
         else:
-            self.errors.append(identity)
+            self.errors.append(f"{identity}: jwt={jwt} configure={conf} restart={restart}")
 
     async def stop(self) -> None:
         for t in list(self._tasks):

@@ -91,7 +91,11 @@ async def test_fleet_reaches_normal_mode(nats_server: NatsServer, tmp_path: Path
     prov = await HandProvisioner.start(nats_server, overlay)
     try:
         await fleet.start()
-        await fleet.wait_all_normal(20)
+        try:
+            await fleet.wait_all_normal(20)
+        except TimeoutError as exc:
+            modes = {n.identity: (n.mode, n.stats) for n in fleet.local_nodes}
+            raise AssertionError(f"{exc}; errors={prov.errors}; nodes={modes}") from exc
         assert fleet.counts()["normal"] == 5
         assert sorted(prov.done) == fleet.identities()
     finally:

@@ -101,6 +101,7 @@ async def test_output_leaving_provisioning_enabled_is_refused(
         node = prov_env.node("forgetful.example.net")
         await node.start()
         rec = await _expect_failure(prov, node.identity, "helper_refused", stage="check_output")
+        assert prov.metrics.helper_errors.value("test") == 1
         assert "plugin.choria.server.provision" in rec["error"]
         assert not (node.ssldir / "certificate.pem").exists()  # nothing was written
         prov_env.set_behaviour("ok")
@@ -210,7 +211,7 @@ async def test_node_vanishing_mid_pipeline(prov_env: ProvEnv, stop_nodes: None) 
             return None
 
     assert prov._ctx is not None
-    prov._ctx.helper = Wrapper()  # type: ignore[assignment]
+    prov._ctx.helper = Wrapper()
     try:
         await node.start()
         rec = await _expect_failure(prov, identity, "rpc_timeout", stage="configure")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from provisioner.metrics import ANCHOR_METRIC_NAMES
 from provisioner.natsserver import free_port
+from provisioner.pipeline import csr_fingerprint
 from provisioner.queue import NodeState
 from provisioner.service import Provisioner, ProvisionerError
 from tests.provisioner.e2e.env import TOKEN, OverlayWatcher, ProvEnv, prov_env, stop_nodes
@@ -63,7 +65,8 @@ async def test_provisions_a_node_end_to_end(prov_env: ProvEnv, stop_nodes: None)
     rec0 = records[0]
     assert rec0["decision"] == "provisioned" and rec0["identity"] == "web1.example.net"
     assert rec0["token_jti"] and rec0["token_issuer"]
-    assert len(rec0["csr_sha256"]) == 64 and len(rec0["inventory_sha256"]) == 64
+    assert rec0["csr_sha256"] == csr_fingerprint((node.ssldir / "csr.pem").read_text())
+    assert len(rec0["inventory_sha256"]) == 64
     assert rec0["cert_serial"] and rec0["cert_not_after"] and rec0["overlay"] == "overlay-test"
     # No secret in the audit log: token, JWT, passwords, private keys.
     text = prov_env.audit_path.read_text()
@@ -165,3 +168,24 @@ async def test_leader_election_resumes_the_winner(prov_env: ProvEnv, stop_nodes:
     finally:
         await second.stop()
         await first.stop()
+
+
+async def test_unreachable_broker_is_a_clear_start_error(prov_env: ProvEnv) -> None:
+    prov = prov_env.provisioner(broker_urls=[f"nats://127.0.0.1:{free_port()}"])
+    with pytest.raises(ProvisionerError, match="could not connect to the broker"):
+        await asyncio.wait_for(prov.start(), 30)
+    assert not prov.ready()
+
+
+async def test_survives_a_broker_restart(prov_env: ProvEnv, stop_nodes: None) -> None:
+    prov = prov_env.provisioner()
+    await prov.start()
+    try:
+        await asyncio.to_thread(prov_env.server.restart)
+        await async_wait_for(prov.ready, 20)
+        node = prov_env.node("after-restart.example.net")
+        await node.start()
+        await node.wait_normal(30)
+        assert prov.node("after-restart.example.net")["state"] == "provisioned"  # type: ignore[index]
+    finally:
+        await prov.stop()

@@ -12,6 +12,7 @@ import os
 
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 
 from provisioner.admin import create_app
@@ -32,3 +33,6 @@ EXAMPLES = int(os.environ.get("ADMIN_SCHEMATHESIS_EXAMPLES", "30"))
 def test_admin_api_never_500s(case: schemathesis.Case) -> None:
     response = case.call_and_validate()
     assert response.status_code < 500, (case.method, case.formatted_path, response.text)
+    if case.meta is not None and case.meta.generation.mode == GenerationMode.POSITIVE:
+        # Valid requests carry the configured token: they must get past authentication.
+        assert response.status_code != 401, (case.method, case.formatted_path)

@@ -1,0 +1,115 @@
+"""Discovery: startup events in both formats, filtering, queue group, pause unsubscribes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+
+from provisioner.discovery import Discovery
+from provisioner.metrics import Metrics
+from provisioner.natsserver import NatsServer
+from provisioner.protocol import encode_event, new_event
+from provisioner.queue import AddResult
+from provisioner.rpc import RPCClient
+from tests.support import async_wait_for
+
+pytestmark = pytest.mark.integration
+
+SUBJECT = "choria.lifecycle.event.startup.provision_mode_server"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.added: list[tuple[str, str]] = []
+
+    def __call__(self, identity: str, source: str) -> AddResult:
+        self.added.append((identity, source))
+        return AddResult.ADDED
+
+
+@pytest.fixture
+async def conns(shared_nats_server: NatsServer) -> AsyncIterator[tuple[Any, Any]]:
+    user, pw = shared_nats_server.users["provisioner"]
+    a = await nats.connect(shared_nats_server.url, user=user, password=pw)
+    b = await nats.connect(shared_nats_server.url, user=user, password=pw)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def _discovery(nc: Any, add: Collector, metrics: Metrics) -> Discovery:
+    rpc = RPCClient(nc, identity="disc-test.example.net", metrics=metrics)
+    return Discovery(nc, rpc, add, metrics, interval=3600, timeout=0.3)
+
+
+async def test_events_in_both_formats(conns: tuple[Any, Any]) -> None:
+    nc, pub = conns
+    metrics = Metrics(site="d")
+    add = Collector()
+    disc = _discovery(nc, add, metrics)
+    await disc.start()
+    try:
+        for fmt, ident in (("cloudevents", "ce.example.net"), ("legacy", "legacy.example.net")):
+            ev = new_event("startup", identity=ident, component="provision_mode_server")
+            await pub.publish(SUBJECT, encode_event(ev, format=fmt))  # type: ignore[arg-type]
+        # ignored: another event type, a bad identity, garbage
+        other = new_event("shutdown", identity="x.example.net", component="provision_mode_server")
+        await pub.publish(SUBJECT, encode_event(other))
+        bad = new_event("startup", identity="bad identity>", component="provision_mode_server")
+        await pub.publish(SUBJECT, encode_event(bad))
+        await pub.publish(SUBJECT, b"not an event")
+        await pub.flush()
+        await async_wait_for(lambda: len(add.added) >= 2, 5)
+        await asyncio.sleep(0.2)
+        assert add.added == [("ce.example.net", "event"), ("legacy.example.net", "event")]
+        assert metrics.event_discovered.value("d") == 2
+        assert metrics.discovery_errors.value("d") == 2
+    finally:
+        await disc.stop()
+
+
+async def test_replicas_share_events_and_paused_ones_do_not_listen(conns: tuple[Any, Any]) -> None:
+    nc_a, nc_b = conns
+    add_a, add_b = Collector(), Collector()
+    disc_a = _discovery(nc_a, add_a, Metrics(site="a"))
+    disc_b = _discovery(nc_b, add_b, Metrics(site="b"))
+    await disc_a.start()
+    await disc_b.start()
+    try:
+        for i in range(40):
+            ev = new_event(
+                "startup", identity=f"q{i}.example.net", component="provision_mode_server"
+            )
+            await nc_a.publish(SUBJECT, encode_event(ev))
+        await async_wait_for(lambda: len(add_a.added) + len(add_b.added) >= 40, 5)
+        await asyncio.sleep(0.2)
+        # a queue group: every event reaches exactly one replica
+        assert len(add_a.added) + len(add_b.added) == 40
+        assert not {i for i, _ in add_a.added} & {i for i, _ in add_b.added}
+        await disc_b.deactivate()  # paused standby
+        add_a.added.clear()
+        add_b.added.clear()
+        for i in range(10):
+            ev = new_event(
+                "startup", identity=f"p{i}.example.net", component="provision_mode_server"
+            )
+            await nc_a.publish(SUBJECT, encode_event(ev))
+        await async_wait_for(lambda: len(add_a.added) >= 10, 5)
+        assert add_b.added == []
+    finally:
+        await disc_a.stop()
+        await disc_b.stop()
+
+
+async def test_concurrent_discover_now_calls_share_a_fresh_sweep(conns: tuple[Any, Any]) -> None:
+    nc, _ = conns
+    metrics = Metrics(site="s")
+    disc = _discovery(nc, Collector(), metrics)
+    results = await asyncio.gather(*(disc.discover_now() for _ in range(5)))
+    assert results == [0] * 5
+    # the first call runs one sweep; the four callers that queued behind it share the next
+    assert metrics.discover_cycles.value("s") == 2
