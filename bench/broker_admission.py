@@ -62,7 +62,7 @@ def _summary(latencies: list[float], wall: float) -> dict[str, Any]:
 
 def _callout_metrics(broker: IsolatedBroker) -> dict[str, float]:
     total_sum = total_count = 0.0
-    for port in broker._metrics_ports:
+    for port in broker.metrics_ports:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             body = r.read().decode()
         for name, value in re.findall(

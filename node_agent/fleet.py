@@ -203,7 +203,7 @@ class Fleet:
     async def prepare_key_pool(self) -> int:
         """Fill the on-disk key pool for every node (process pool); returns keys generated."""
         pool = KeyPool(self.workdir / "keypool", self.key_type)
-        return await asyncio.to_thread(pool.ensure, self._spec.start + self.nodes)
+        return await asyncio.to_thread(pool.ensure, self.nodes, start=self._spec.start)
 
     async def start(self) -> None:
         """Start every node; returns once each is up (or failed)."""

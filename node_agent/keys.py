@@ -172,7 +172,7 @@ def _write_private(path: Path, data: bytes) -> None:
 class KeyPool:
     """Pre-generated private keys cached on disk (``<directory>/<key_type>/<n>.pem``, 0600).
 
-    ``ensure(n)`` fills the pool to ``n`` keys using a process pool (all cores); ``take()``
+    ``ensure(n, start=s)`` makes keys ``s..s+n-1`` using a process pool (all cores); ``take()``
     hands out the next key, starting at ``offset`` (so P worker processes can share one pool
     directory without reusing keys). When the pool runs dry a fresh key is generated in a
     thread. Trade-off: start-up of big fleets drops from minutes to seconds, but the same keys
@@ -195,10 +195,10 @@ class KeyPool:
             n += 1
         return n
 
-    def ensure(self, count: int, *, workers: int | None = None) -> int:
-        """Make sure keys 0..count-1 exist on disk; returns how many were generated now."""
+    def ensure(self, count: int, *, start: int = 0, workers: int | None = None) -> int:
+        """Make sure keys ``start .. start+count-1`` exist on disk; returns how many were made."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        missing = [i for i in range(count) if not self._path(i).exists()]
+        missing = [i for i in range(start, start + count) if not self._path(i).exists()]
         if not missing:
             return 0
         log.info("key pool: generating %d %s keys", len(missing), self.key_type)

@@ -80,15 +80,17 @@ Profiler = Literal["none", "pyinstrument", "cprofile"]
 RPCS_PER_NODE: tuple[str, ...] = ("discovery", "jwt", "inventory", "gencsr", "configure", "restart")
 SIGNATURES_PER_NODE = 1
 
-#: (request bytes, reply bytes) on the wire per round trip, from a sniffed 30-node run of this
-#: pipeline (transport JSON, base64 bodies): the floor sends payloads of the same sizes.
+#: (request bytes, reply bytes) on the wire per round trip, sniffed from a 40-node run of this
+#: pipeline (transport JSON, base64 bodies; replies 821-1749 bytes, mean 1386); the floor sends
+#: payloads of the same sizes. Discovery is the node's ``startup`` event (461 bytes) and its
+#: ``provisioned`` event (450), counted as one round trip.
 RPC_PAYLOADS: dict[str, tuple[int, int]] = {
-    "discovery": (700, 450),
-    "jwt": (750, 1600),
-    "inventory": (750, 2600),
-    "gencsr": (800, 1300),
-    "configure": (7800, 500),
-    "restart": (750, 450),
+    "discovery": (461, 450),
+    "jwt": (1087, 1700),
+    "inventory": (987, 1750),
+    "gencsr": (1155, 1700),
+    "configure": (4769, 850),
+    "restart": (1115, 820),
 }
 
 PROVISIONER_IDENTITY = "bench-provisioner.fleet.example.net"
@@ -618,7 +620,9 @@ def histogram_quantiles(
         bs.sort()
         total = counts.get(key, bs[-1][1] if bs else 0.0)
 
-        def q(frac: float, bs: list[tuple[float, float]] = bs, total: float = total) -> float | None:
+        def q(
+            frac: float, bs: list[tuple[float, float]] = bs, total: float = total
+        ) -> float | None:
             if total <= 0:
                 return None
             target = frac * total
@@ -925,9 +929,7 @@ class Bench:
         )
         _write_secret(self.token_path, jwt.encode())
 
-    async def _start_broker(
-        self, verify_path: Path
-    ) -> tuple[str, str, tuple[str, str] | None]:
+    async def _start_broker(self, verify_path: Path) -> tuple[str, str, tuple[str, str] | None]:
         """Returns (provisioner user, password, node user/password for the token or None)."""
         o = self.o
         if o.broker_kind() == "callout":
@@ -1107,7 +1109,8 @@ class Bench:
             argv = [sys.executable, *run]
         out = (self.workdir / "provisioner.stderr").open("ab")
         try:
-            self.prov_proc = subprocess.Popen(
+            # Popen returns at once; the process is supervised by pid and polled.
+            self.prov_proc = subprocess.Popen(  # noqa: ASYNC220
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -1181,9 +1184,7 @@ class Bench:
 
         o = self.o
         me = psutil.Process()
-        self.sampler.add_role(
-            "simulator", lambda: _children_matching(me, "node_agent.fleet")
-        )
+        self.sampler.add_role("simulator", lambda: _children_matching(me, "node_agent.fleet"))
         self.sampler.add_role("nats-server", _pid_finder(self.broker_pid))
         self.sampler.add_role("overlay-nats", _pid_finder(self.overlay_pid))
         if self.ca_pid is not None:
@@ -1311,7 +1312,19 @@ class Bench:
         span = max(1e-6, t_last - st.t0)
         nodes_per_minute = provisioned / span * 60.0 if provisioned else 0.0
         steady = _steady_rate(sorted(finished), o.nodes)
-        stages = await asyncio.to_thread(_audit_stages, self.workdir / "audit.jsonl")
+        # Stage timings: from the node records (the admin API); the audit log is the fallback
+        # (its scrubber drops a key named "jwt", so it has no jwt stage).
+        timings = [
+            rec["stage_times"]
+            for rec in nodes
+            if rec.get("state") == "provisioned" and rec.get("stage_times")
+        ]
+        source = "node records (admin API)"
+        if not timings:
+            timings = await asyncio.to_thread(audit_timings, self.workdir / "audit.jsonl")
+            source = "audit log"
+        stages = stage_percentiles(timings)
+        audit_lines = await asyncio.to_thread(_count_lines, self.workdir / "audit.jsonl")
         cpu = self.sampler.cpu_seconds()
         rss = self.sampler.peak_rss_mb()
         floor = self.floor or {}
@@ -1337,6 +1350,8 @@ class Bench:
             "queue_wait_p50_s": _r(percentile(queue_wait, 50)),
             "queue_wait_p95_s": _r(percentile(queue_wait, 95)),
             "stages": stages,
+            "stages_source": source,
+            "audit_records": audit_lines,
             "metrics_stages": histogram_quantiles(
                 samples, "choria_provisioner_stage_seconds", "stage"
             ),
@@ -1376,7 +1391,7 @@ class Bench:
         if self.profile_out is None or not self.profile_out.exists():
             return out
         if self.o.profile == "pyinstrument":
-            renders = (
+            renders: tuple[tuple[str, str, list[str]], ...] = (
                 ("text", ".txt", ["--show-all", "-p", "processor_options.filter_threshold=0.005"]),
                 ("html", ".html", []),
                 ("pstats", ".pstats", []),
@@ -1461,29 +1476,29 @@ def _steady_rate(finished: Sequence[float], nodes: int) -> float | None:
     return (hi - lo) / span * 60.0 if span > 0 else None
 
 
-def _audit_stages(path: Path) -> dict[str, dict[str, float | None]]:
-    """Per-stage latency percentiles (ms) of the provisioned attempts in the audit log."""
+#: Pipeline order of the stages (for tables); unknown stages follow in name order.
+STAGE_ORDER = (
+    "jwt", "validate", "ed25519", "inventory", "csr", "csr_check", "helper", "check_output",
+    "sign", "encrypt", "configure", "restart", "pipeline_total",
+)  # fmt: skip
+
+
+def stage_percentiles(timings: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per-stage latency percentiles (ms) over attempts' ``{stage: seconds}`` timings, plus
+    ``pipeline_total`` (the sum of an attempt's stages)."""
     per: dict[str, list[float]] = {}
     totals: list[float] = []
-    try:
-        fh = path.open()
-    except OSError:
-        return {}
-    with fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("decision") != "provisioned":
-                continue
-            timings = rec.get("timings") or {}
-            for stage, secs in timings.items():
-                per.setdefault(stage, []).append(float(secs))
-            totals.append(sum(float(v) for v in timings.values()))
+    for t in timings:
+        if not t:
+            continue
+        for stage, secs in t.items():
+            per.setdefault(str(stage), []).append(float(secs))
+        totals.append(sum(float(v) for v in t.values()))
     per["pipeline_total"] = totals
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
     out = {}
-    for stage, values in per.items():
+    for stage in sorted(per, key=lambda s: (order.get(s, len(order) - 1), s)):
+        values = per[stage]
         if not values:
             continue
         out[stage] = {
@@ -1494,6 +1509,32 @@ def _audit_stages(path: Path) -> dict[str, dict[str, float | None]]:
             "mean_ms": _r(sum(values) / len(values) * 1000),
         }
     return out
+
+
+def audit_timings(path: Path) -> list[dict[str, float]]:
+    """The stage timings of the provisioned attempts in the audit log."""
+    out: list[dict[str, float]] = []
+    try:
+        fh = path.open()
+    except OSError:
+        return out
+    with fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("decision") == "provisioned" and rec.get("timings"):
+                out.append(rec["timings"])
+    return out
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
 
 
 def _summary_means(
@@ -1527,7 +1568,7 @@ def _thin_timeline(points: Sequence[_Progress], max_points: int = 240) -> list[l
 
 def _fmt(value: Any, digits: int = 0) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -1595,7 +1636,7 @@ def render_markdown(r: Mapping[str, Any]) -> str:
         )
     extra = []
     if r.get("steady_nodes_per_minute") is not None:
-        extra.append(f"steady (10th–90th percentile node) {_fmt(r['steady_nodes_per_minute'])}/min")
+        extra.append(f"steady (10th-90th percentile node) {_fmt(r['steady_nodes_per_minute'])}/min")
     extra.append(f"cold start to last node {_fmt(r.get('cold_start_to_last_s'), 1)} s")
     extra.append(f"peak waiting {_fmt(r.get('peak_waiting'))}")
     extra.append(f"load {r.get('loadavg_start')} → {r.get('loadavg_end')}")

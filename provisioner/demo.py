@@ -67,6 +67,8 @@ HelperMode = Literal["python", "persistent", "exec"]
 PROVISIONER_IDENTITY = "demo-provisioner.fleet.example.net"
 # Every attempt of a node ends in one of these states (until its next event or sweep).
 _SETTLED = ("provisioned", "failed", "deferred", "shut_down")
+# Longer than a node's restart delay (2 s after ``restart`` with splay 1).
+SETTLE_S = 5.0
 
 
 class DemoError(RuntimeError):
@@ -240,7 +242,9 @@ def verify_node_certificate(
     except (ValueError, TypeError) as exc:
         problems.append(f"certificate is not issued by the demo CA: {exc}")
     except Exception as exc:  # cryptography's InvalidSignature carries no message
-        problems.append(f"certificate signature does not verify against the CA ({type(exc).__name__})")
+        problems.append(
+            f"certificate signature does not verify against the CA ({type(exc).__name__})"
+        )
     ts = time.time() if now is None else now
     if not cert.not_valid_before_utc.timestamp() <= ts <= cert.not_valid_after_utc.timestamp():
         problems.append("certificate is not valid now")
@@ -286,7 +290,7 @@ def _node_tls_files(state_dir: Path) -> tuple[Path, Path, Path]:
 
 def _connz_names(monitor_port: int, limit: int) -> set[str]:
     url = f"http://127.0.0.1:{monitor_port}/connz?limit={limit}"
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback monitor port
+    with urllib.request.urlopen(url, timeout=5) as resp:
         data = json.loads(resp.read())
     return {str(c.get("name") or "") for c in data.get("connections") or []}
 
@@ -300,9 +304,7 @@ def _write_secret(path: Path, data: bytes) -> None:
     write_private_file(path, data)
 
 
-def _server_certificate(
-    ca: Any, name: str, directory: Path
-) -> tuple[Path, Path]:
+def _server_certificate(ca: Any, name: str, directory: Path) -> tuple[Path, Path]:
     """A TLS server certificate for 127.0.0.1/localhost signed by the demo CA (LocalCA)."""
     from ca_adapters import SignRequest
 
@@ -402,7 +404,7 @@ class Demo:
         self.fleets: list[Any] = []
         self.overlay_brokers: dict[str, OverlayBroker] = {}
         self.ca_cert: x509.Certificate | None = None
-        self.ca_label = options.ca
+        self.ca_label: str = options.ca
         self.started_at = time.time()
         self.fleet_started_at: float | None = None
         self.provisioned_at: dict[str, float] = {}
@@ -465,9 +467,7 @@ class Demo:
         overlays_path = await self._start_overlays(ca_signer, ca_pem_path)
 
         say(f"reference helper ({opts.helper_mode} mode)")
-        helper_cfg_path = await asyncio.to_thread(
-            self._write_helper_config, overlays_path, ca_cfg
-        )
+        helper_cfg_path = await asyncio.to_thread(self._write_helper_config, overlays_path, ca_cfg)
 
         say("provisioner and admin API")
         await self._start_provisioner(verify_path, cht, helper_cfg_path, overlays_path)
@@ -479,7 +479,10 @@ class Demo:
         keys = self.workdir / "keys"
         keys.mkdir(parents=True, exist_ok=True)
         priv, pub = generate_keypair("ed25519")
-        signer_path, verify_path = keys / "provisioning-signer.seed", keys / "provisioning-signer.pub"
+        signer_path, verify_path = (
+            keys / "provisioning-signer.seed",
+            keys / "provisioning-signer.pub",
+        )
         _write_secret(signer_path, priv)
         write_public_file(verify_path, pub)
         return load_signing_key(signer_path), verify_path, secrets.token_urlsafe(24)
@@ -629,7 +632,9 @@ class Demo:
             helper_pool_size=2,
             audit_log=str(self.workdir / "audit.jsonl"),
             overlays=str(overlays_path),
-            admin=AdminConfig(enabled=True, host="127.0.0.1", port=free_port(), token=self.admin_token),
+            admin=AdminConfig(
+                enabled=True, host="127.0.0.1", port=free_port(), token=self.admin_token
+            ),
             rpc_timeout=10,
         )
         prov = Provisioner(cfg, helper=helper, discovery_timeout=1.0, drain_timeout=3.0)
@@ -658,7 +663,9 @@ class Demo:
         base = self.workdir / "fleet"
         self.fleet_started_at = time.time()
         if not opts.start_rate:
-            fleet = Fleet(opts.nodes, self.token_path, None, base, processes=opts.processes, **common)
+            fleet = Fleet(
+                opts.nodes, self.token_path, None, base, processes=opts.processes, **common
+            )
             self.fleets.append(fleet)
             await fleet.start()
             return
@@ -724,7 +731,8 @@ class Demo:
         opts = self.options
         self._fleet_task = asyncio.create_task(self._start_fleet(), name="demo-fleet-start")
         deadline = time.monotonic() + opts.effective_timeout()
-        settled_since: float | None = None
+        last_key: tuple[Any, ...] | None = None
+        unchanged_since = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             if self._fleet_task.done() and self._fleet_task.exception() is not None:
@@ -738,20 +746,19 @@ class Demo:
             normal = fleet.get("normal", 0)
             if self._fleet_task.done() and provisioned >= opts.nodes and normal >= opts.nodes:
                 break
+            key = (tuple(sorted(states.items())), tuple(sorted(fleet.items())), snap["in_flight"])
+            if key != last_key:
+                last_key, unchanged_since = key, time.monotonic()
             settled = sum(states.get(s, 0) for s in _SETTLED)
             if (
                 self._fleet_task.done()
-                and snap["discovered"] >= opts.nodes
                 and settled >= opts.nodes
-                and normal >= provisioned
                 and snap["in_flight"] == 0
+                and time.monotonic() - unchanged_since > SETTLE_S
             ):
-                # Failed/deferred nodes wait for their next event or sweep (minutes): report.
-                settled_since = settled_since or time.monotonic()
-                if time.monotonic() - settled_since > 3.0:
-                    break
-            else:
-                settled_since = None
+                # Every attempt ended and nothing moved for a while: failed and deferred nodes
+                # wait for their next event or sweep (minutes away), so report now.
+                break
             if time.monotonic() > deadline:
                 self._timed_out = True
                 break

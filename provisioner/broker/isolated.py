@@ -112,6 +112,16 @@ class IsolatedBroker:
             total = total.merge(svc.stats)
         return total
 
+    @property
+    def replica_stats(self) -> list[CalloutStats]:
+        """Counters of each running in-process replica."""
+        return [svc.stats for svc in self._services]
+
+    @property
+    def metrics_ports(self) -> list[int]:
+        """Prometheus ports of the callout subprocesses (``callout_mode="process"``)."""
+        return list(self._metrics_ports)
+
     async def start_callout(self) -> None:
         if self._services or self._procs:
             return

@@ -237,8 +237,9 @@ async def test_callout_replicas_share_the_load(
         c = await connect(**broker.node_connect_options(f"n{i}.example.net", token))
         await c.close()
     # the queue group spreads requests; both replicas served some (p(fail) = 2 * 0.5**16)
-    assert broker._services[0].stats.admitted > 0
-    assert broker._services[1].stats.admitted > 0
+    first, second = broker.replica_stats
+    assert first.admitted > 0
+    assert second.admitted > 0
 
 
 async def test_admitted_user_expires_with_short_token(

@@ -82,10 +82,14 @@ async def test_fleet_simulate_times_out_without_provisioner(
     proc = await _cli(
         "fleet", "simulate", "--nodes", "3", "--jwt", str(token), "--until-provisioned",
         "--timeout", "1", "--workdir", str(tmp_path / "w"), "--start-index", "500",
+        "--key-type", "rsa", "--key-pool", "--connections", "shared",
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, err.decode()
     assert "summary: 0/3 nodes reached normal mode, 3 still provisioning" in out.decode()
+    # keys are made for the fleet's own index range only
+    pool = sorted(p.name for p in (tmp_path / "w" / "keypool" / "rsa").iterdir())
+    assert pool == ["0000500.pem", "0000501.pem", "0000502.pem"]
 
 
 async def test_fleet_simulate_until_provisioned(nats_server: NatsServer, tmp_path: Path) -> None:
