@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -34,8 +35,17 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from overlays.ledger import AlreadyAssigned, Assignment, LedgerError, ReservationLost
+
+
+@dataclass(frozen=True, slots=True)
+class _ScanEntry:
+    key: str
+    value: bytes
+    revision: int
+
 
 DEFAULT_BUCKET = "OVERLAY_LEDGER"
 _SAFE_IDENTITY = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -419,18 +429,47 @@ class KVLedger:
         return reclaimed
 
     async def _scan(self, prefix: str) -> list[Any]:
-        kv = await self._kv()
-        # A short inactivity threshold lets the server drop the scan's consumer soon after.
-        watcher = await kv.watch(prefix + ">", ignore_deletes=True, inactive_threshold=5.0)
-        out = []
+        """All live entries under ``prefix`` (last value per key), read with a pull consumer.
+
+        nats-py's KV watcher signals "initial values done" from a consumer-info snapshot taken
+        while already-delivered messages may still wait in its callback, so under load it can
+        report an empty bucket. A pull consumer delivers nothing before ``fetch``; its pending
+        count is exact, and each message says how many remain.
+        """
+        stream = f"KV_{self.bucket}"
+        base = f"$KV.{self.bucket}."
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=5.0,
+            mem_storage=True,
+        )
+        sub = await self._js.pull_subscribe(base + prefix + ">", stream=stream, config=config)
+        out: list[Any] = []
+        consumer_name: str | None = None
         try:
-            while True:
-                entry = await watcher.updates(timeout=10.0)
-                if entry is None:
-                    break
-                out.append(entry)
+            info = await sub.consumer_info()
+            consumer_name = info.name
+            remaining = int(info.num_pending)
+            while remaining > 0:
+                for msg in await sub.fetch(min(remaining, 2048), timeout=10.0):
+                    remaining = int(msg.metadata.num_pending)
+                    op = (msg.headers or {}).get("KV-Operation")
+                    if op in ("DEL", "PURGE"):
+                        continue
+                    out.append(
+                        _ScanEntry(
+                            key=msg.subject[len(base) :],
+                            value=msg.data,
+                            revision=int(msg.metadata.sequence.stream),
+                        )
+                    )
         finally:
-            await watcher.stop()
+            if consumer_name is not None:
+                with contextlib.suppress(Exception):
+                    await self._js.delete_consumer(stream, consumer_name)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         return out
 
     # -- affinity groups ------------------------------------------------------------------------

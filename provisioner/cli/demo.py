@@ -196,8 +196,9 @@ def _log_to(path: Path) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     # asyncio warns about every TLS connection closed by a peer (nodes restarting).
-    for noisy in ("nats", "uvicorn.access", "httpx", "asyncio"):
+    for noisy in ("nats", "uvicorn.access", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,108 @@
+"""`provisioner bench`: the smoke run (real nats-server, callout, CA, provisioner process,
+simulated fleet) and the pure parts of the figures (floor model, metrics parsing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from provisioner.bench import (
+    RPCS_PER_NODE,
+    floor_model,
+    histogram_quantiles,
+    parse_prometheus,
+    stage_percentiles,
+)
+from provisioner.natsserver import INSTALL_HINT
+from tests.support import require_binary
+
+REQUIRED_KEYS = {
+    "nodes",
+    "provisioned",
+    "nodes_per_minute",
+    "floor_nodes_per_minute",
+    "ratio_to_floor",
+    "p50_s",
+    "p95_s",
+    "provisioner_peak_rss_mb",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_30_nodes_json_and_result_file(tmp_path: Path) -> None:
+    require_binary("nats-server", INSTALL_HINT)
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisioner", "bench", "--nodes", "30", "--json",
+         "--results-dir", str(results), "--name", "smoke", "--floor-seconds", "1"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert REQUIRED_KEYS <= result.keys()
+    assert result["nodes"] == 30
+    assert result["provisioned"] == 30
+    assert result["failed"] == 0
+    assert result["nodes_per_minute"] > 0
+    # The floor was measured and the ratio is ours over it.
+    assert result["floor_nodes_per_minute"] > 0
+    assert result["ratio_to_floor"] == pytest.approx(
+        result["nodes_per_minute"] / result["floor_nodes_per_minute"], rel=0.01
+    )
+    assert 0 < result["p50_s"] <= result["p95_s"]
+    assert result["provisioner_peak_rss_mb"] > 10
+    # Every RPC stage was timed, from the provisioner's own records.
+    for stage in ("jwt", "inventory", "csr", "helper", "configure", "restart"):
+        assert result["stages"][stage]["count"] == 30
+    assert result["cpu_s"]["provisioner"] > 0
+    assert result["cpu_s"]["simulator"] > 0
+    files = list(results.glob("*-smoke.json"))
+    assert len(files) == 1
+    written = json.loads(files[0].read_text())
+    assert written["provisioned"] == 30
+    assert "| smoke | 30 |" in written["markdown"]
+    assert "| smoke | 30 |" in proc.stdout
+
+
+def test_floor_model_adds_costs_of_round_trips_and_signatures() -> None:
+    # 6 round trips at 6,000/s = 1 ms, 1 signature at 1,000/s = 1 ms: 2 ms per node.
+    m = floor_model(6000.0, 1000.0)
+    assert m["rpcs_per_node"] == len(RPCS_PER_NODE) == 6
+    assert m["nodes_per_minute"] == pytest.approx(30_000.0)
+    assert m["bottleneck_nodes_per_minute"] == pytest.approx(60_000.0)
+    assert floor_model(0.0, 1000.0)["nodes_per_minute"] is None
+
+
+def test_metrics_parsing_and_histogram_quantiles() -> None:
+    text = "\n".join(
+        [
+            "# HELP x y",
+            'choria_provisioner_provisioned{site="bench"} 42.0',
+            'choria_provisioner_stage_seconds_bucket{site="bench",stage="jwt",le="0.01"} 50.0',
+            'choria_provisioner_stage_seconds_bucket{site="bench",stage="jwt",le="0.1"} 100.0',
+            'choria_provisioner_stage_seconds_bucket{site="bench",stage="jwt",le="+Inf"} 100.0',
+            'choria_provisioner_stage_seconds_count{site="bench",stage="jwt"} 100.0',
+            'choria_provisioner_stage_seconds_sum{site="bench",stage="jwt"} 2.0',
+        ]
+    )
+    samples = parse_prometheus(text)
+    assert ("choria_provisioner_provisioned", {"site": "bench"}, 42.0) in samples
+    q = histogram_quantiles(samples, "choria_provisioner_stage_seconds", "stage")
+    assert q["jwt"]["count"] == 100
+    assert q["jwt"]["mean_ms"] == pytest.approx(20.0)
+    assert q["jwt"]["p50_ms"] == pytest.approx(10.0)
+    assert q["jwt"]["p95_ms"] == pytest.approx(91.0)
+
+
+def test_stage_percentiles_in_pipeline_order_with_total() -> None:
+    timings = [{"restart": 0.002, "jwt": 0.001}, {"restart": 0.004, "jwt": 0.003}]
+    out = stage_percentiles(timings)
+    assert list(out) == ["jwt", "restart", "pipeline_total"]
+    assert out["jwt"]["p50_ms"] == pytest.approx(2.0)
+    assert out["pipeline_total"]["mean_ms"] == pytest.approx(5.0)
