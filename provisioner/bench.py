@@ -1342,7 +1342,7 @@ class Bench:
             "nodes_per_minute": round(nodes_per_minute, 1),
             "steady_nodes_per_minute": _r(steady, 1),
             "floor_nodes_per_minute": floor_npm,
-            "ratio_to_floor": round(nodes_per_minute / floor_npm, 3) if floor_npm else None,
+            "ratio_to_floor": round(nodes_per_minute / floor_npm, 4) if floor_npm else None,
             "cold_start_to_last_s": round(span, 2),
             "p50_s": _r(percentile(ttp, 50)),
             "p95_s": _r(percentile(ttp, 95)),
@@ -1358,6 +1358,13 @@ class Bench:
             "rpc_time_mean_ms": _summary_means(samples, "choria_provisioner_rpc_time", "rpc"),
             "helper_time_mean_ms": _summary_means(samples, "choria_provisioner_helper_time", None),
             "provisioner_cpu_s": cpu.get("provisioner"),
+            # What the provisioner process alone could sustain on one core at this CPU cost
+            # per node (the simulated fleet and the brokers share this machine's cores).
+            "provisioner_one_core_nodes_per_minute": (
+                round(60.0 * provisioned / cpu["provisioner"], 0)
+                if provisioned and cpu.get("provisioner")
+                else None
+            ),
             "provisioner_peak_rss_mb": rss.get("provisioner"),
             "cpu_s": cpu,
             "peak_rss_mb": rss,
