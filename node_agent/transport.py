@@ -50,7 +50,10 @@ async def sync_flush(nc: Client, timeout: int = 5) -> None:
     process and a request published right after would find no subscriber. Push the queue out
     first, then ping.
     """
-    await nc._flush_pending(force_flush=True)
+    pushed = await nc._flush_pending(force_flush=True)
+    if isinstance(pushed, asyncio.Future):
+        # _flush_pending only queues the work; its future resolves once the flusher wrote it
+        await asyncio.wait_for(pushed, timeout)
     await nc.flush(timeout=timeout)
 
 

@@ -15,6 +15,13 @@ node. The fix:
    the node with the recorded outcome. The node still holds the private key of the CSR that
    certificate was issued for (nothing else called ``gencsr`` in between: the claim is held).
 4. When the node is provisioned, the claim is marked ``done`` (and ages out with the bucket TTL).
+5. If a recorded outcome cannot be used (the node lost the private key the certificate was
+   issued for, so ``configure`` refuses it), the claim is :meth:`ClaimStore.reset` and the next
+   attempt runs ``gencsr`` and the helper again; the retired serial is kept in the claim.
+
+Only a claim whose outcome holds a ``certificate`` is carried over (:attr:`Claim.reusable`).
+KV errors other than a revision mismatch (broker down, timeouts) are raised as they are; the
+pipeline turns them into a failed attempt (before the helper) or retries them (after it).
 
 Helper outputs carrying a centrally made private ``key`` are not stored (it would put a secret at
 rest); for those a new leader re-runs the helper. The HA guide documents this.
@@ -56,6 +63,15 @@ class Claim:
     outcome: dict[str, Any] | None = None
     updated: float = field(default_factory=time.time)
     revision: int = 0
+
+    @property
+    def reusable(self) -> bool:
+        """An issued outcome a later leader can configure the node with (it has a certificate)."""
+        return (
+            self.stage == "issued"
+            and isinstance(self.outcome, dict)
+            and bool(self.outcome.get("certificate"))
+        )
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -141,7 +157,7 @@ class ClaimStore:
             raise FencedError(
                 f"{identity}: claimed by {current.leader} at epoch {current.epoch} > {epoch}"
             )
-        keep_outcome = current.stage == "issued" and current.outcome is not None
+        keep_outcome = current.reusable
         new = Claim(
             identity=identity,
             epoch=epoch,
@@ -168,6 +184,20 @@ class ClaimStore:
             stage=stage,
             csr_sha256=csr_sha256 if csr_sha256 is not None else claim.csr_sha256,
             outcome=outcome if outcome is not None else claim.outcome,
+        )
+        return await self._write(new, claim.revision)
+
+    async def reset(self, claim: Claim, *, note: str | None = None) -> Claim:
+        """Forget a recorded outcome (it turned out unusable): the next attempt starts afresh.
+
+        ``note`` (e.g. the retired certificate's serial) is kept in the outcome for the record.
+        """
+        new = Claim(
+            identity=claim.identity,
+            epoch=claim.epoch,
+            leader=claim.leader,
+            stage="claimed",
+            outcome={"retired": note} if note else None,
         )
         return await self._write(new, claim.revision)
 

@@ -209,7 +209,8 @@ class ElectionConfig(_Strict):
 
     bucket: str = "CHORIA_LEADER_ELECTION"
     key: str = "provisioner"
-    ttl: float = Field(default=10.0, gt=0)
+    # Failover takes about ttl + 0.5 s (docs/high-availability.md); the election allows 1 s..1 h.
+    ttl: float = Field(default=3.0, ge=1.0, le=3600.0)
     campaign_interval: float | None = Field(default=None, gt=0)
 
     @field_validator("ttl", "campaign_interval", mode="before")

@@ -11,6 +11,13 @@ Timing with the defaults (TTL 3 s): the leader refreshes every TTL/3 (1 s); cand
 every ``campaign_interval`` (0.5 s, jittered). A SIGKILLed leader's key expires at most TTL
 after its last refresh, so failover takes about TTL + campaign_interval. A leader that stops
 gracefully deletes the key, so a standby wins within one campaign interval.
+
+The TTL that matters is the bucket's ``max_age``: it is fixed when the bucket is created. If an
+existing bucket has a different one, the election adopts the bucket's TTL (like go-choria, which
+reads it from the bucket status) and logs a warning; recreate the bucket to change it.
+
+Candidates remember who holds the key (:attr:`Election.current`, refreshed at every campaign),
+so a standby's status can say who leads without a KV read.
 """
 
 from __future__ import annotations
@@ -85,6 +92,13 @@ async def read_leader(js: Any, bucket: str, key: str = "provisioner") -> LeaderI
     """The current leader, or None when nobody holds the key (or the bucket is absent)."""
     try:
         kv = await js.key_value(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        return None
+    return await _read_key(kv, key)
+
+
+async def _read_key(kv: Any, key: str) -> LeaderInfo | None:
+    try:
         entry = await kv.get(key)
     except (BucketNotFoundError, NotFoundError, KeyNotFoundError, KeyDeletedError):
         return None
@@ -96,7 +110,8 @@ async def read_leader(js: Any, bucket: str, key: str = "provisioner") -> LeaderI
             identity=str(data["identity"]),
             since=float(data.get("since", 0)),
             revision=int(entry.revision or 0),
-            epoch=int(data.get("epoch", entry.revision or 0)),
+            # epoch 0: the value written by the create itself, whose revision is the epoch
+            epoch=int(data.get("epoch") or entry.revision or 0),
         )
     except (ValueError, KeyError, TypeError):
         # go-choria stores the bare identity as the value
@@ -142,13 +157,22 @@ class Election:
         self._revision = 0
         self._last_renewal = 0.0
         self.epoch = 0
+        #: Wall-clock time this replica last became leader (0 when it never was).
+        self.since = 0.0
         self.is_leader = False
         self.terms = 0
         self.campaigns = 0
+        #: Why leadership was last lost (for the audit record).
+        self.lost_reason = ""
+        #: Who holds the key as last seen (our own term while leader; None: nobody / unknown).
+        self.current: LeaderInfo | None = None
+        #: The holder seen before our latest win (None: unknown).
+        self.previous: LeaderInfo | None = None
 
     async def start(self) -> None:
         """Ensure the bucket exists and start campaigning in the background."""
         self._kv = await ensure_bucket(self._js, self.bucket, self.ttl)
+        await self._adopt_bucket_ttl()
         self._stopping.clear()
         self._task = asyncio.create_task(self._loop(), name=f"election:{self.key}")
 
@@ -165,10 +189,31 @@ class Election:
                 await self._kv.delete(self.key, last=self._revision)
             await self._lose("stopped")
 
-    def _value(self) -> bytes:
-        return json.dumps(
-            {"identity": self.identity, "since": time.time(), "epoch": self.epoch}
-        ).encode()
+    async def _adopt_bucket_ttl(self) -> None:
+        """Hold the lease by the bucket's real TTL when it differs from the configured one."""
+        try:
+            status = await self._kv.status()
+            bucket_ttl = status.ttl
+        except Exception as exc:  # status is advisory; the configured TTL still works
+            log.debug("election %s: cannot read bucket status: %s", self.bucket, exc)
+            return
+        if not bucket_ttl or abs(float(bucket_ttl) - self.ttl) < 0.01:
+            return
+        bucket_ttl = float(bucket_ttl)
+        log.warning(
+            "election bucket %s has ttl %.3gs, not the configured %.3gs: using %.3gs "
+            "(delete the bucket to change it)",
+            self.bucket,
+            bucket_ttl,
+            self.ttl,
+            bucket_ttl,
+        )
+        self.ttl = min(max(bucket_ttl, MIN_TTL), MAX_TTL)
+        self.refresh_interval = self.ttl / 3
+        self.campaign_interval = min(self.campaign_interval, self.ttl / 2)
+
+    def _value(self, epoch: int) -> bytes:
+        return json.dumps({"identity": self.identity, "since": self.since, "epoch": epoch}).encode()
 
     async def _loop(self) -> None:
         await asyncio.sleep(random.uniform(0, self.campaign_interval))
@@ -189,34 +234,72 @@ class Election:
 
     async def _campaign(self) -> None:
         self.campaigns += 1
+        since = time.time()
         try:
-            # The epoch must be known before the value is written; the create's revision is it.
-            self.epoch = 0
-            rev = await self._kv.create(self.key, self._value())
+            # The epoch is the create's revision, only known after the write: the first value
+            # carries epoch 0 and is rewritten at once with the real epoch.
+            self.since = since
+            rev = await self._kv.create(self.key, self._value(0))
         except KeyWrongLastSequenceError:
+            await self._observe()
             return
-        self._revision = rev
-        self.epoch = rev
         # Rewrite the value with the epoch and prove we can hold the key before acting.
-        self._revision = await self._kv.update(self.key, self._value(), last=rev)
+        revision = await self._kv.update(self.key, self._value(rev), last=rev)
+        self._revision = revision
+        self.epoch = rev
         self._last_renewal = time.monotonic()
         await asyncio.sleep(self._won_delay)
         self.is_leader = True
         self.terms += 1
+        # Who held the key before us, as last seen while campaigning (shows the handover).
+        self.previous = self.current
+        self.current = LeaderInfo(self.identity, since, revision, rev)
         log.info("election %s: %s won (epoch %d)", self.key, self.identity, self.epoch)
         await _call(self._on_won, self.epoch)
 
+    async def _observe(self) -> None:
+        """Remember who holds the key (status of a standby); never fails the campaign."""
+        try:
+            self.current = await _read_key(self._kv, self.key)
+        except Exception as exc:
+            log.debug("election %s: cannot read the leader: %s", self.key, exc)
+
     async def _renew(self) -> None:
         try:
-            self._revision = await self._kv.update(self.key, self._value(), last=self._revision)
+            self._revision = await self._kv.update(
+                self.key, self._value(self.epoch), last=self._revision
+            )
             self._last_renewal = time.monotonic()
-        except (KeyWrongLastSequenceError, KeyNotFoundError, KeyDeletedError):
-            await self._lose("key taken over or expired")
+        except KeyWrongLastSequenceError:
+            # An update that timed out on our side may have been applied (broker restart): if
+            # the key still holds our own term, carry on from its revision.
+            if not await self._resync():
+                await self._lose("key taken over")
+        except (KeyNotFoundError, KeyDeletedError):
+            await self._lose("key expired")
+
+    async def _resync(self) -> bool:
+        try:
+            entry = await self._kv.get(self.key)
+            data = json.loads(entry.value or b"{}")
+        except Exception:
+            return False
+        if data.get("identity") != self.identity or data.get("epoch") != self.epoch:
+            return False
+        self._revision = int(entry.revision or 0)
+        self._revision = await self._kv.update(
+            self.key, self._value(self.epoch), last=self._revision
+        )
+        self._last_renewal = time.monotonic()
+        log.info("election %s: resynchronised the lease at revision %d", self.key, self._revision)
+        return True
 
     async def _lose(self, why: str) -> None:
         if not self.is_leader:
             return
         self.is_leader = False
+        self.current = None
+        self.lost_reason = why
         log.warning("election %s: %s lost leadership: %s", self.key, self.identity, why)
         await _call(self._on_lost, self.epoch)
 

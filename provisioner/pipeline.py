@@ -12,6 +12,22 @@ it failed in and a short ``reason`` code (for the audit log and metrics) and a m
 operator can act on. Nothing secret (the token, the JWT, private keys) is put in an error.
 Step timings are recorded per stage.
 
+High availability (``leader_election``; see ``docs/high-availability.md``): the context then
+carries a :class:`~provisioner.claims.ClaimStore` and the election's state, and the sequence
+gains these steps::
+
+    ... inventory → claim (fenced by the epoch; an issued outcome found here is reused:
+                           gencsr and the helper are skipped)
+        → gencsr → fence (safe point + claim stage "helper") → helper → check_output
+        → record (the issued outcome, without any private key) → ... → [safe point] configure
+        → [safe point] restart → done
+
+A *safe point* checks that this replica is still the leader of the term the attempt started
+in; if not, or if a claim write finds a newer leader's claim (:class:`FencedError`), the attempt
+ends with decision ``aborted`` (reason ``not_leader`` / ``fenced``) and leaves the node alone.
+Without election there is one provisioner and nothing to fence: no claims are written and
+every record carries epoch 0.
+
 The CPU cost per node is small (one JWT verification, a CSR parse, an X25519 agreement, an
 ed25519 signature): microseconds each, so the steps run on the event loop; offloading them to
 threads would cost more in hand-offs than it saves. The expensive part (signing certificates)
@@ -20,8 +36,10 @@ happens in the helper / CA.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +56,7 @@ from cryptography.x509.oid import NameOID
 from helpers.models import HelperInput, HelperOutput, go_json_dumps, provisioning_left_enabled
 from jwt_tools import TokenError, VerifyKey, create_server_token, verify_provisioning_token
 from node_agent.ecdh import ECDHError, encrypt_private_key
+from provisioner.claims import Claim, ClaimStore, FencedError
 from provisioner.config import ProvisionerConfig
 from provisioner.helper_runner import HelperError, HelperRunner
 from provisioner.metrics import Metrics
@@ -72,6 +91,16 @@ class PipelineContext:
     signing_key: Ed25519PrivateKey | None = None
     deny_list: Sequence[re.Pattern[str]] = ()
     advance: Callable[[NodeRecord, NodeState], None] = lambda rec, state: None
+    #: HA: per-node claims (None without leader election: nothing to fence against).
+    claims: ClaimStore | None = None
+    #: Identity of this replica, recorded as the leader in claims and audit records.
+    leader: str = ""
+    #: The election epoch (fencing token) of the current term; 0 without election.
+    epoch: Callable[[], int] = lambda: 0
+    #: Safe-point check: is this replica still the leader (lease renewed within the TTL)?
+    is_leader: Callable[[], bool] = lambda: True
+    #: How long to keep retrying the write that records an issued certificate (broker outage).
+    record_retry_s: float = 15.0
 
 
 @dataclass(slots=True)
@@ -95,6 +124,11 @@ class Attempt:
     cert_serial: str | None = None
     cert_not_after: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    leader: str = ""
+    epoch: int = 0
+    claim: Claim | None = None
+    reused: bool = False  # configured with an outcome a previous leader recorded
+    claim_note: str | None = None
 
     @property
     def identity(self) -> str:
@@ -105,7 +139,7 @@ class Attempt:
 class Outcome:
     """How an attempt ended."""
 
-    decision: str  # provisioned | deferred | shutdown | failed
+    decision: str  # provisioned | deferred | shutdown | failed | aborted (HA: not leader / fenced)
     stage: str
     reason: str | None = None
     error: str | None = None
@@ -117,9 +151,13 @@ class Outcome:
 # ----------------------------------------------------------------------------- the sequence
 
 
+#: Reasons that end an attempt as ``aborted``: another leader owns the node now.
+ABORT_REASONS = frozenset({"not_leader", "fenced"})
+
+
 async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Attempt]:
     """Provision one node; never raises for node or helper problems (see :class:`Outcome`)."""
-    att = Attempt(rec)
+    att = Attempt(rec, leader=ctx.leader, epoch=ctx.epoch())
     features = ctx.config.features
     try:
         await _step(ctx, att, "jwt", fetch_jwt, NodeState.FETCHED_JWT)
@@ -127,10 +165,19 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
         if features.ed25519:
             await _step(ctx, att, "ed25519", fetch_ed25519)
         await _step(ctx, att, "inventory", fetch_inventory, NodeState.FACTS)
-        if features.pki:
-            await _step(ctx, att, "csr", fetch_csr, NodeState.CSR)
-            await _step(ctx, att, "csr_check", validate_csr)
-        await _step(ctx, att, "helper", run_helper, NodeState.DECIDED)
+        if ctx.claims is not None:
+            await _step(ctx, att, "claim", take_claim)
+        if att.reused:
+            await _step(ctx, att, "reuse", reuse_outcome, NodeState.DECIDED)
+        else:
+            if features.pki:
+                await _step(ctx, att, "csr", fetch_csr, NodeState.CSR)
+                await _step(ctx, att, "csr_check", validate_csr)
+            if ctx.claims is not None:
+                await _step(ctx, att, "fence", fence_helper)
+            else:
+                safe_point(ctx, att)
+            await _step(ctx, att, "helper", run_helper, NodeState.DECIDED)
         out = att.output
         assert out is not None
         if out.defer:
@@ -145,16 +192,22 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
             await _step(ctx, att, "shutdown", shutdown)
             return Outcome("shutdown", att.stage, msg=out.msg, overlay=out.overlay), att
         await _step(ctx, att, "check_output", check_output)
+        if ctx.claims is not None and not att.reused:
+            await _step(ctx, att, "record", record_outcome)
         if features.ed25519:
             await _step(ctx, att, "sign", sign_server_jwt)
         if out.key:
             await _step(ctx, att, "encrypt", encrypt_key)
-        await _step(ctx, att, "configure", configure, NodeState.CONFIGURED)
+        safe_point(ctx, att)
+        await _step(ctx, att, "configure", configure_node, NodeState.CONFIGURED)
+        safe_point(ctx, att)
         await _step(ctx, att, "restart", restart, NodeState.RESTARTED)
+        if ctx.claims is not None:
+            await _step(ctx, att, "done", mark_done)
         return Outcome("provisioned", att.stage, msg=out.msg, overlay=out.overlay), att
     except PipelineError as exc:
         return Outcome(
-            "failed",
+            "aborted" if exc.reason in ABORT_REASONS else "failed",
             exc.stage,
             reason=exc.reason,
             error=str(exc),
@@ -183,6 +236,8 @@ async def _step(
         raise
     except RPCError as exc:
         raise PipelineError(name, f"rpc_{exc.reason}", str(exc)) from None
+    except FencedError as exc:
+        raise PipelineError(name, "fenced", f"another leader owns this node now: {exc}") from None
     finally:
         elapsed = time.monotonic() - started
         att.timings[name] = round(elapsed, 6)
@@ -502,6 +557,209 @@ async def shutdown(ctx: PipelineContext, att: Attempt) -> None:
     await ctx.rpc.call(att.identity, PROVISION_AGENT, "shutdown", {"token": ctx.config.token})
 
 
+# ----------------------------------------------------------------------------- HA steps
+
+
+def safe_point(ctx: PipelineContext, att: Attempt) -> None:
+    """Stop here unless this replica still leads the term the attempt started in."""
+    if not ctx.is_leader() or ctx.epoch() != att.epoch:
+        raise _fail(
+            att,
+            "not_leader",
+            f"stopped before {att.stage} of {att.identity}: this replica is no longer the "
+            f"leader of epoch {att.epoch}",
+        )
+
+
+def _claims(ctx: PipelineContext) -> ClaimStore:
+    assert ctx.claims is not None
+    return ctx.claims
+
+
+async def take_claim(ctx: PipelineContext, att: Attempt) -> None:
+    """Claim the node for this term before anything changes it (``gencsr`` replaces its key).
+
+    A claim holding an issued outcome (a previous leader got a certificate but may not have
+    configured the node) makes this attempt reuse that outcome instead of asking again.
+    """
+    safe_point(ctx, att)
+    try:
+        att.claim = await _claims(ctx).claim(att.identity, epoch=att.epoch, leader=att.leader)
+    except FencedError:
+        raise
+    except Exception as exc:  # broker down, JetStream unavailable: retried later
+        raise _fail(
+            att, "claims_unavailable", f"could not claim {att.identity}: {type(exc).__name__}"
+        ) from None
+    att.reused = att.claim.reusable
+
+
+_OUTCOME_FIELDS = (
+    "certificate",
+    "ca",
+    "ssldir",
+    "configuration",
+    "action_policies",
+    "opa_policies",
+    "server_claims",
+    "overlay",
+    "msg",
+)
+
+
+def reuse_outcome(ctx: PipelineContext, att: Attempt) -> None:
+    """Configure with what a previous leader's helper returned (no gencsr, no helper)."""
+    assert att.claim is not None and att.claim.outcome is not None
+    stored = att.claim.outcome
+    try:
+        att.output = HelperOutput.model_validate(
+            {k: stored[k] for k in _OUTCOME_FIELDS if stored.get(k) is not None}
+        )
+    except ValueError:
+        raise _fail(
+            att, "claim_invalid", f"the recorded outcome of {att.identity} is invalid"
+        ) from None
+    att.csr_sha256 = att.claim.csr_sha256
+    log.info(
+        "%s: reusing the outcome recorded by %s (serial %s) instead of asking the helper again",
+        att.identity,
+        stored.get("recorded_by", "a previous leader"),
+        stored.get("cert_serial", "-"),
+    )
+
+
+async def fence_helper(ctx: PipelineContext, att: Attempt) -> None:
+    """Safe point before the helper, and move the claim to ``helper`` (fails if fenced)."""
+    safe_point(ctx, att)
+    assert att.claim is not None
+    try:
+        att.claim = await _claims(ctx).mark(att.claim, "helper", csr_sha256=att.csr_sha256)
+    except FencedError:
+        raise
+    except Exception as exc:
+        raise _fail(
+            att, "claims_unavailable", f"could not update the claim: {type(exc).__name__}"
+        ) from None
+    safe_point(ctx, att)
+
+
+def _outcome_record(att: Attempt) -> dict[str, Any]:
+    out = att.output
+    assert out is not None
+    if out.key:
+        # A centrally made private key is never stored: a later leader asks the helper again.
+        return {"cert_serial": att.cert_serial, "key_made_centrally": True}
+    record: dict[str, Any] = {
+        "certificate": out.certificate,
+        "ca": out.ca,
+        "ssldir": (att.csr or {}).get("ssldir") or out.ssldir,
+        "configuration": dict(out.configuration),
+        "action_policies": dict(out.action_policies or {}),
+        "opa_policies": dict(out.opa_policies or {}),
+        "server_claims": out.server_claims,
+        "overlay": out.overlay,
+        "msg": out.msg,
+        "cert_serial": att.cert_serial,
+        "recorded_by": att.leader,
+    }
+    return record
+
+
+async def _claim_write(
+    ctx: PipelineContext, att: Attempt, stage: str, outcome: dict[str, Any] | None
+) -> None:
+    """Write the claim, retrying KV outages for ``record_retry_s``.
+
+    A write whose answer was lost may have been applied: a revision mismatch is then checked
+    against the stored claim and accepted if it is our own write.
+    """
+    assert att.claim is not None
+    store = _claims(ctx)
+    deadline = time.monotonic() + ctx.record_retry_s
+    delay = 0.2
+    ambiguous = False
+    while True:
+        try:
+            att.claim = await store.mark(
+                att.claim, stage, csr_sha256=att.csr_sha256, outcome=outcome
+            )
+            return
+        except FencedError:
+            if ambiguous:
+                current = await _load_quietly(store, att.identity)
+                if (
+                    current is not None
+                    and current.epoch == att.epoch
+                    and current.leader == att.leader
+                    and current.stage == stage
+                ):
+                    att.claim = current
+                    return
+            raise
+        except Exception as exc:
+            ambiguous = True
+            if time.monotonic() >= deadline:
+                raise _fail(
+                    att,
+                    "claims_unavailable",
+                    f"could not record the {stage} claim of {att.identity}: {type(exc).__name__}",
+                ) from None
+            log.warning("%s: claim write failed (%s), retrying", att.identity, type(exc).__name__)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 2.0)
+
+
+async def _load_quietly(store: ClaimStore, identity: str) -> Claim | None:
+    try:
+        return await store.load(identity)
+    except Exception:
+        return None
+
+
+async def record_outcome(ctx: PipelineContext, att: Attempt) -> None:
+    """Record the issued outcome in the claim, before anything is sent to the node.
+
+    This is the commit point: from here on any leader configures the node with *this*
+    certificate. It is retried through a broker outage (the certificate exists now).
+    """
+    await _claim_write(ctx, att, "issued", _outcome_record(att))
+
+
+async def mark_done(ctx: PipelineContext, att: Attempt) -> None:
+    """The node is provisioned: mark the claim ``done`` (best effort, the node is done)."""
+    summary = {"cert_serial": att.cert_serial, "overlay": (att.output or HelperOutput()).overlay}
+    try:
+        await _claim_write(ctx, att, "done", summary)
+    except (PipelineError, FencedError) as exc:
+        # Another leader re-took the node after we configured it: it configures the same
+        # recorded certificate, so nothing conflicts. Note it, do not fail the node.
+        att.claim_note = f"claim not marked done: {exc}"
+        log.info("%s: %s", att.identity, att.claim_note)
+
+
+async def configure_node(ctx: PipelineContext, att: Attempt) -> None:
+    """``configure``; with a reused outcome the node must still hold the matching key.
+
+    If it does not (the node lost its key, e.g. its disk was wiped), the recorded outcome can
+    never be used: the claim is reset and the next attempt starts afresh with ``gencsr``.
+    """
+    try:
+        await configure(ctx, att)
+    except RPCError as exc:
+        if att.reused and "does not match the private key" in str(exc) and att.claim:
+            try:
+                att.claim = await _claims(ctx).reset(att.claim, note=att.cert_serial)
+            except Exception as reset_exc:
+                log.warning("%s: could not reset the claim: %s", att.identity, reset_exc)
+            raise _fail(
+                att,
+                "stored_outcome_unusable",
+                f"{att.identity} no longer holds the key of the recorded certificate "
+                f"{att.cert_serial}; it will be provisioned afresh",
+            ) from None
+        raise
+
+
 # ----------------------------------------------------------------------------- audit
 
 
@@ -531,6 +789,10 @@ def audit_fields(att: Attempt, outcome: Outcome) -> dict[str, Any]:
         "key_sent": bool(att.key),
         "key_encryption": ("aead" if att.ecdh_aead else "legacy") if att.key else None,
         "timings": dict(att.timings),
+        "leader": att.leader or None,
+        "epoch": att.epoch,
+        "reused_outcome": att.reused,
+        "claim_note": att.claim_note,
     }
 
 

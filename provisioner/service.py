@@ -15,6 +15,24 @@
 
 Pause stops taking new nodes (in-flight ones finish) and stops listening for events; resume
 re-subscribes and sweeps at once, so nothing that arrived meanwhile is missed.
+
+High availability (``leader_election: true``, ``docs/high-availability.md``):
+
+* every replica starts paused and campaigns (:class:`~provisioner.election.Election`); the
+  winner resumes and sweeps at once; a replica that loses pauses, drops its waiting nodes and
+  lets in-flight attempts stop at the pipeline's next safe point;
+* per-node claims (:class:`~provisioner.claims.ClaimStore`, bucket
+  :func:`claims_bucket_name`) fenced by the election epoch make sure a certificate issued under
+  one leader is the one the next leader configures;
+* all replicas talk to nodes under one shared caller identity (:func:`caller_identity`): a
+  node's provisioning lock (go-choria keeps it 2 minutes) taken by a dead leader does not lock
+  its successor out. Mutual exclusion between replicas comes from the claims instead;
+* audit records carry ``leader`` and ``epoch``; winning and losing are audited as
+  ``event: election_won`` / ``election_lost``.
+
+After a broker outage the leader sweeps at once (events published meanwhile are lost), and
+nodes whose attempt failed for a transient reason (timeouts, claims unavailable) are retried a
+few seconds later instead of waiting for the next discovery interval.
 """
 
 from __future__ import annotations
@@ -22,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -51,6 +70,37 @@ from provisioner.rpc import RPCClient
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+#: Failure reasons worth a quick retry (broker hiccups), and how many attempts get one.
+TRANSIENT_REASONS = frozenset({"claims_unavailable", "rpc_timeout"})
+QUICK_RETRIES = 3
+QUICK_RETRY_DELAY = 2.0
+CLAIMS_TTL = 86400.0
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+
+
+def caller_identity(config: ProvisionerConfig) -> str:
+    """The identity every replica of one election uses on the wire (caller id, sender id).
+
+    Without election this is the replica's own ``identity``. With it, it is derived from the
+    election bucket and key (``provisioner.choria-leader-election`` by default), so that all
+    replicas hold the same node-side provisioning lock.
+    """
+    if not config.leader_election:
+        return config.identity
+    return f"{_label(config.election.key)}.{_label(config.election.bucket)}"
+
+
+def claims_bucket_name(config: ProvisionerConfig) -> str:
+    """The claims bucket of one election: ``PROVISIONER_CLAIMS`` for the default key."""
+    key = config.election.key
+    if key == "provisioner":
+        return "PROVISIONER_CLAIMS"
+    return "PROVISIONER_CLAIMS_" + re.sub(r"[^A-Za-z0-9_-]", "_", key).upper()
+
 
 ProvisionedHook = Callable[[NodeRecord], None]
 OutcomeHook = Callable[[NodeRecord, dict[str, Any]], None]
@@ -103,6 +153,7 @@ class Provisioner:
         self.rpc: RPCClient | None = None
         self.discovery: Discovery | None = None
         self.election: Any = None
+        self.claims: Any = None
         self._ctx: PipelineContext | None = None
         self._http: Any = None
         self._started_at: float | None = None
@@ -134,12 +185,14 @@ class Provisioner:
         await self._announce()
         self.rpc = RPCClient(
             self.nc,
-            identity=self.identity,
+            identity=caller_identity(cfg),
             metrics=self.metrics,
             timeout=cfg.rpc_timeout,
             backoff_base=self._rpc_backoff,
         )
         await self.rpc.start()
+        if cfg.leader_election:
+            await self._open_claims()
         self._ctx = PipelineContext(
             config=cfg,
             rpc=self.rpc,
@@ -149,6 +202,10 @@ class Provisioner:
             signing_key=signing_key,
             deny_list=compile_deny_list(cfg.cert_deny_list),
             advance=self.queue.advance,
+            claims=self.claims,
+            leader=self.identity,
+            epoch=self._epoch,
+            is_leader=self._still_leader,
         )
         self.discovery = Discovery(
             self.nc,
@@ -294,6 +351,9 @@ class Provisioner:
 
         async def on_reconnect() -> None:
             log.info("reconnected to the broker")
+            # Events published while we were away are lost: look for waiting nodes now.
+            if self._running and not self._paused and self.discovery is not None:
+                self._track(asyncio.create_task(self.discovery.discover_now()))
 
         options: dict[str, Any] = {
             "servers": list(cfg.broker_urls),
@@ -341,6 +401,39 @@ class Provisioner:
         except Exception as exc:  # the anchor only logs this too
             log.error("could not publish startup event: %s", exc)
 
+    async def _open_claims(self) -> None:
+        from provisioner.claims import ClaimStore
+
+        bucket = claims_bucket_name(self.config)
+        try:
+            self.claims = await ClaimStore.open(self.nc.jetstream(), bucket, ttl=CLAIMS_TTL)
+        except Exception as exc:
+            raise ProvisionerError(
+                f"cannot open the claims bucket {bucket} (leader_election needs JetStream in "
+                f"the provisioning account): {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _epoch(self) -> int:
+        return int(self.election.epoch) if self.election is not None else 0
+
+    def _still_leader(self) -> bool:
+        if not self.config.leader_election:
+            return True
+        return bool(self._leader and self.election is not None and self.election.still_leader())
+
+    def _audit_event(self, event: str, epoch: int, **extra: Any) -> None:
+        self.audit.record(
+            {
+                "event": event,
+                "identity": None,
+                "leader": self.identity,
+                "epoch": epoch,
+                "provisioner": self.identity,
+                "site": self.config.site,
+                **extra,
+            }
+        )
+
     async def _start_election(self) -> None:
         from provisioner.election import Election
 
@@ -348,6 +441,13 @@ class Provisioner:
 
         async def won(epoch: int) -> None:
             log.info("won the leader election (epoch %d): resuming", epoch)
+            prev = self.election.previous if self.election is not None else None
+            self._audit_event(
+                "election_won",
+                epoch,
+                previous_leader=prev.identity if prev else None,
+                previous_epoch=prev.epoch if prev else None,
+            )
             self._leader = True
             self.metrics.leader.labels(self.config.site).set(1)
             self.resume()
@@ -358,6 +458,14 @@ class Provisioner:
             self.metrics.leader.labels(self.config.site).set(0)
             self.pause()
             dropped = self.queue.clear_waiting()
+            reason = self.election.lost_reason if self.election is not None else ""
+            self._audit_event(
+                "election_lost",
+                epoch,
+                reason=reason,
+                dropped_waiting=dropped,
+                in_flight=self.queue.in_flight,
+            )
             log.info("dropped %d waiting nodes; the new leader will discover them", dropped)
 
         self.election = Election(
@@ -500,6 +608,10 @@ class Provisioner:
         elif outcome.decision == "shutdown":
             self.queue.finish(rec, NodeState.SHUT_DOWN, error=outcome.msg or None)
             log.info("shut down %s: %s", rec.identity, outcome.msg or "-")
+        elif outcome.decision == "aborted":
+            # Not an error of the node: another leader owns it (or we lost leadership).
+            self.queue.finish(rec, NodeState.FAILED, error=outcome.error)
+            log.info("stopped working on %s at %s: %s", rec.identity, outcome.stage, outcome.reason)
         else:
             self.queue.finish(rec, NodeState.FAILED, error=outcome.error)
             self.metrics.provision_errors.labels(site).inc()
@@ -510,6 +622,10 @@ class Provisioner:
                 outcome.reason,
                 outcome.error,
             )
+            if outcome.reason in TRANSIENT_REASONS and rec.attempts <= QUICK_RETRIES:
+                asyncio.get_running_loop().call_later(
+                    QUICK_RETRY_DELAY * rec.attempts, self._retry_soon, rec.identity
+                )
         self.metrics.outcomes.labels(site, outcome.decision).inc()
         entry = audit_fields(att, outcome)
         entry["provisioner"] = self.identity
@@ -526,6 +642,11 @@ class Provisioner:
                     phook(rec)
                 except Exception:
                     log.exception("on_provisioned hook failed")
+
+    def _retry_soon(self, identity: str) -> None:
+        """Queue a node again after a transient failure (if still working and not standby)."""
+        if self._running and not self._paused and self._leader:
+            self._add(identity, "retry")
 
     async def _maintenance(self) -> None:
         """Gauges every second; deferred retries when due; stale eviction every half interval."""
@@ -634,6 +755,34 @@ class Provisioner:
                 "wrong_sender": self.rpc.wrong_sender if self.rpc else 0,
             },
             "features": self.config.features.model_dump(),
+            "election": self.election_status(),
+        }
+
+    def election_status(self) -> dict[str, Any]:
+        """Who leads, since when and at which epoch, as this replica last saw it."""
+        cfg = self.config
+        if not cfg.leader_election:
+            return {
+                "enabled": False,
+                "is_leader": True,
+                "leader": self.identity,
+                "epoch": 0,
+                "since": self._started_at,
+            }
+        e = self.election
+        current = e.current if e is not None else None
+        return {
+            "enabled": True,
+            "is_leader": bool(self._leader),
+            "leader": current.identity if current else None,
+            "epoch": current.epoch if current else None,
+            "since": current.since if current else None,
+            "terms": e.terms if e is not None else 0,
+            "bucket": cfg.election.bucket,
+            "key": cfg.election.key,
+            "ttl": e.ttl if e is not None else cfg.election.ttl,
+            "caller_identity": caller_identity(cfg),
+            "claims_bucket": claims_bucket_name(cfg),
         }
 
     def nodes(self, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:

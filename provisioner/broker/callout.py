@@ -60,6 +60,7 @@ from jwt_tools.nats_jwt import (
     xkey_seal,
 )
 from jwt_tools.tokens import TokenError, verify_provisioning_token
+from node_agent.transport import sync_flush
 from provisioner.broker import metrics
 from provisioner.broker.config import AGENT_BROADCASTS, DEFAULT_PIN_BUCKET, PROVISIONED_EVENT
 from provisioner.protocol.subjects import is_valid_identity
@@ -330,7 +331,8 @@ class CalloutService:
         await self._nc.subscribe(
             AUTH_SUBJECT, queue=self.config.queue_group, cb=self._on_request, pending_msgs_limit=-1
         )
-        await self._nc.flush()
+        # nats-py's flush() can overtake queued SUBs; ready must mean the server has them.
+        await sync_flush(self._nc)
         self._ready = True
         metrics.READY.inc()
         log.info("auth callout %s ready (queue group %s)", self.name, self.config.queue_group)

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         ),
         floor: bool = typer.Option(True, "--floor/--no-floor", help="Measure the floor first."),
         floor_seconds: float = typer.Option(
-            3.0, "--floor-seconds", min=0.5, help="Seconds per floor measurement."
+            2.0, "--floor-seconds", min=0.5, help="Seconds per floor trial (3 trials each)."
         ),
         timeout: float | None = typer.Option(
             None, "--timeout", help="Stop waiting after this many seconds (and report)."

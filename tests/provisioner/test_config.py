@@ -216,7 +216,7 @@ def test_our_defaults(tmp_path: Path) -> None:
         "port": 0,
         "token": None,
     }
-    assert cfg.election.bucket == "CHORIA_LEADER_ELECTION" and cfg.election.ttl == 10
+    assert cfg.election.bucket == "CHORIA_LEADER_ELECTION" and cfg.election.ttl == 3
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import nats
 import pytest
 from nats.errors import NoServersError
 
+from node_agent.transport import sync_flush
 from provisioner.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ async def test_server_accepts_provisioner_and_isolates_accounts(nats_server: Nat
             seen.append(msg.data)
 
         await prov.subscribe("provisioning.node.x", cb=cb)
-        await prov.flush()
+        await sync_flush(prov)
         await other.publish("provisioning.node.x", b"from-choria-account")
         await prov.publish("provisioning.node.x", b"from-provisioning")
         await prov.flush()

@@ -1,9 +1,18 @@
 """Test environment for provisioner integration tests: real brokers, tokens, CA, helper.
 
-``ProvEnv`` holds a provisioning nats-server (dev layout), an overlay nats-server (where
-provisioned nodes go), a token signing key pair, a LocalCA written to disk and the test
-helper script. ``env.config(...)`` builds a :class:`ProvisionerConfig` for it and
-``env.node(...)`` a :class:`NodeAgent` holding a valid provisioning token.
+``ProvEnv`` holds the provisioning broker, an overlay nats-server (where provisioned nodes
+go), a token signing key pair, a LocalCA written to disk and the test helper script.
+``env.config(...)`` builds a :class:`ProvisionerConfig` for it and ``env.node(...)`` a
+:class:`NodeAgent` holding a valid provisioning token.
+
+The provisioning broker is, by default, the production layout: an **isolated broker**
+(``provisioner.broker.start_isolated_broker``: nats-server plus the auth callout verifying
+provisioning tokens with the env's verify key), so nodes connect with their JWT as the auth
+token and their identity as the connection name, and each node may only use its own subjects.
+
+Tests that need the plain dev server (static ``node`` user, nodes with bad tokens reaching the
+provisioner, rogue responders answering for any identity) opt out with
+``@pytest.mark.dev_broker`` (the ``prov_env`` fixture then uses the ``nats_server`` fixture).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,15 +35,26 @@ from jwt_tools import create_provisioning_token, generate_keypair, load_signing_
 from node_agent.node import NodeAgent
 from provisioner.audit import read_audit_file
 from provisioner.config import Features, ProvisionerConfig
-from provisioner.natsserver import NatsServer, start_nats_server
+from provisioner.broker import IsolatedBroker, start_isolated_broker
+from provisioner.natsserver import (
+    INSTALL_HINT,
+    NatsServer,
+    NatsServerNotFound,
+    find_nats_server,
+    start_nats_server,
+)
 from provisioner.service import Provisioner
+from tests.support import missing_dependency
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 TOKEN = "s3cret-provisioning-token"
+#: Marker opting a test out of the isolated broker (it then gets the plain dev nats-server).
+DEV_BROKER_MARK = "dev_broker"
 
 
 @dataclass
 class ProvEnv:
+    #: The provisioning broker's nats-server (the isolated broker's, or the dev server).
     server: NatsServer
     overlay: NatsServer
     workdir: Path
@@ -46,7 +66,19 @@ class ProvEnv:
     behaviour_file: Path
     overlay_password_file: Path
     audit_path: Path
+    #: The isolated broker (default); None when the test opted out (plain dev server).
+    broker: IsolatedBroker | None = None
     nodes: list[NodeAgent] = field(default_factory=list)
+
+    @property
+    def isolated(self) -> bool:
+        """True when the provisioning broker admits nodes through the auth callout."""
+        return self.broker is not None
+
+    @property
+    def broker_url(self) -> str:
+        """The URL nodes and the provisioner use for the provisioning broker."""
+        return self.broker.url if self.broker is not None else self.server.url
 
     # ------------------------------------------------------------------ tokens
     def make_token(
@@ -57,17 +89,21 @@ class ProvEnv:
         validity_s: float = 3600,
         now: float | None = None,
     ) -> Path:
-        node_user, node_pw = self.server.users["node"]
         key = load_signing_key(key_path or self.signer_key_path)
+        creds: dict[str, str] = {}
+        if self.broker is None:
+            # Dev layout: nodes log in as the static node user (go-choria's chusr/chpwd).
+            node_user, node_pw = self.server.users["node"]
+            creds = {"username": node_user, "password": node_pw}
+        # Isolated broker: no user; the JWT itself is the credential the callout verifies.
         token = create_provisioning_token(
             key,
             token=TOKEN,
-            urls=[self.server.url],
-            username=node_user,
-            password=node_pw,
+            urls=[self.broker_url],
             default=True,
             validity_s=validity_s,
             now=now,
+            **creds,
         )
         path.write_text(token)
         path.chmod(0o600)
@@ -109,7 +145,7 @@ class ProvEnv:
         values: dict[str, Any] = {
             "identity": f"prov-{uuid.uuid4().hex[:8]}.test.example.net",
             "site": "test",
-            "broker_urls": [self.server.url],
+            "broker_urls": [self.broker_url],
             "broker_provisioning_password": prov_pw,
             "token": TOKEN,
             "jwt_verify_cert": str(self.verify_path),
@@ -158,45 +194,88 @@ class ProvEnv:
         return cert
 
 
-def make_env(tmp: Path, server: NatsServer) -> ProvEnv:
-    overlay = start_nats_server(tmp / "overlay-nats")
-    ca = LocalCA.generate(key_type="ec", common_name="Test Fleet CA")
-    ca_dir = tmp / "ca"
-    ca.write(ca_dir)
+async def make_env(tmp: Path, *, dev_server: NatsServer | None = None) -> ProvEnv:
+    """Build the environment in ``tmp``; with ``dev_server`` it uses that plain dev broker,
+    otherwise it starts an isolated broker (stopped by :func:`close_env`)."""
     priv, pub = generate_keypair("ed25519")
     signer = tmp / "signer.seed"
     signer.write_bytes(priv)
     signer.chmod(0o600)
     verify = tmp / "signer.pub"
     verify.write_bytes(pub)
-    pw_file = tmp / "overlay.pass"
-    pw_file.write_text(overlay.users["choria"][1])
-    pw_file.chmod(0o600)
-    env = ProvEnv(
-        server=server,
-        overlay=overlay,
-        workdir=tmp,
-        ca=ca,
-        ca_dir=ca_dir,
-        signer_key_path=signer,
-        verify_path=verify,
-        token_path=tmp / "provisioning.jwt",
-        behaviour_file=tmp / "behaviour",
-        overlay_password_file=pw_file,
-        audit_path=tmp / "audit" / "audit.jsonl",
-    )
-    env.make_token(env.token_path)
-    env.set_behaviour("ok")
-    return env
+    broker: IsolatedBroker | None = None
+    if dev_server is None:
+        broker = await start_isolated_broker(tmp / "prov-broker", [verify])
+        server = broker.server
+    else:
+        server = dev_server
+    overlay: NatsServer | None = None
+    try:
+        overlay = await asyncio.to_thread(start_nats_server, tmp / "overlay-nats")
+        ca = LocalCA.generate(key_type="ec", common_name="Test Fleet CA")
+        ca_dir = tmp / "ca"
+        ca.write(ca_dir)
+        pw_file = tmp / "overlay.pass"
+        pw_file.write_text(overlay.users["choria"][1])
+        pw_file.chmod(0o600)
+        env = ProvEnv(
+            server=server,
+            overlay=overlay,
+            workdir=tmp,
+            ca=ca,
+            ca_dir=ca_dir,
+            signer_key_path=signer,
+            verify_path=verify,
+            token_path=tmp / "provisioning.jwt",
+            behaviour_file=tmp / "behaviour",
+            overlay_password_file=pw_file,
+            audit_path=tmp / "audit" / "audit.jsonl",
+            broker=broker,
+        )
+        env.make_token(env.token_path)
+        if broker is not None:
+            # Wire-level test clients (responder.py) log in like a node: any valid provisioning
+            # token as the password, their identity as the connection name.
+            server.users.setdefault("node", ("node", env.token_path.read_text().strip()))
+        env.set_behaviour("ok")
+        return env
+    except BaseException:
+        if overlay is not None:
+            await asyncio.to_thread(overlay.stop)
+        if broker is not None:
+            await broker.stop()
+        raise
+
+
+async def close_env(env: ProvEnv) -> None:
+    """Stop what :func:`make_env` started (the dev server belongs to its fixture)."""
+    try:
+        await asyncio.to_thread(env.overlay.stop)
+    finally:
+        if env.broker is not None:
+            await env.broker.stop()
+
+
+def need_nats_server() -> None:
+    """Fail under CI (skip elsewhere) when nats-server is missing."""
+    try:
+        find_nats_server()
+    except NatsServerNotFound:
+        missing_dependency("nats-server", INSTALL_HINT)
 
 
 @pytest.fixture
-def prov_env(tmp_path: Path, nats_server: NatsServer) -> Iterator[ProvEnv]:
-    env = make_env(tmp_path, nats_server)
+async def prov_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ProvEnv]:
+    """The environment over the isolated broker, or the dev server with ``dev_broker``."""
+    need_nats_server()
+    dev_server: NatsServer | None = None
+    if request.node.get_closest_marker(DEV_BROKER_MARK) is not None:
+        dev_server = request.getfixturevalue("nats_server")
+    env = await make_env(tmp_path, dev_server=dev_server)
     try:
         yield env
     finally:
-        env.overlay.stop()
+        await close_env(env)
 
 
 @pytest.fixture

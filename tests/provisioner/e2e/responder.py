@@ -52,7 +52,11 @@ class Responder:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.nc = await nats.connect(self.url, user=self.user, password=self.password)
+        # The identity as connection name, as go-choria nodes do: the isolated broker's auth
+        # callout takes the identity from it (and the provisioning token from the password).
+        self.nc = await nats.connect(
+            self.url, user=self.user, password=self.password, name=self.identity
+        )
         await self.nc.subscribe(directed_subject("provisioning", self.identity), cb=self._on_msg)
         if self.discovery:
             await self.nc.subscribe("provisioning.broadcast.agent.discovery", cb=self._on_msg)
