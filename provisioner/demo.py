@@ -439,7 +439,20 @@ class Demo:
     # ------------------------------------------------------------------ start
 
     async def start(self, step: Callable[[str], None] | None = None) -> None:
-        """Start every part (not the fleet); ``step`` is told what is being started."""
+        """Start every part (not the fleet); ``step`` is told what is being started.
+
+        Raises :class:`DemoError` when a part cannot start (e.g. nats-server not installed);
+        what was started until then is stopped by :meth:`close`.
+        """
+        from ca_adapters.servers import ServerStartError
+        from provisioner.natsserver import NatsServerError, NatsServerNotFound
+
+        try:
+            await self._start(step)
+        except (NatsServerNotFound, NatsServerError, ServerStartError) as exc:
+            raise DemoError(str(exc)) from None
+
+    async def _start(self, step: Callable[[str], None] | None) -> None:
         say = step or (lambda _msg: None)
         t0 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,7 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
             if ctx.claims is not None:
                 await _step(ctx, att, "fence", fence_helper)
             else:
-                safe_point(ctx, att)
+                safe_point(ctx, att, "helper")
             await _step(ctx, att, "helper", run_helper, NodeState.DECIDED)
         out = att.output
         assert out is not None
@@ -198,9 +198,9 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
             await _step(ctx, att, "sign", sign_server_jwt)
         if out.key:
             await _step(ctx, att, "encrypt", encrypt_key)
-        safe_point(ctx, att)
+        safe_point(ctx, att, "configure")
         await _step(ctx, att, "configure", configure_node, NodeState.CONFIGURED)
-        safe_point(ctx, att)
+        safe_point(ctx, att, "restart")
         await _step(ctx, att, "restart", restart, NodeState.RESTARTED)
         if ctx.claims is not None:
             await _step(ctx, att, "done", mark_done)
@@ -560,13 +560,14 @@ async def shutdown(ctx: PipelineContext, att: Attempt) -> None:
 # ----------------------------------------------------------------------------- HA steps
 
 
-def safe_point(ctx: PipelineContext, att: Attempt) -> None:
-    """Stop here unless this replica still leads the term the attempt started in."""
+def safe_point(ctx: PipelineContext, att: Attempt, before: str) -> None:
+    """Stop before ``before`` unless this replica still leads the term the attempt started in."""
     if not ctx.is_leader() or ctx.epoch() != att.epoch:
+        att.stage = before
         raise _fail(
             att,
             "not_leader",
-            f"stopped before {att.stage} of {att.identity}: this replica is no longer the "
+            f"stopped before {before} of {att.identity}: this replica is no longer the "
             f"leader of epoch {att.epoch}",
         )
 
@@ -582,7 +583,7 @@ async def take_claim(ctx: PipelineContext, att: Attempt) -> None:
     A claim holding an issued outcome (a previous leader got a certificate but may not have
     configured the node) makes this attempt reuse that outcome instead of asking again.
     """
-    safe_point(ctx, att)
+    safe_point(ctx, att, "claim")
     try:
         att.claim = await _claims(ctx).claim(att.identity, epoch=att.epoch, leader=att.leader)
     except FencedError:
@@ -630,7 +631,7 @@ def reuse_outcome(ctx: PipelineContext, att: Attempt) -> None:
 
 async def fence_helper(ctx: PipelineContext, att: Attempt) -> None:
     """Safe point before the helper, and move the claim to ``helper`` (fails if fenced)."""
-    safe_point(ctx, att)
+    safe_point(ctx, att, "helper")
     assert att.claim is not None
     try:
         att.claim = await _claims(ctx).mark(att.claim, "helper", csr_sha256=att.csr_sha256)
@@ -640,7 +641,7 @@ async def fence_helper(ctx: PipelineContext, att: Attempt) -> None:
         raise _fail(
             att, "claims_unavailable", f"could not update the claim: {type(exc).__name__}"
         ) from None
-    safe_point(ctx, att)
+    safe_point(ctx, att, "helper")
 
 
 def _outcome_record(att: Attempt) -> dict[str, Any]:

@@ -177,14 +177,24 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
     except asyncio.CancelledError:
         if result is not None:  # Ctrl-C after the summary (--keep-running): a normal end
             return 0 if result.ok else 1
+        _json_error(json_out, options, "interrupted")
         return EXIT_INTERRUPTED
     except DemoError as exc:
         console.print(f"[red]provisioner demo: {exc}[/red]")
+        _json_error(json_out, options, str(exc))
         return 2
     finally:
         t0 = time.monotonic()
         await demo.close()
         console.print(f"\nStopped everything in {time.monotonic() - t0:.1f}s.")
+
+
+def _json_error(json_out: bool, options: DemoOptions, error: str) -> None:
+    """With --json, the last line is a JSON object even when the demo could not finish."""
+    if json_out:
+        line = {"ok": False, "error": error, "nodes": options.nodes, "provisioned": 0}
+        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
 
 
 def _log_to(path: Path) -> None:
