@@ -288,11 +288,20 @@ def _node_tls_files(state_dir: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def _connz_names(monitor_port: int, limit: int) -> set[str]:
-    url = f"http://127.0.0.1:{monitor_port}/connz?limit={limit}"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        data = json.loads(resp.read())
-    return {str(c.get("name") or "") for c in data.get("connections") or []}
+def _connz_names(monitor_port: int, page: int = 1024) -> set[str]:
+    """Names of all client connections of a nats-server (``/connz``, paged by ``offset``)."""
+    names: set[str] = set()
+    offset = 0
+    while True:
+        url = f"http://127.0.0.1:{monitor_port}/connz?limit={page}&offset={offset}"
+        # loopback monitoring port of a server we started
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            data = json.loads(resp.read())
+        conns = data.get("connections") or []
+        names.update(str(c.get("name") or "") for c in conns)
+        offset += len(conns)
+        if not conns or offset >= int(data.get("total") or 0):
+            return names
 
 
 # --------------------------------------------------------------------------------- files
@@ -410,7 +419,6 @@ class Demo:
         self.provisioned_at: dict[str, float] = {}
         self.normal_at: dict[str, float] = {}
         self.setup_s = 0.0
-        self._last_progress_at = 0.0
         self._timed_out = False
         self._fleet_task: asyncio.Task[None] | None = None
 
@@ -627,7 +635,7 @@ class Demo:
             from helpers.reference import make_handler
 
             handle = await asyncio.to_thread(make_handler, helper_cfg)
-            helper = PythonHelper(handle, timeout=10)
+            helper = PythonHelper(handle, timeout=30 if opts.ca == "cfssl" else 10)
             ref = handle.helper  # type: ignore[attr-defined]
             self._push("reference helper", ref.aclose)
         cfg = ProvisionerConfig(
@@ -641,7 +649,8 @@ class Demo:
             features=Features(pki=True),
             helper=helper_cmd,
             helper_mode=opts.helper_mode,
-            helper_timeout=30 if opts.helper_mode == "exec" else 10,
+            # A remote CA (cfssl) on a busy 2-core box, or a process per node, can take seconds.
+            helper_timeout=30 if opts.helper_mode == "exec" or opts.ca == "cfssl" else 10,
             helper_pool_size=2,
             audit_log=str(self.workdir / "audit.jsonl"),
             overlays=str(overlays_path),
@@ -790,12 +799,11 @@ class Demo:
         assert prov is not None and self.ca_cert is not None
         records = {r["identity"]: r for r in prov.nodes()}
         ca_cert = self.ca_cert
-        limit = opts.nodes + 100
         connected: dict[str, str] = {}
         problems: list[str] = []
         for name, ob in self.overlay_brokers.items():
             try:
-                names = await asyncio.to_thread(_connz_names, ob.monitor_port, limit)
+                names = await asyncio.to_thread(_connz_names, ob.monitor_port)
             except (OSError, ValueError) as exc:
                 problems.append(f"overlay {name}: cannot read /connz: {exc}")
                 continue

@@ -96,3 +96,27 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
         Demo(DemoOptions(nodes=0, workdir=tmp_path))
     with pytest.raises(DemoError, match="--start-rate"):
         Demo(DemoOptions(nodes=5, start_rate=10, processes=2, workdir=tmp_path))
+
+
+@pytest.mark.integration
+async def test_connz_lookup_pages_through_every_connection(tmp_path: Path) -> None:
+    import asyncio
+
+    import nats
+
+    from provisioner.demo import _connz_names, overlay_server_config
+    from provisioner.natsserver import start_nats_server
+    from tests.e2e.support import require_nats_server
+
+    require_nats_server()
+    text = overlay_server_config("paging", tls=None, max_connections=100)
+    server = start_nats_server(tmp_path, config_text=text, jetstream=False)
+    conns = []
+    try:
+        conns = [await nats.connect(server.url, name=f"node-{i}") for i in range(5)]
+        names = await asyncio.to_thread(_connz_names, server.monitor_port, 2)
+        assert names == {f"node-{i}" for i in range(5)}
+    finally:
+        for nc in conns:
+            await nc.close()
+        server.stop()

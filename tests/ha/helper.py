@@ -5,10 +5,10 @@ Loaded by each ``provisioner run`` process as ``helper: /path/tests/ha/helper.py
 points the node at the overlay broker ``$HA_OVERLAY_URL`` (user ``$HA_OVERLAY_USER``, password
 in the file ``$HA_OVERLAY_PASSWORD_FILE``).
 
-Every certificate it signs is appended as ``<identity> <serial>`` (lowercase hex, as in the audit log) to
-``$HA_ISSUED_DIR/issued-<pid>.log`` *before* the provisioner sees it: this is the CA's own
-issuance record, which survives a SIGKILL of the provisioner (a write to the page cache), so
-the tests can compare what the CA issued with what the nodes hold.
+Every certificate it signs is appended as ``<identity> <serial>`` (lowercase hex, as in the
+audit log) to ``$HA_ISSUED_DIR/issued-<pid>.log`` *before* the provisioner sees it: this is
+the CA's own issuance record, which survives a SIGKILL of the provisioner (a write to the page
+cache), so the tests can compare what the CA issued with what the nodes hold.
 """
 
 from __future__ import annotations
