@@ -21,6 +21,7 @@ rejects unknown profiles itself ("invalid profile").
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -104,6 +105,8 @@ class CFSSLAdapter:
         self.max_validity_s = max_validity_s
         self._info_ttl = info_ttl_s
         self._info_cache: dict[str, tuple[float, ProfileInfo]] = {}
+        # one /info request per profile at a time: a burst of signs shares the answer
+        self._info_locks: dict[str, asyncio.Lock] = {}
         self._client = client or make_client(
             url, verify=tls_verify, client_cert=client_cert, timeout=timeout
         )
@@ -167,6 +170,14 @@ class CFSSLAdapter:
         hit = self._info_cache.get(cache_key)
         if hit and hit[0] > time.monotonic():
             return hit[1]
+        lock = self._info_locks.setdefault(cache_key, asyncio.Lock())
+        async with lock:
+            hit = self._info_cache.get(cache_key)
+            if hit and hit[0] > time.monotonic():
+                return hit[1]
+            return await self._fetch_info(cache_key, profile)
+
+    async def _fetch_info(self, cache_key: str, profile: str | None) -> ProfileInfo:
         body: dict[str, str] = {}
         if self.label:
             body["label"] = self.label

@@ -191,6 +191,8 @@ def generate_keypair(
 def _atomic_write(path: str | Path, data: bytes, mode: int) -> Path:
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
+    # a missing parent is created private: it is about to hold a key or a token
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, mode)

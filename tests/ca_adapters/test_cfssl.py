@@ -309,3 +309,25 @@ async def test_a_ca_returning_someone_elses_certificate_is_refused(
                 await ca.sign(SignRequest(ID, csr))
     finally:
         await ca.aclose()
+
+
+async def test_concurrent_signs_share_one_info_request(cfssl_server: CFSSLServer) -> None:
+    """A burst of signs on a cold adapter asks cfssl's /info once, not once per sign."""
+    import asyncio
+
+    adapter = adapter_for(cfssl_server)
+    calls = 0
+    real = adapter._fetch_info
+
+    async def counting(cache_key: str, profile: str | None) -> object:
+        nonlocal calls
+        calls += 1
+        return await real(cache_key, profile)
+
+    adapter._fetch_info = counting  # type: ignore[method-assign]
+    try:
+        infos = await asyncio.gather(*(adapter.info(None) for _ in range(20)))
+        assert calls == 1
+        assert len({i.certificate_pem for i in infos}) == 1
+    finally:
+        await adapter.aclose()

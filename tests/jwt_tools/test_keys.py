@@ -157,3 +157,19 @@ def test_write_private_file_is_0600_and_replaces(tmp_path: Path) -> None:
 def test_generate_keypair_refuses_unknown_kind() -> None:
     with pytest.raises(ValueError):
         generate_keypair("dsa")  # type: ignore[arg-type]
+
+
+def test_key_files_are_written_into_missing_directories(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from provisioner.cli import app
+
+    priv, pub = tmp_path / "new" / "dir" / "k.seed", tmp_path / "other" / "k.pub"
+    result = CliRunner().invoke(
+        app,
+        ["jwt", "keys", "--type", "ed25519", "--out-private", str(priv), "--out-public", str(pub)],
+    )
+    assert result.exit_code == 0, result.output
+    assert priv.stat().st_mode & 0o777 == 0o600
+    assert (priv.parent.stat().st_mode & 0o777) == 0o700
+    assert pub.read_text().strip()
