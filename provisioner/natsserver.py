@@ -13,16 +13,13 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+
+from provisioner.process import ServerProcess, ServerStartError, free_port
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ class NatsServerNotFound(RuntimeError):
     """The nats-server binary could not be found."""
 
 
-class NatsServerError(RuntimeError):
+class NatsServerError(ServerStartError):
     """nats-server failed to start or become ready."""
 
 
@@ -61,13 +58,6 @@ def find_nats_server() -> str:
     if found:
         return found
     raise NatsServerNotFound(f"nats-server binary not found: {INSTALL_HINT}")
-
-
-def free_port() -> int:
-    """Ask the kernel for a free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _quote(value: str) -> str:
@@ -108,7 +98,7 @@ system_account: SYS
 """
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """Handle on a running nats-server process."""
 
     def __init__(
@@ -121,108 +111,42 @@ class NatsServer:
         monitor_port: int,
         users: dict[str, tuple[str, str]],
         log_path: Path,
+        die_with_parent: bool = False,
     ) -> None:
+        super().__init__(
+            [binary, "-c", str(config_path)],
+            workdir=workdir,
+            log_name=log_path.name,
+            die_with_parent=die_with_parent,
+        )
         self.binary = binary
-        self.workdir = workdir
         self.config_path = config_path
         self.port = port
         self.monitor_port = monitor_port
         self.users = users
-        self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
 
     def start(self, ready_timeout: float = 10.0) -> None:
-        """Start the process and wait until its monitoring endpoint reports healthy."""
-        if self.running():
-            return
-        logf = self.log_path.open("ab")
+        """Start and wait until the monitoring endpoint reports healthy (JetStream included)."""
         try:
-            self._proc = subprocess.Popen(
-                [self.binary, "-c", str(self.config_path)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            logf.close()
-        self._wait_ready(ready_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz"
-        last_err = ""
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise NatsServerError(
-                    f"nats-server exited with code {self._proc.returncode} during startup; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError, ConnectionError) as exc:
-                last_err = str(exc)
-            time.sleep(0.05)
-        self.stop()
-        raise NatsServerError(
-            f"nats-server not ready after {timeout}s ({last_err}); log tail:\n{self.log_tail()}"
-        )
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process by PID (SIGTERM, then SIGKILL)."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the process (simulates a crash)."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            super().start(ready_timeout)
+        except ServerStartError as exc:
+            raise NatsServerError(str(exc)) from exc
 
     def restart(self, ready_timeout: float = 10.0) -> None:
         """Stop and start again on the same ports with the same JetStream store."""
-        self.stop()
-        self.start(ready_timeout)
+        super().restart(ready_timeout)
 
     def __enter__(self) -> NatsServer:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_nats_server(
@@ -236,6 +160,7 @@ def start_nats_server(
     users: dict[str, tuple[str, str]] | None = None,
     ready_timeout: float = 10.0,
     server_name: str | None = None,
+    die_with_parent: bool = False,
 ) -> NatsServer:
     """Write a config into ``workdir``, start nats-server and wait until it is ready.
 
@@ -285,6 +210,7 @@ def start_nats_server(
         monitor_port=monitor_port,
         users=users,
         log_path=workdir / "nats-server.log",
+        die_with_parent=die_with_parent,
     )
     server.start(ready_timeout)
     log.info("nats-server started pid=%s url=%s", server.pid, server.url)

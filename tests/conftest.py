@@ -29,7 +29,7 @@ def _nats_binary() -> str:
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A fresh real nats-server (dev account layout, JetStream on) for one test."""
     _nats_binary()
-    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    server = start_nats_server(tmp_path_factory.mktemp("nats"), die_with_parent=True)
     try:
         yield server
     finally:
@@ -40,7 +40,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 def shared_nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One real nats-server shared by tests that only need a broker (do not restart it)."""
     _nats_binary()
-    server = start_nats_server(tmp_path_factory.mktemp("nats-shared"))
+    server = start_nats_server(tmp_path_factory.mktemp("nats-shared"), die_with_parent=True)
     try:
         yield server
     finally:

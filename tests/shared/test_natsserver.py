@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import nats
 import pytest
@@ -73,3 +78,34 @@ def test_restart_keeps_port_and_stop_kills_process(nats_server: NatsServer) -> N
     assert not nats_server.running()
     with pytest.raises(ProcessLookupError):
         os.kill(new_pid, 0)
+
+
+def test_server_dies_with_its_parent(tmp_path: Path) -> None:
+    """A server started with die_with_parent goes away when its starter is SIGKILLed."""
+    script = (
+        "import sys, time; from pathlib import Path\n"
+        "from provisioner.natsserver import start_nats_server\n"
+        "s = start_nats_server(Path(sys.argv[1]), die_with_parent=True)\n"
+        "print(s.pid, flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        os.kill(child, 0)  # running
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("nats-server outlived the process that started it")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
