@@ -1388,7 +1388,11 @@ class Bench:
             "provisioner_peak_rss_mb": rss.get("provisioner"),
             "cpu_s": cpu,
             "peak_rss_mb": rss,
-            "cpu_s_per_node": {
+            "cpu_total_s": round(sum(cpu.values()), 2),
+            "cpu_total_ms_per_node": (
+                round(sum(cpu.values()) / provisioned * 1000, 2) if provisioned else None
+            ),
+            "cpu_ms_per_node": {
                 k: round(v / provisioned * 1000, 3) for k, v in cpu.items() if provisioned
             },
             "peak_waiting": st.peak_waiting,
@@ -1639,7 +1643,7 @@ def render_markdown(r: Mapping[str, Any]) -> str:
     cpu = r.get("cpu_s") or {}
     if cpu:
         rss = r.get("peak_rss_mb") or {}
-        per = r.get("cpu_s_per_node") or {}
+        per = r.get("cpu_ms_per_node") or {}
         lines += [
             "| process | CPU s | CPU ms/node | peak RSS MB |",
             "|---|---:|---:|---:|",

@@ -189,6 +189,7 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
                 overlay=out.overlay,
             ), att
         if out.shutdown:
+            safe_point(ctx, att, "shutdown")
             await _step(ctx, att, "shutdown", shutdown)
             return Outcome("shutdown", att.stage, msg=out.msg, overlay=out.overlay), att
         await _step(ctx, att, "check_output", check_output)

@@ -118,11 +118,16 @@ async def _read(target: _Target, timeout: float) -> dict[str, Any]:
 
     from provisioner.election import read_leader
 
+    async def quiet(exc: Exception) -> None:  # the failure is reported once, below
+        return None
+
     options: dict[str, Any] = {
         "servers": target.urls,
         "connect_timeout": timeout,
         "allow_reconnect": False,
-        "max_reconnect_attempts": 0,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.2,
+        "error_cb": quiet,
     }
     if target.user:
         options["user"] = target.user
@@ -131,7 +136,7 @@ async def _read(target: _Target, timeout: float) -> dict[str, Any]:
     if target.tls is not None:
         options["tls"] = target.tls
     try:
-        nc = await nats.connect(**options)
+        nc = await asyncio.wait_for(nats.connect(**options), timeout * (len(target.urls) + 1))
     except Exception as exc:  # nats-py names the server, never the password
         where = ",".join(target.urls)
         raise _fail(f"cannot connect to {where}: {type(exc).__name__}: {exc}") from None

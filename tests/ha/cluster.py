@@ -74,6 +74,7 @@ class Replica:
     admin_port: int
     proc: subprocess.Popen[bytes] | None = None
     killed_at: float | None = None
+    stopped_at: float | None = None  # SIGKILL or SIGTERM by the test
 
     def start(self, env: dict[str, str]) -> None:
         out = self.log_path.with_suffix(".stderr").open("ab")
@@ -96,7 +97,7 @@ class Replica:
     def kill(self) -> float:
         """SIGKILL (a crash: no key deletion, no audit flush); returns the wall time."""
         assert self.proc is not None
-        self.killed_at = time.time()
+        self.killed_at = self.stopped_at = time.time()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         return self.killed_at
@@ -105,6 +106,7 @@ class Replica:
         """SIGTERM: graceful stop (deletes the election key, flushes the audit log)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.stopped_at = time.time()
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout)
@@ -278,7 +280,7 @@ class HACluster:
                 if info is not None and info.identity != not_:
                     return self.replica(info.identity)
             for rep in self.replicas:
-                if rep.proc is not None and rep.proc.poll() is not None and rep.killed_at is None:
+                if rep.proc is not None and rep.proc.poll() is not None and rep.stopped_at is None:
                     raise AssertionError(
                         f"replica {rep.name} exited with {rep.proc.returncode}:\n"
                         + rep.stderr_tail()

@@ -48,3 +48,33 @@ def test_kv_key_is_safe_for_any_identity() -> None:
     assert kv_key("node-1.example.net") == "node-1.example.net"
     assert kv_key("evil>*").startswith("h_")
     assert kv_key("a..b").startswith("h_")
+
+
+async def test_only_outcomes_with_a_certificate_are_reused_and_reset_forgets(
+    nats_server: NatsServer,
+) -> None:
+    user, pw = nats_server.users["provisioner"]
+    nc = await nats.connect(nats_server.url, user=user, password=pw)
+    try:
+        store = await ClaimStore.open(nc.jetstream(), bucket="T_CLAIMS_REUSE")
+        # a centrally made key is never stored, so that outcome cannot be reused
+        keyed = await store.claim("k.example.net", epoch=3, leader="a")
+        keyed = await store.mark(
+            keyed, "issued", outcome={"cert_serial": "01", "key_made_centrally": True}
+        )
+        assert not keyed.reusable
+        again = await store.claim("k.example.net", epoch=4, leader="b")
+        assert again.stage == "claimed" and again.outcome is None
+        # an unusable recorded certificate is retired: the next leader starts afresh
+        issued = await store.mark(
+            again, "issued", outcome={"certificate": "PEM", "cert_serial": "02"}
+        )
+        assert issued.reusable
+        reset = await store.reset(issued, note="02")
+        assert reset.stage == "claimed" and reset.outcome == {"retired": "02"}
+        later = await store.claim("k.example.net", epoch=5, leader="c")
+        assert not later.reusable and later.outcome is None
+        with pytest.raises(FencedError):
+            await store.reset(issued)  # stale revision
+    finally:
+        await nc.close()

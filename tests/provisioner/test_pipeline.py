@@ -156,6 +156,8 @@ async def test_helper_supplied_key_travels_encrypted(prov_env: ProvEnv, stop_nod
 # ----------------------------------------------------------------------------- token failures
 
 
+# The isolated broker refuses bad tokens before the provisioner sees them: use the dev server.
+@pytest.mark.dev_broker
 @pytest.mark.parametrize(
     ("kind", "reason"), [("wrong_key", "token_bad_signature"), ("expired", "token_expired")]
 )

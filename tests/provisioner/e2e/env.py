@@ -18,6 +18,7 @@ provisioner, rogue responders answering for any identity) opt out with
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -28,14 +29,16 @@ from typing import Any
 
 import nats
 import pytest
+import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ca_adapters import LocalCA
 from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
 from node_agent.node import NodeAgent
 from provisioner.audit import read_audit_file
-from provisioner.config import Features, ProvisionerConfig
 from provisioner.broker import IsolatedBroker, start_isolated_broker
+from provisioner.config import Features, ProvisionerConfig
 from provisioner.natsserver import (
     INSTALL_HINT,
     NatsServer,
@@ -90,11 +93,11 @@ class ProvEnv:
         now: float | None = None,
     ) -> Path:
         key = load_signing_key(key_path or self.signer_key_path)
-        creds: dict[str, str] = {}
+        node_user: str | None = None
+        node_pw: str | None = None
         if self.broker is None:
             # Dev layout: nodes log in as the static node user (go-choria's chusr/chpwd).
             node_user, node_pw = self.server.users["node"]
-            creds = {"username": node_user, "password": node_pw}
         # Isolated broker: no user; the JWT itself is the credential the callout verifies.
         token = create_provisioning_token(
             key,
@@ -103,7 +106,8 @@ class ProvEnv:
             default=True,
             validity_s=validity_s,
             now=now,
-            **creds,
+            username=node_user,
+            password=node_pw,
         )
         path.write_text(token)
         path.chmod(0o600)
@@ -309,3 +313,76 @@ class OverlayWatcher:
     async def stop(self) -> None:
         if self.nc is not None:
             await self.nc.close()
+
+
+# ---------------------------------------------------------------------------- reference helper
+
+
+def write_overlays_yaml(
+    path: Path,
+    overlays: list[tuple[str, NatsServer]],
+    *,
+    capacity: int,
+    affinity: str | None = None,
+) -> Path:
+    """An overlays registry whose brokers are real nats-servers (one per overlay)."""
+    placement: dict[str, Any] = {
+        "policies": ["stable", "affinity", "least_filled"] if affinity else ["least_filled"],
+    }
+    if affinity:
+        placement["affinity"] = affinity
+    doc = {
+        "overlays": [
+            {"name": name, "brokers": [srv.url], "capacity": capacity} for name, srv in overlays
+        ],
+        "placement": placement,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def write_reference_yaml(
+    path: Path,
+    *,
+    overlays_file: Path,
+    overlays: list[tuple[str, NatsServer]],
+    ca: dict[str, Any],
+    ttl: str = "168h",
+) -> Path:
+    """The reference helper's YAML: the given overlays and CA; each overlay's nodes log in to
+    its broker as that server's ``choria`` user (per-overlay settings)."""
+    doc = {
+        "overlays": str(overlays_file),
+        "ca": ca,
+        "certificate": {"ttl": ttl},
+        "collectives": ["mcollective"],
+        "configuration": {"loglevel": "info", "registerinterval": "300"},
+        "overlay_configuration": {
+            name: {
+                "plugin.nats.user": srv.users["choria"][0],
+                "plugin.nats.pass": srv.users["choria"][1],
+            }
+            for name, srv in overlays
+        },
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds broker passwords
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+    return path
+
+
+def check_node_certificate(node: NodeAgent, ca_cert: x509.Certificate) -> x509.Certificate:
+    """The node's certificate on disk: CN = identity, identity among the DNS SANs, public key
+    = the node's own private key's, and issued by ``ca_cert``."""
+    cert = x509.load_pem_x509_certificate((node.ssldir / "certificate.pem").read_bytes())
+    cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+    assert cn == node.identity
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert node.identity in san.get_values_for_type(x509.DNSName)
+    key = serialization.load_pem_private_key(
+        (node.ssldir / "private.pem").read_bytes(), password=None
+    )
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    cert.verify_directly_issued_by(ca_cert)
+    return cert
