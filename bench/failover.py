@@ -128,7 +128,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "kill_at": args.kill_at,
             "concurrency": args.concurrency,
             "election_ttl_s": ttl,
-            "campaign_interval_s": min(0.5, ttl / 4),
+            "campaign_interval_s": min(0.25, ttl / 4),
             "default_settings": args.ttl is None,
             "helper": "python mode, local EC CA (tests/ha/helper.py)",
         },

@@ -14,6 +14,7 @@ is printed as a markdown table. Nothing is asserted: this is a measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import statistics
@@ -142,6 +143,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=sorted(SCENARIOS), help="scenarios to run")
     ap.add_argument("--repeat", type=int, default=1, help="runs per scenario (medians)")
+    ap.add_argument(
+        "--add",
+        action="store_true",
+        help="add the runs to those already in today's summary (numbered after them) instead "
+        "of replacing them",
+    )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     ap.add_argument("extra", nargs="*", help="extra `provisioner bench` arguments (after --)")
@@ -157,9 +164,15 @@ def main() -> int:
         summary = json.loads(summary_path.read_text())
     scenarios = summary.setdefault("scenarios", {})
     for scenario in args.only or DEFAULT:
-        runs = [
+        runs: list[dict[str, Any]] = []
+        if args.add and scenario in scenarios:
+            for name in scenarios[scenario].get("files", []):
+                with contextlib.suppress(OSError, ValueError):
+                    runs.append(json.loads((args.results_dir / name).read_text()))
+        first = len(runs) + 1
+        runs += [
             r
-            for i in range(1, args.repeat + 1)
+            for i in range(first, first + args.repeat)
             if (r := run_one(scenario, i, list(args.extra), args.results_dir)) is not None
         ]
         if runs:

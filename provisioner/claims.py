@@ -145,9 +145,15 @@ class ClaimStore:
 
     async def claim(self, identity: str, *, epoch: int, leader: str) -> Claim:
         """Take (or keep) the node for ``epoch``; an issued outcome is carried over."""
+        # Most nodes have no claim yet: one create, no read (the failover path counts writes).
+        fresh = Claim(identity=identity, epoch=epoch, leader=leader)
+        try:
+            fresh.revision = await self._kv.create(kv_key(identity), fresh.to_bytes())
+            return fresh
+        except KeyWrongLastSequenceError:
+            pass
         current = await self.load(identity)
-        if current is None:
-            fresh = Claim(identity=identity, epoch=epoch, leader=leader)
+        if current is None:  # it expired between the create and the read
             try:
                 fresh.revision = await self._kv.create(kv_key(identity), fresh.to_bytes())
             except KeyWrongLastSequenceError as exc:

@@ -8,7 +8,7 @@ with every leadership change, stored with per-node claims so a deposed leader's 
 refused (see :mod:`provisioner.claims`).
 
 Timing with the defaults (TTL 3 s): the leader refreshes every TTL/3 (1 s); candidates campaign
-every ``campaign_interval`` (0.5 s, jittered). A SIGKILLed leader's key expires at most TTL
+every ``campaign_interval`` (0.25 s, jittered). A SIGKILLed leader's key expires at most TTL
 after its last refresh, so failover takes about TTL + campaign_interval. A leader that stops
 gracefully deletes the key, so a standby wins within one campaign interval.
 
@@ -146,7 +146,8 @@ class Election:
         self.bucket = bucket
         self.key = key
         self.ttl = ttl
-        self.campaign_interval = campaign_interval or min(0.5, ttl / 4)
+        # Campaigning is one KV create (and a read of the holder): cheap enough to do often.
+        self.campaign_interval = campaign_interval or min(0.25, ttl / 4)
         self.refresh_interval = ttl / 3
         self._on_won = on_won
         self._on_lost = on_lost

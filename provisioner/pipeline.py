@@ -20,7 +20,7 @@ gains these steps::
                            gencsr and the helper are skipped)
         → gencsr → fence (safe point + claim stage "helper") → helper → check_output
         → record (the issued outcome, without any private key) → ... → [safe point] configure
-        → [safe point] restart → done
+        → [safe point] restart; then the service marks the claim done (:func:`mark_done`)
 
 A *safe point* checks that this replica is still the leader of the term the attempt started
 in; if not, or if a claim write finds a newer leader's claim (:class:`FencedError`), the attempt
@@ -128,7 +128,6 @@ class Attempt:
     epoch: int = 0
     claim: Claim | None = None
     reused: bool = False  # configured with an outcome a previous leader recorded
-    claim_note: str | None = None
 
     @property
     def identity(self) -> str:
@@ -203,8 +202,8 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
         await _step(ctx, att, "configure", configure_node, NodeState.CONFIGURED)
         safe_point(ctx, att, "restart")
         await _step(ctx, att, "restart", restart, NodeState.RESTARTED)
-        if ctx.claims is not None:
-            await _step(ctx, att, "done", mark_done)
+        # The claim is marked done by the caller (mark_done) after the outcome is recorded:
+        # the node is provisioned now, one more KV write must not delay it.
         return Outcome("provisioned", att.stage, msg=out.msg, overlay=out.overlay), att
     except PipelineError as exc:
         return Outcome(
@@ -728,15 +727,23 @@ async def record_outcome(ctx: PipelineContext, att: Attempt) -> None:
 
 
 async def mark_done(ctx: PipelineContext, att: Attempt) -> None:
-    """The node is provisioned: mark the claim ``done`` (best effort, the node is done)."""
+    """The node is provisioned: mark the claim ``done`` (best effort, never raises).
+
+    Called by the service after the attempt. If it never happens (a crash), the claim stays
+    ``issued``: a node in normal mode is not discovered again, and if it were, it would be
+    configured with the same recorded certificate.
+    """
+    if ctx.claims is None or att.claim is None:
+        return
     summary = {"cert_serial": att.cert_serial, "overlay": (att.output or HelperOutput()).overlay}
     try:
         await _claim_write(ctx, att, "done", summary)
     except (PipelineError, FencedError) as exc:
         # Another leader re-took the node after we configured it: it configures the same
-        # recorded certificate, so nothing conflicts. Note it, do not fail the node.
-        att.claim_note = f"claim not marked done: {exc}"
-        log.info("%s: %s", att.identity, att.claim_note)
+        # recorded certificate, so nothing conflicts.
+        log.info("%s: claim not marked done: %s", att.identity, exc)
+    except Exception as exc:
+        log.warning("%s: claim not marked done: %s: %s", att.identity, type(exc).__name__, exc)
 
 
 async def configure_node(ctx: PipelineContext, att: Attempt) -> None:
@@ -794,7 +801,6 @@ def audit_fields(att: Attempt, outcome: Outcome) -> dict[str, Any]:
         "leader": att.leader or None,
         "epoch": att.epoch,
         "reused_outcome": att.reused,
-        "claim_note": att.claim_note,
     }
 
 

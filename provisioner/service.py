@@ -61,6 +61,7 @@ from provisioner.pipeline import (
     PipelineContext,
     audit_fields,
     compile_deny_list,
+    mark_done,
     provision,
 )
 from provisioner.protocol import encode_event, lifecycle_subject, new_event
@@ -572,6 +573,8 @@ class Provisioner:
         try:
             outcome, att = await provision(self._ctx, rec)
             self._finish(rec, outcome, att)
+            if outcome.decision == "provisioned" and att.claim is not None:
+                self._track(asyncio.create_task(mark_done(self._ctx, att)))
         except Exception:  # a bug must not take the worker pool down or lose the node
             log.exception("unexpected error provisioning %s", rec.identity)
             self.queue.finish(rec, NodeState.FAILED, error="internal error (see the logs)")
@@ -622,7 +625,13 @@ class Provisioner:
                 outcome.reason,
                 outcome.error,
             )
-            if outcome.reason in TRANSIENT_REASONS and rec.attempts <= QUICK_RETRIES:
+            # Not after restart: its reply is what got lost, and the node has most likely
+            # restarted into normal mode; the next sweep finds it if it has not.
+            if (
+                outcome.reason in TRANSIENT_REASONS
+                and outcome.stage != "restart"
+                and rec.attempts <= QUICK_RETRIES
+            ):
                 asyncio.get_running_loop().call_later(
                     QUICK_RETRY_DELAY * rec.attempts, self._retry_soon, rec.identity
                 )
