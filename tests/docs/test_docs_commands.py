@@ -31,7 +31,8 @@ def _command_lines() -> list[tuple[str, str]]:
             for line in joined.splitlines():
                 m = PROMPT.match(line)
                 if m:
-                    cmd = m.group(1).split(" #")[0].split(" | ")[0].split(" > ")[0].strip()
+                    cmd = m.group(1).split(" #")[0].split(" | ")[0].split(" > ")[0]
+                    cmd = cmd.split(" && ")[0].split(" ; ")[0].strip().removesuffix("&").strip()
                     found.append((path.name, cmd))
     return found
 
