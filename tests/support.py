@@ -61,3 +61,17 @@ async def async_wait_for(
             return
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+# Headless Chromium on this machine: no sandbox as root, and no background networking (the
+# closed network refuses those connections, noisily).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

@@ -15,20 +15,10 @@ import pytest
 
 from provisioner.demo import Demo, DemoOptions
 from tests.e2e.support import processes_mentioning, require_nats_server
-from tests.support import require_binary
+from tests.support import CHROMIUM_ARGS, require_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 NODES = 60
 START_RATE = 15.0  # nodes/s: provisioning takes ~4 s, long enough to watch
 

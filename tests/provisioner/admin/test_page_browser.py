@@ -11,21 +11,11 @@ import pytest
 
 from provisioner.admin import AdminServer, create_app, serve_admin, stop_admin
 from tests.provisioner.admin.provider import FleetProvider, populated
-from tests.support import require_binary
+from tests.support import CHROMIUM_ARGS, require_binary
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "browser-test-token-0123456789"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
