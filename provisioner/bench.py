@@ -234,9 +234,14 @@ def machine_info() -> dict[str, Any]:
             [find_nats_server(), "--version"], capture_output=True, text=True, timeout=10
         )
         nats_version = out.stdout.strip() or out.stderr.strip()
-    import cryptography
-    import nats
+    import importlib.metadata
 
+    import cryptography
+
+    try:
+        nats_py = importlib.metadata.version("nats-py")
+    except importlib.metadata.PackageNotFoundError:
+        nats_py = ""
     return {
         "nproc": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -244,7 +249,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "nats_server": nats_version,
-        "nats_py": getattr(nats, "__version__", ""),
+        "nats_py": nats_py,
         "cryptography": cryptography.__version__,
         "nofile_limit": _nofile_limits()[0],
     }
@@ -1309,8 +1314,13 @@ class Bench:
     async def collect(self) -> dict[str, Any]:
         """Everything measured, as the result document (without ``markdown``)."""
         o, st = self.o, self.state
-        samples = await self._scrape()
-        nodes = await self._all_nodes()
+        samples: list[tuple[str, dict[str, str], float]] = []
+        nodes: list[dict[str, Any]] = []
+        try:
+            samples = await self._scrape()
+            nodes = await self._all_nodes()
+        except Exception as exc:  # e.g. the provisioner died: report what the run saw
+            st.notes.append(f"could not read the provisioner's figures: {type(exc).__name__}")
         fleet_counts = self.fleet.counts() if self.fleet is not None else {}
         by_state: dict[str, int] = {}
         errors: dict[str, int] = {}
@@ -1330,6 +1340,8 @@ class Bench:
                 key = f"{state}: {str(rec['last_error'])[:120]}"
                 errors[key] = errors.get(key, 0) + 1
         provisioned = by_state.get("provisioned", 0)
+        if not nodes and st.timeline:
+            provisioned = st.timeline[-1].provisioned
         t_last = max(finished) if finished else st.t_end
         span = max(1e-6, t_last - st.t0)
         nodes_per_minute = provisioned / span * 60.0 if provisioned else 0.0

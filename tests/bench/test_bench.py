@@ -106,3 +106,14 @@ def test_stage_percentiles_in_pipeline_order_with_total() -> None:
     assert list(out) == ["jwt", "restart", "pipeline_total"]
     assert out["jwt"]["p50_ms"] == pytest.approx(2.0)
     assert out["pipeline_total"]["mean_ms"] == pytest.approx(5.0)
+
+
+def test_run_scenarios_lists_the_documented_scenarios() -> None:
+    proc = subprocess.run(
+        [sys.executable, "bench/run_scenarios.py", "--list"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    assert {"10k-python", "10k-persistent", "10k-exec", "60k-python-shared", "1k-rsa"} <= names
+    assert "--connections shared" in proc.stdout
