@@ -535,6 +535,7 @@ class ProvisionAgent:
         except (ValueError, UnicodeEncodeError) as exc:
             raise AgentError("TLS Setup Failed: certificate or ca is not valid PEM") from exc
         key_pem: bytes | None = None
+        own_key = False  # the node's own private.pem (from gencsr) vs a key sent to it
         if key_text:
             if self.host.ecdh_private is None:
                 raise AgentError("TLS Setup Failed: private key not set, call jwt first")
@@ -547,9 +548,12 @@ class ProvisionAgent:
             existing = ssldir / "private.pem"
             if existing.is_file():
                 key_pem = existing.read_bytes()
+                own_key = True
         if key_pem is not None:
             try:
-                key = serialization.load_pem_private_key(key_pem, password=None)
+                key = serialization.load_pem_private_key(
+                    key_pem, password=None, unsafe_skip_rsa_key_validation=own_key
+                )
                 matches = key.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
                 ) == cert.public_key().public_bytes(

@@ -114,10 +114,13 @@ class AuditLog:
             value = _PEM_PRIVATE.sub(REDACTED, value)
             return _JWT_LIKE.sub(REDACTED, value)
         if isinstance(value, Mapping):
+            # A forbidden name is dropped unless its value is a number: stage timings are
+            # keyed by step ("jwt": 0.012) and a number cannot carry a secret.
             return {
                 str(k): self.scrub(v)
                 for k, v in value.items()
                 if str(k).lower() not in FORBIDDEN_KEYS
+                or (isinstance(v, int | float) and not isinstance(v, bool))
             }
         if isinstance(value, list | tuple):
             return [self.scrub(v) for v in value]

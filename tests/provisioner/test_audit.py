@@ -84,3 +84,15 @@ async def test_batches_fsync_many_records_at_once(tmp_path: Path) -> None:
         audit.record({"identity": f"n{i}"})
     await audit.aclose()
     assert len(read_audit_file(path)) == 250
+
+
+async def test_stage_timings_keep_their_step_names(tmp_path: Path) -> None:
+    """A step named like a secret ("jwt") keeps its timing; a secret under it does not."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path)
+    await audit.start()
+    audit.record({"identity": "n1", "timings": {"jwt": 0.012, "gencsr": 0.03}, "jwt": "x.y.z"})
+    await audit.aclose()
+    rec = json.loads(path.read_text())
+    assert rec["timings"] == {"jwt": 0.012, "gencsr": 0.03}
+    assert "jwt" not in rec
