@@ -113,6 +113,9 @@ class BenchOptions:
 
     nodes: int = 1000
     helper_mode: HelperMode = "python"
+    #: "reference": the reference helper (placement, CA adapter, templating) in ``helper_mode``;
+    #: "lean": helpers/examples/cfssl_authsign.py, a stdlib-only exec helper (needs --ca cfssl)
+    helper: Literal["reference", "lean"] = "reference"
     ca: CAKind = "local"
     key_type: KeyType = "ec"
     connections: Connections = "per-node"
@@ -154,7 +157,8 @@ class BenchOptions:
 
     def default_name(self) -> str:
         conns = "shared" if self.connections == "shared" else "pernode"
-        return f"{self.nodes}-{self.helper_mode}-{self.ca}-{self.key_type}-{conns}"
+        mode = "lean-exec" if self.helper == "lean" else self.helper_mode
+        return f"{self.nodes}-{mode}-{self.ca}-{self.key_type}-{conns}"
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -165,6 +169,11 @@ class BenchOptions:
             raise BenchError("--helper-mode must be exec, persistent or python")
         if self.ca not in ("local", "cfssl", "openbao"):
             raise BenchError("--ca must be local, cfssl or openbao")
+        if self.helper not in ("reference", "lean"):
+            raise BenchError("--helper must be reference or lean")
+        if self.helper == "lean" and (self.helper_mode != "exec" or self.ca != "cfssl"):
+            raise BenchError("--helper lean is an exec helper signing through cfssl: "
+                             "use it with --helper-mode exec --ca cfssl")  # fmt: skip
         if self.key_type not in ("rsa", "ec"):
             raise BenchError("--key-type must be rsa or ec")
         if self.connections not in ("per-node", "shared"):
@@ -860,6 +869,8 @@ class Bench:
         self.broker_url = ""
         self.broker_pid: int | None = None
         self.overlay_pid: int | None = None
+        self.overlay_url = ""
+        self.lean_env: dict[str, str] = {}
         self.ca_pid: int | None = None
         self.ca_cfg: dict[str, Any] = {}
         self.ca_label = ""
@@ -1010,6 +1021,12 @@ class Bench:
                 }
                 self.ca_pid = cfssl.pid
                 self.ca_label = "cfssl serve (authsign, plain HTTP)"
+                self.lean_env = {
+                    "CFSSL_URL": cfssl.url,
+                    "CFSSL_AUTH_KEY_FILE": str(auth),
+                    "CFSSL_PROFILE": "node",
+                    "CFSSL_CA_FILE": str(cfssl.ca_cert_path),
+                }
                 return
             bao = await asyncio.to_thread(
                 start_openbao, ca_dir, allowed_domains=("fleet.example.net",)
@@ -1045,6 +1062,7 @@ class Bench:
         )
         self._push("overlay broker", lambda: asyncio.to_thread(server.stop))
         self.overlay_pid = server.pid
+        self.overlay_url = server.url
         raw = load_sample_registry().to_dict()
         for ov in raw["overlays"]:
             # One nats-server stands in for every overlay; capacity never defers a bench node.
@@ -1086,7 +1104,13 @@ class Bench:
 
         o = self.o
         self.admin_port = free_port()
-        if o.helper_mode == "python":
+        lean_env: dict[str, str] = {}
+        if o.helper == "lean":
+            from helpers.examples import cfssl_authsign
+
+            helper = f"{sys.executable} -S -E {cfssl_authsign.__file__}"
+            lean_env = {**self.lean_env, "BROKERS": self.overlay_url}
+        elif o.helper_mode == "python":
             helper = "helpers.reference:handler"
         else:
             helper = f"{sys.executable} -m helpers.reference --config {helper_cfg}"
@@ -1121,7 +1145,12 @@ class Bench:
             cfg["tls"] = {"ca": str(self._broker.tls_ca)}
         path = self.workdir / "provisioner.yaml"
         _write_secret(path, yaml.safe_dump(cfg, sort_keys=False).encode())
-        env = {**os.environ, "REFERENCE_HELPER_CONFIG": str(helper_cfg), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "REFERENCE_HELPER_CONFIG": str(helper_cfg),
+            "PYTHONUNBUFFERED": "1",
+            **lean_env,
+        }
         run = ["-m", "provisioner", "run", "--config", str(path), "--log-format", "json"]
         if o.profile == "pyinstrument":
             self.profile_out = self.workdir / "provisioner.pyisession"
@@ -1421,7 +1450,11 @@ class Bench:
             "setup": {
                 "broker": o.broker_kind(),
                 "ca": self.ca_label,
-                "helper": f"reference helper, {o.helper_mode} mode",
+                "helper": (
+                    "lean stdlib exec helper (helpers/examples/cfssl_authsign.py)"
+                    if o.helper == "lean"
+                    else f"reference helper, {o.helper_mode} mode"
+                ),
                 "callout_mode": o.callout_mode if o.broker_kind() == "callout" else None,
             },
             "machine": machine_info(),

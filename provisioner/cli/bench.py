@@ -29,6 +29,12 @@ def register(app: typer.Typer) -> None:
         helper_mode: str = typer.Option(
             "python", "--helper-mode", help="Reference helper mode: exec, persistent or python."
         ),
+        helper: str = typer.Option(
+            "reference",
+            "--helper",
+            help="reference (the reference helper in --helper-mode) or lean (a stdlib-only "
+            "exec helper signing through cfssl; needs --helper-mode exec --ca cfssl).",
+        ),
         ca: str = typer.Option("local", "--ca", help="local, cfssl or openbao."),
         key_type: str = typer.Option("ec", "--key-type", help="Node keys: rsa or ec."),
         connections: str = typer.Option(
@@ -94,6 +100,7 @@ def register(app: typer.Typer) -> None:
         opts = BenchOptions(
             nodes=nodes,
             helper_mode=helper_mode,  # type: ignore[arg-type]  # validated below
+            helper=helper,  # type: ignore[arg-type]
             ca=ca,  # type: ignore[arg-type]
             key_type=key_type,  # type: ignore[arg-type]
             connections=connections,  # type: ignore[arg-type]

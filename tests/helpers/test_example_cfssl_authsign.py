@@ -78,3 +78,19 @@ async def test_wrong_hmac_key_is_a_clear_helper_failure(cfssl: CFSSLServer, tmp_
     assert err.value.reason == "exit_code"
     assert "invalid token" in str(err.value) + err.value.stderr
     assert "00" * 16 not in str(err.value) + err.value.stderr
+
+
+async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path) -> None:
+    from provisioner.process import free_port
+
+    key_file = tmp_path / "k.key"
+    key_file.write_text("11" * 16)
+    env = {
+        "CFSSL_URL": f"http://127.0.0.1:{free_port()}",
+        "CFSSL_AUTH_KEY_FILE": str(key_file),
+        "BROKERS": "nats://x:1",
+    }
+    with pytest.raises(HelperError) as err:
+        await _runner(env).run(_input())
+    assert err.value.reason == "exit_code"
+    assert "cannot reach" in str(err.value) + err.value.stderr
