@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from node_agent.transport import sync_flush
 from provisioner.metrics import Metrics
 from provisioner.protocol import ProtocolError, is_valid_identity, lifecycle_subject, parse_event
 from provisioner.queue import AddResult
@@ -95,6 +96,8 @@ class Discovery:
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=256 * 1024 * 1024,
             )
+            # listening must mean the server has the SUB (nats-py's flush() alone can overtake it)
+            await sync_flush(self.nc)
         if sweep:
             await self.discover_now()
 
@@ -105,6 +108,8 @@ class Discovery:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+                # once paused, the server must stop routing this queue group's events to us
+                await sync_flush(self.nc)
 
     @property
     def active(self) -> bool:

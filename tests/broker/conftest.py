@@ -47,6 +47,9 @@ class Conn:
         self.errors.append(str(exc))
 
     async def connect(self, **opts: Any) -> Conn:
+        # The server refuses after its 2 s auth-callout timeout when no callout answers; the
+        # client must wait longer than that to see the refusal rather than its own timeout.
+        opts.setdefault("connect_timeout", 5)
         self.nc = await asyncio.wait_for(
             nats.connect(
                 allow_reconnect=False, max_reconnect_attempts=0, error_cb=self.error_cb, **opts
