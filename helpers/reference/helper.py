@@ -243,12 +243,13 @@ class ReferenceHelper:
 
     @staticmethod
     def _check_csr(identity: str, pem: str) -> None:
+        # The CN check gives a clear refusal before any CA call. The CSR's self-signature is
+        # checked by every CA adapter (ca_adapters.verify.parse_csr); checking it here as well
+        # cost ~4% of the provisioner's CPU in python mode.
         try:
             csr = x509.load_pem_x509_csr(pem.encode())
         except ValueError:
             raise ReferenceHelperError("the node's CSR is not a valid PEM CSR") from None
-        if not csr.is_signature_valid:
-            raise ReferenceHelperError("the node's CSR signature does not verify")
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = cns[0].value if cns else "(none)"
         if cn != identity:
