@@ -16,8 +16,6 @@ so RSA goes to a thread (~2600/s inline vs ~2100/s offloaded; loop lag stays < 5
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
@@ -28,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from provisioner.securefile import write_atomic
 
 from .base import CAError, SignRequest, SignResult
 from .verify import check_request_names, dump_pem_chain, parse_csr, serial_hex
@@ -57,15 +57,7 @@ def _hash_for(key: CAKey) -> hashes.SHA256 | hashes.SHA384:
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
     """Write atomically (temp file in the same directory + rename) with ``mode`` from the start."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode, durable=False)
 
 
 class LocalCA:

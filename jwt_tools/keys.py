@@ -13,10 +13,7 @@ File formats follow go-choria's ``tokens`` package so keys are interchangeable w
 from __future__ import annotations
 
 import binascii
-import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from jwt_tools.tokens import TokenError
+from provisioner.securefile import write_atomic
 
 __all__ = [
     "KeyFileError",
@@ -189,23 +187,8 @@ def generate_keypair(
 
 
 def _atomic_write(path: str | Path, data: bytes, mode: int) -> Path:
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
     # a missing parent is created private: it is about to hold a key or a token
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_atomic(path, data, mode, durable=True, make_parents=0o700)
 
 
 def write_private_file(path: str | Path, data: bytes) -> Path:

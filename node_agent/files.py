@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from provisioner.securefile import write_atomic as _write_atomic
 
 __all__ = [
     "ConfigFileError",
@@ -162,18 +163,7 @@ def check_policy_name(name: str, suffix: str) -> str:
 
 def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
     """Write ``data`` to a temp file beside ``path`` with ``mode``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, data, mode, durable=durable)
 
 
 @dataclass(slots=True)

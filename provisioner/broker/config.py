@@ -20,7 +20,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from jwt_tools.nats_jwt import PREFIX_ACCOUNT, PREFIX_USER, CurveKey, NKey
+from provisioner.securefile import write_atomic
 
 __all__ = [
     "AGENT_BROADCASTS",
@@ -63,17 +63,7 @@ PROVISIONER_BUCKETS = ("CHORIA_LEADER_ELECTION", "OVERLAY_LEDGER")
 def write_secret_file(path: Path, data: str | bytes, mode: int = 0o600) -> Path:
     """Write ``data`` atomically with ``mode`` (temp file in the same directory, then replace)."""
     raw = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, raw, mode, durable=False, make_parents=0o777)
 
 
 def _q(value: str) -> str:
