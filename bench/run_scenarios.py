@@ -42,6 +42,28 @@ SCENARIOS: dict[str, list[str]] = {
     # One process per node: capped at 8 minutes, the rate is over the nodes done by then.
     "10k-exec": ["--nodes", "10000", "--helper-mode", "exec", "--timeout", "480"],
     "10k-cfssl": ["--nodes", "10000", "--helper-mode", "python", "--ca", "cfssl"],
+    # exec mode with the example helpers instead of the (import-heavy) reference helper
+    "1k-lean-exec": [
+        "--nodes",
+        "1000",
+        "--helper",
+        "lean",
+        "--helper-mode",
+        "exec",
+        "--ca",
+        "cfssl",
+    ],
+    "1k-go-exec": ["--nodes", "1000", "--helper", "go", "--helper-mode", "exec", "--ca", "cfssl"],
+    "10k-go-exec": [
+        "--nodes",
+        "10000",
+        "--helper",
+        "go",
+        "--helper-mode",
+        "exec",
+        "--ca",
+        "cfssl",
+    ],
     "10k-python-shared": ["--nodes", "10000", "--helper-mode", "python", "--connections", "shared"],
     "60k-python-shared": ["--nodes", "60000", "--helper-mode", "python", "--connections", "shared"],
     "60k-persistent-shared": [
@@ -55,7 +77,7 @@ SCENARIOS: dict[str, list[str]] = {
 }
 DEFAULT = [
     "1k-python", "1k-persistent", "1k-exec", "1k-cfssl", "1k-rsa",
-    "10k-python", "10k-persistent", "10k-exec", "60k-python-shared",
+    "10k-python", "10k-persistent", "10k-exec", "1k-go-exec", "10k-go-exec", "60k-python-shared",
 ]  # fmt: skip
 
 FIGURES = (
@@ -106,6 +128,7 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         k: first["options"][k]
         for k in ("helper_mode", "ca", "key_type", "connections", "sim_processes", "concurrency")
     }
+    out["options"]["helper"] = first["options"].get("helper", "reference")
     for key in FIGURES:
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = round(statistics.median(values), 3) if values else None
@@ -113,6 +136,12 @@ def summarise(scenario: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["loadavg_start"] = [r.get("loadavg_start", [None])[0] for r in runs]
     out["files"] = [f"{r['date']}-{r['name']}.json" for r in runs]
     return out
+
+
+def _helper(options: dict[str, Any]) -> str:
+    helper = options.get("helper", "reference")
+    mode = options["helper_mode"]
+    return mode if helper == "reference" else f"{helper} {mode}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -128,7 +157,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         o = r["options"]
         lines.append(
-            f"| {r['scenario']} | {f(r['nodes'])} | {o['helper_mode']} | {o['ca']} "
+            f"| {r['scenario']} | {f(r['nodes'])} | {_helper(o)} | {o['ca']} "
             f"| {o['key_type']} | {o['connections']} | {r['runs']} | {f(r['provisioned_min'])} "
             f"| {f(r['nodes_per_minute'])} | {f(r['steady_nodes_per_minute'])} "
             f"| {f(r['floor_nodes_per_minute'])} | {f(r['ratio_to_floor'], 3)} "

@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,13 @@ _FLOOR_QUEUE = "bench-floor"
 _FLOOR_REPLY_PREFIX = "bench.floor.rep"
 
 
+#: How the result file describes the exec example helpers.
+_HELPER_LABELS = {
+    "lean": "lean stdlib exec helper (helpers/examples/cfssl_authsign.py)",
+    "go": "compiled Go exec helper (helpers/examples/go/cfssl-authsign)",
+}
+
+
 class BenchError(RuntimeError):
     """The benchmark could not set something up (the message says what)."""
 
@@ -114,8 +122,9 @@ class BenchOptions:
     nodes: int = 1000
     helper_mode: HelperMode = "python"
     #: "reference": the reference helper (placement, CA adapter, templating) in ``helper_mode``;
-    #: "lean": helpers/examples/cfssl_authsign.py, a stdlib-only exec helper (needs --ca cfssl)
-    helper: Literal["reference", "lean"] = "reference"
+    #: "lean": helpers/examples/cfssl_authsign.py, a stdlib-only exec helper (needs --ca cfssl);
+    #: "go": the same helper compiled from helpers/examples/go/cfssl-authsign (needs Go)
+    helper: Literal["reference", "lean", "go"] = "reference"
     ca: CAKind = "local"
     key_type: KeyType = "ec"
     connections: Connections = "per-node"
@@ -157,7 +166,7 @@ class BenchOptions:
 
     def default_name(self) -> str:
         conns = "shared" if self.connections == "shared" else "pernode"
-        mode = "lean-exec" if self.helper == "lean" else self.helper_mode
+        mode = f"{self.helper}-exec" if self.helper in ("lean", "go") else self.helper_mode
         return f"{self.nodes}-{mode}-{self.ca}-{self.key_type}-{conns}"
 
     def validate(self) -> None:
@@ -169,10 +178,10 @@ class BenchOptions:
             raise BenchError("--helper-mode must be exec, persistent or python")
         if self.ca not in ("local", "cfssl", "openbao"):
             raise BenchError("--ca must be local, cfssl or openbao")
-        if self.helper not in ("reference", "lean"):
-            raise BenchError("--helper must be reference or lean")
-        if self.helper == "lean" and (self.helper_mode != "exec" or self.ca != "cfssl"):
-            raise BenchError("--helper lean is an exec helper signing through cfssl: "
+        if self.helper not in ("reference", "lean", "go"):
+            raise BenchError("--helper must be reference, lean or go")
+        if self.helper != "reference" and (self.helper_mode != "exec" or self.ca != "cfssl"):
+            raise BenchError(f"--helper {self.helper} is an exec helper signing through cfssl: "
                              "use it with --helper-mode exec --ca cfssl")  # fmt: skip
         if self.key_type not in ("rsa", "ec"):
             raise BenchError("--key-type must be rsa or ec")
@@ -1110,6 +1119,15 @@ class Bench:
 
             helper = f"{sys.executable} -S -E {cfssl_authsign.__file__}"
             lean_env = {**self.lean_env, "BROKERS": self.overlay_url}
+        elif o.helper == "go":
+            from helpers.examples import gobuild
+
+            try:
+                binary = await asyncio.to_thread(gobuild.build, "cfssl-authsign")
+            except gobuild.GoBuildError as exc:
+                raise BenchError(str(exc)) from None
+            helper = shlex.quote(str(binary))
+            lean_env = {**self.lean_env, "BROKERS": self.overlay_url}
         elif o.helper_mode == "python":
             helper = "helpers.reference:handler"
         else:
@@ -1450,11 +1468,7 @@ class Bench:
             "setup": {
                 "broker": o.broker_kind(),
                 "ca": self.ca_label,
-                "helper": (
-                    "lean stdlib exec helper (helpers/examples/cfssl_authsign.py)"
-                    if o.helper == "lean"
-                    else f"reference helper, {o.helper_mode} mode"
-                ),
+                "helper": _HELPER_LABELS.get(o.helper, f"reference helper, {o.helper_mode} mode"),
                 "callout_mode": o.callout_mode if o.broker_kind() == "callout" else None,
             },
             "machine": machine_info(),

@@ -32,8 +32,9 @@ def register(app: typer.Typer) -> None:
         helper: str = typer.Option(
             "reference",
             "--helper",
-            help="reference (the reference helper in --helper-mode) or lean (a stdlib-only "
-            "exec helper signing through cfssl; needs --helper-mode exec --ca cfssl).",
+            help="reference (the reference helper in --helper-mode), lean (a stdlib-only "
+            "Python exec helper signing through cfssl) or go (the same helper compiled from "
+            "helpers/examples/go; needs Go); lean and go need --helper-mode exec --ca cfssl.",
         ),
         ca: str = typer.Option("local", "--ca", help="local, cfssl or openbao."),
         key_type: str = typer.Option("ec", "--key-type", help="Node keys: rsa or ec."),

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from ca_adapters.servers import CFSSL_HINT
+from helpers.examples import gobuild
 from provisioner.bench import (
     RPCS_PER_NODE,
+    BenchError,
+    BenchOptions,
     floor_model,
     histogram_quantiles,
     parse_prometheus,
     stage_percentiles,
 )
 from provisioner.natsserver import INSTALL_HINT
-from tests.support import require_binary
+from tests.support import missing_dependency, require_binary
 
 REQUIRED_KEYS = {
     "nodes",
@@ -68,6 +72,41 @@ def test_bench_30_nodes_json_and_result_file(tmp_path: Path) -> None:
     assert written["provisioned"] == 30
     assert "| smoke | 30 |" in written["markdown"]
     assert "| smoke | 30 |" in proc.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_exec_mode_with_the_compiled_go_helper(tmp_path: Path) -> None:
+    """Exec mode through the Go example helper and a real cfssl serve: one process per node."""
+    require_binary("nats-server", INSTALL_HINT)
+    require_binary("cfssl", CFSSL_HINT)
+    if gobuild.go_binary() is None:
+        missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisioner", "bench", "--nodes", "30", "--json",
+         "--helper", "go", "--helper-mode", "exec", "--ca", "cfssl",
+         "--results-dir", str(tmp_path), "--floor-seconds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["provisioned"] == 30 and result["failed"] == 0
+    assert result["name"] == "30-go-exec-cfssl-ec-pernode"
+    assert result["setup"]["helper"].startswith("compiled Go exec helper")
+    assert result["stages"]["helper"]["count"] == 30
+    # the helpers' own CPU is measured (they are the provisioner's children)
+    assert result["cpu_s"]["helpers"] > 0
+
+
+def test_example_helpers_need_exec_mode_and_cfssl() -> None:
+    for helper in ("lean", "go"):
+        with pytest.raises(BenchError, match="--helper-mode exec --ca cfssl"):
+            BenchOptions(helper=helper, helper_mode="python", ca="cfssl").validate()
+        with pytest.raises(BenchError, match="--helper-mode exec --ca cfssl"):
+            BenchOptions(helper=helper, helper_mode="exec", ca="local").validate()
+        BenchOptions(helper=helper, helper_mode="exec", ca="cfssl").validate()
+    with pytest.raises(BenchError, match="reference, lean or go"):
+        BenchOptions(helper="rust").validate()  # type: ignore[arg-type]
 
 
 def test_floor_model_adds_costs_of_round_trips_and_signatures() -> None:

@@ -1,11 +1,15 @@
-"""The lean stdlib exec helper signs through real cfssl serve /authsign, run by ExecHelper."""
+"""The lean exec helpers (Python stdlib and compiled Go) sign through real cfssl serve /authsign.
+
+Both are run by ExecHelper exactly as the provisioner runs them; every test runs against both.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -13,10 +17,11 @@ from cryptography.x509.oid import NameOID
 
 import helpers.examples.cfssl_authsign as example
 from ca_adapters.servers import CFSSL_HINT, CFSSLServer, start_cfssl
+from helpers.examples import gobuild
 from helpers.models import HelperInput
 from provisioner.cli.helper import synthetic_csr
 from provisioner.helper_runner import ExecHelper, HelperError
-from tests.support import require_binary
+from tests.support import missing_dependency, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +47,26 @@ def _input() -> HelperInput:
     )
 
 
-def _runner(env: dict[str, str]) -> ExecHelper:
-    return ExecHelper([sys.executable, "-S", "-E", example.__file__], timeout=10, env=env)
+@pytest.fixture(scope="module", params=["python", "go"])
+def command(request: pytest.FixtureRequest) -> list[str]:
+    """The helper's argv: the stdlib Python helper, or the Go one built from source."""
+    if request.param == "python":
+        return [sys.executable, "-S", "-E", example.__file__]
+    if gobuild.go_binary() is None:
+        missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
+    return [str(gobuild.build("cfssl-authsign"))]
+
+
+@pytest.fixture
+def run(command: list[str]) -> Callable[[dict[str, str]], Awaitable[Any]]:
+    async def go(env: dict[str, str], inp: HelperInput | None = None) -> Any:
+        return await ExecHelper(command, timeout=10, env=env).run(inp or _input())
+
+    return go
 
 
 async def test_signs_through_authsign_and_configures_the_node(
-    cfssl: CFSSLServer, tmp_path: Path
+    cfssl: CFSSLServer, tmp_path: Path, run: Any
 ) -> None:
     key_file = tmp_path / "hmac.key"
     key_file.write_text(cfssl.auth_key_hex + "\n")
@@ -56,12 +75,12 @@ async def test_signs_through_authsign_and_configures_the_node(
         "CFSSL_AUTH_KEY_FILE": str(key_file),
         "BROKERS": "nats://overlay-a.example.net:4222",
     }
-    out = await _runner(env).run(_input())
+    out = await run(env)
     assert out.configuration["plugin.choria.server.provision"] == "false"
     assert out.configuration["plugin.choria.middleware_hosts"] == env["BROKERS"]
     assert out.ssldir == "/etc/choria/ssl"
-    cert = x509.load_pem_x509_certificate(out.certificate.encode())  # type: ignore[union-attr]
-    ca = x509.load_pem_x509_certificate(out.ca.encode())  # type: ignore[union-attr]
+    cert = x509.load_pem_x509_certificate(out.certificate.encode())
+    ca = x509.load_pem_x509_certificate(out.ca.encode())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == IDENTITY
     cert.verify_directly_issued_by(ca)
     # the authenticated "node" profile (720h), not the default (168h)
@@ -69,18 +88,20 @@ async def test_signs_through_authsign_and_configures_the_node(
     assert lifetime.total_seconds() > 500 * 3600
 
 
-async def test_wrong_hmac_key_is_a_clear_helper_failure(cfssl: CFSSLServer, tmp_path: Path) -> None:
+async def test_wrong_hmac_key_is_a_clear_helper_failure(
+    cfssl: CFSSLServer, tmp_path: Path, run: Any
+) -> None:
     key_file = tmp_path / "wrong.key"
     key_file.write_text("00" * 16)
     env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://x:1"}
     with pytest.raises(HelperError) as err:
-        await _runner(env).run(_input())
+        await run(env)
     assert err.value.reason == "exit_code"
     assert "invalid token" in str(err.value) + err.value.stderr
     assert "00" * 16 not in str(err.value) + err.value.stderr
 
 
-async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path) -> None:
+async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path, run: Any) -> None:
     from provisioner.process import free_port
 
     key_file = tmp_path / "k.key"
@@ -91,6 +112,51 @@ async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path) -> None:
         "BROKERS": "nats://x:1",
     }
     with pytest.raises(HelperError) as err:
-        await _runner(env).run(_input())
+        await run(env)
     assert err.value.reason == "exit_code"
     assert "cannot reach" in str(err.value) + err.value.stderr
+
+
+async def test_ca_fetched_from_info_when_no_ca_file(
+    cfssl: CFSSLServer, tmp_path: Path, run: Any
+) -> None:
+    key_file = tmp_path / "hmac.key"
+    key_file.write_text(cfssl.auth_key_hex)
+    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    out = await run(env)
+    assert out.ca.strip() == cfssl.ca_cert_path.read_text().strip()
+    env["CFSSL_CA_FILE"] = str(cfssl.ca_cert_path)
+    assert (await run(env)).ca == cfssl.ca_cert_path.read_text()
+
+
+async def test_request_without_csr_is_refused_before_signing(
+    cfssl: CFSSLServer, tmp_path: Path, run: Any
+) -> None:
+    key_file = tmp_path / "hmac.key"
+    key_file.write_text(cfssl.auth_key_hex)
+    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    with pytest.raises(HelperError) as err:
+        await run(env, HelperInput(identity=IDENTITY, inventory="{}"))
+    assert err.value.reason == "exit_code"
+    assert "is the pki feature on" in err.value.stderr
+
+
+async def test_bad_csr_is_cfssls_clear_error(cfssl: CFSSLServer, tmp_path: Path, run: Any) -> None:
+    key_file = tmp_path / "hmac.key"
+    key_file.write_text(cfssl.auth_key_hex)
+    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    inp = _input()
+    assert inp.csr is not None
+    inp.csr.csr = (
+        "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n"
+    )
+    with pytest.raises(HelperError) as err:
+        await run(env, inp)
+    assert err.value.reason == "exit_code"
+    assert "authsign" in err.value.stderr
+
+
+async def test_missing_settings_name_the_variable(tmp_path: Path, run: Any) -> None:
+    with pytest.raises(HelperError) as err:
+        await run({"CFSSL_URL": "http://127.0.0.1:1", "BROKERS": "nats://b:1"})
+    assert "CFSSL_AUTH_KEY_FILE is not set" in err.value.stderr

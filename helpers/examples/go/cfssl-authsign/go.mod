@@ -1,0 +1,3 @@
+module github.com/fleet-provisioner/helpers/cfssl-authsign
+
+go 1.19
