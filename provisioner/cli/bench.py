@@ -62,6 +62,12 @@ def register(app: typer.Typer) -> None:
         keep_workdir: bool = typer.Option(
             False, "--keep-workdir", help="Keep the temporary work directory (logs, audit)."
         ),
+        sim_dir: str = typer.Option(
+            "auto",
+            "--sim-dir",
+            help="Where simulated nodes keep their files: auto (tmpfs /dev/shm when present, "
+            "since real nodes write to their own disks), disk (the work directory) or a path.",
+        ),
         concurrency: int = typer.Option(
             256, "--concurrency", min=1, help="Nodes in flight in the provisioner."
         ),
@@ -110,6 +116,7 @@ def register(app: typer.Typer) -> None:
             results_dir=results_dir,
             workdir=workdir,
             keep_workdir=keep_workdir or workdir is not None,
+            sim_dir=sim_dir,
             concurrency=concurrency,
             helper_pool_size=helper_pool_size,
             broker=broker,  # type: ignore[arg-type]

@@ -156,3 +156,24 @@ def test_run_scenarios_lists_the_documented_scenarios() -> None:
     names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     assert {"10k-python", "10k-persistent", "10k-exec", "60k-python-shared", "1k-rsa"} <= names
     assert "--connections shared" in proc.stdout
+
+
+def test_simulator_files_go_to_tmpfs_unless_told_otherwise(tmp_path: Path) -> None:
+    from provisioner.bench import _is_tmpfs_path, _simulator_dir
+
+    path, owned = _simulator_dir("disk", tmp_path)
+    assert (path, owned) == (tmp_path / "fleet", False)
+    path, owned = _simulator_dir(str(tmp_path / "mine"), tmp_path)
+    assert (path, owned) == (tmp_path / "mine", False)
+    path, owned = _simulator_dir("auto", tmp_path)
+    try:
+        if _is_tmpfs_path(Path("/dev/shm")):
+            # a private directory of the bench's own on tmpfs, removed when the run ends
+            assert owned and path.parent == Path("/dev/shm") and _is_tmpfs_path(path)
+            assert path.stat().st_mode & 0o777 == 0o700
+        else:
+            assert (path, owned) == (tmp_path / "fleet", False)
+    finally:
+        if owned:
+            path.rmdir()
+    assert not _is_tmpfs_path(tmp_path) or str(tmp_path).startswith("/dev/shm")
