@@ -94,6 +94,17 @@ FIGURES = (
 )
 
 
+def _last_index(results: Path, scenario: str) -> int:
+    """The highest run number of ``scenario`` already written today (0: none)."""
+    prefix = f"{dt.date.today().isoformat()}-{scenario}-r"
+    numbers = [
+        int(p.name[len(prefix) : -len(".json")])
+        for p in results.glob(f"{prefix}*.json")
+        if p.name[len(prefix) : -len(".json")].isdigit()
+    ]
+    return max(numbers, default=0)
+
+
 def run_one(scenario: str, repeat: int, extra: list[str], results: Path) -> dict[str, Any] | None:
     name = f"{scenario}-r{repeat}"
     cmd = [
@@ -198,7 +209,8 @@ def main() -> int:
             for name in scenarios[scenario].get("files", []):
                 with contextlib.suppress(OSError, ValueError):
                     runs.append(json.loads((args.results_dir / name).read_text()))
-        first = len(runs) + 1
+        # never overwrite an earlier run's file, even when its summary entry is replaced
+        first = max(len(runs), _last_index(args.results_dir, scenario)) + 1
         runs += [
             r
             for i in range(first, first + args.repeat)

@@ -52,8 +52,10 @@ async def sync_flush(nc: Client, timeout: int = 5) -> None:
     """
     pushed = await nc._flush_pending(force_flush=True)
     if isinstance(pushed, asyncio.Future):
-        # _flush_pending only queues the work; its future resolves once the flusher wrote it
-        await asyncio.wait_for(pushed, timeout)
+        # _flush_pending only queues the work; its future resolves once the flusher wrote it.
+        # Shielded: a timeout must not cancel nats-py's own future, or its flusher later fails
+        # with InvalidStateError setting the result of a cancelled future.
+        await asyncio.wait_for(asyncio.shield(pushed), timeout)
     await nc.flush(timeout=timeout)
 
 

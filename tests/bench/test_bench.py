@@ -177,3 +177,21 @@ def test_simulator_files_go_to_tmpfs_unless_told_otherwise(tmp_path: Path) -> No
         if owned:
             path.rmdir()
     assert not _is_tmpfs_path(tmp_path) or str(tmp_path).startswith("/dev/shm")
+
+
+def test_run_scenarios_numbers_new_runs_after_existing_files(tmp_path: Path) -> None:
+    import datetime as dt
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_scenarios", Path(__file__).resolve().parents[2] / "bench" / "run_scenarios.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    today = dt.date.today().isoformat()
+    assert module._last_index(tmp_path, "1k-python") == 0
+    for name in ("1k-python-r1", "1k-python-r3", "1k-python-shared-r9", "1k-python-rx"):
+        (tmp_path / f"{today}-{name}.json").write_text("{}")
+    (tmp_path / "2000-01-01-1k-python-r7.json").write_text("{}")
+    assert module._last_index(tmp_path, "1k-python") == 3

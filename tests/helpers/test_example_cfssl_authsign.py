@@ -47,6 +47,13 @@ def _input() -> HelperInput:
     )
 
 
+def _env(tmp_path: Path, url: str, key_hex: str, brokers: str = "nats://b:1") -> dict[str, str]:
+    """The helper's environment: the CFSSL URL, a key file holding ``key_hex``, the brokers."""
+    key_file = tmp_path / "hmac.key"
+    key_file.write_text(key_hex + "\n")
+    return {"CFSSL_URL": url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": brokers}
+
+
 @pytest.fixture(scope="module", params=["python", "go"])
 def command(request: pytest.FixtureRequest) -> list[str]:
     """The helper's argv: the stdlib Python helper, or the Go one built from source."""
@@ -68,13 +75,7 @@ def run(command: list[str]) -> Callable[[dict[str, str]], Awaitable[Any]]:
 async def test_signs_through_authsign_and_configures_the_node(
     cfssl: CFSSLServer, tmp_path: Path, run: Any
 ) -> None:
-    key_file = tmp_path / "hmac.key"
-    key_file.write_text(cfssl.auth_key_hex + "\n")
-    env = {
-        "CFSSL_URL": cfssl.url,
-        "CFSSL_AUTH_KEY_FILE": str(key_file),
-        "BROKERS": "nats://overlay-a.example.net:4222",
-    }
+    env = _env(tmp_path, cfssl.url, cfssl.auth_key_hex, "nats://overlay-a.example.net:4222")
     out = await run(env)
     assert out.configuration["plugin.choria.server.provision"] == "false"
     assert out.configuration["plugin.choria.middleware_hosts"] == env["BROKERS"]
@@ -91,9 +92,7 @@ async def test_signs_through_authsign_and_configures_the_node(
 async def test_wrong_hmac_key_is_a_clear_helper_failure(
     cfssl: CFSSLServer, tmp_path: Path, run: Any
 ) -> None:
-    key_file = tmp_path / "wrong.key"
-    key_file.write_text("00" * 16)
-    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://x:1"}
+    env = _env(tmp_path, cfssl.url, "00" * 16)
     with pytest.raises(HelperError) as err:
         await run(env)
     assert err.value.reason == "exit_code"
@@ -104,13 +103,7 @@ async def test_wrong_hmac_key_is_a_clear_helper_failure(
 async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path, run: Any) -> None:
     from provisioner.process import free_port
 
-    key_file = tmp_path / "k.key"
-    key_file.write_text("11" * 16)
-    env = {
-        "CFSSL_URL": f"http://127.0.0.1:{free_port()}",
-        "CFSSL_AUTH_KEY_FILE": str(key_file),
-        "BROKERS": "nats://x:1",
-    }
+    env = _env(tmp_path, f"http://127.0.0.1:{free_port()}", "11" * 16)
     with pytest.raises(HelperError) as err:
         await run(env)
     assert err.value.reason == "exit_code"
@@ -120,9 +113,7 @@ async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path, run: Any
 async def test_ca_fetched_from_info_when_no_ca_file(
     cfssl: CFSSLServer, tmp_path: Path, run: Any
 ) -> None:
-    key_file = tmp_path / "hmac.key"
-    key_file.write_text(cfssl.auth_key_hex)
-    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    env = _env(tmp_path, cfssl.url, cfssl.auth_key_hex)
     out = await run(env)
     assert out.ca.strip() == cfssl.ca_cert_path.read_text().strip()
     env["CFSSL_CA_FILE"] = str(cfssl.ca_cert_path)
@@ -132,9 +123,7 @@ async def test_ca_fetched_from_info_when_no_ca_file(
 async def test_request_without_csr_is_refused_before_signing(
     cfssl: CFSSLServer, tmp_path: Path, run: Any
 ) -> None:
-    key_file = tmp_path / "hmac.key"
-    key_file.write_text(cfssl.auth_key_hex)
-    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    env = _env(tmp_path, cfssl.url, cfssl.auth_key_hex)
     with pytest.raises(HelperError) as err:
         await run(env, HelperInput(identity=IDENTITY, inventory="{}"))
     assert err.value.reason == "exit_code"
@@ -142,9 +131,7 @@ async def test_request_without_csr_is_refused_before_signing(
 
 
 async def test_bad_csr_is_cfssls_clear_error(cfssl: CFSSLServer, tmp_path: Path, run: Any) -> None:
-    key_file = tmp_path / "hmac.key"
-    key_file.write_text(cfssl.auth_key_hex)
-    env = {"CFSSL_URL": cfssl.url, "CFSSL_AUTH_KEY_FILE": str(key_file), "BROKERS": "nats://b:1"}
+    env = _env(tmp_path, cfssl.url, cfssl.auth_key_hex)
     inp = _input()
     assert inp.csr is not None
     inp.csr.csr = (
@@ -160,3 +147,50 @@ async def test_missing_settings_name_the_variable(tmp_path: Path, run: Any) -> N
     with pytest.raises(HelperError) as err:
         await run({"CFSSL_URL": "http://127.0.0.1:1", "BROKERS": "nats://b:1"})
     assert "CFSSL_AUTH_KEY_FILE is not set" in err.value.stderr
+
+
+async def test_redirect_is_not_followed_with_the_signed_request(tmp_path: Path, run: Any) -> None:
+    """A 3xx from "CFSSL" fails the helper; the HMAC-signed body never goes elsewhere."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    stolen: list[bytes] = []
+
+    class Thief(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            stolen.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    thief = ThreadingHTTPServer(("127.0.0.1", 0), Thief)
+
+    class Redirector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{thief.server_port}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    servers = [thief, redirector]
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        env = _env(tmp_path, f"http://127.0.0.1:{redirector.server_port}", "22" * 16)
+        with pytest.raises(HelperError) as err:
+            await run(env)
+        assert err.value.reason == "exit_code"
+        assert "307" in err.value.stderr
+        assert stolen == []
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()

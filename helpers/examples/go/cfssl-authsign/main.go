@@ -106,7 +106,13 @@ func newClient(timeout time.Duration) *http.Client {
 		}
 		transport.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	return &http.Client{Timeout: timeout, Transport: transport}
+	return &http.Client{
+		Timeout:   timeout,
+		Transport: transport,
+		// CFSSL never redirects; following one would resend the HMAC-authenticated body to
+		// wherever the answer points.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 }
 
 // post sends body to CFSSL and returns the answer's result, or exits with CFSSL's errors.
