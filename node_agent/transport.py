@@ -39,7 +39,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: How long closing a node's own connection may take before it is abandoned: nats-py's close
+#: flushes pending data and waits for the socket to close; a restart must not hang on that.
+CLOSE_TIMEOUT = 5.0
+
 Handler = Callable[[str, bytes], Awaitable[None]]
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself was asked to stop (vs. a CancelledError from inside)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def sync_flush(nc: Client, timeout: int = 5) -> None:
@@ -195,9 +205,23 @@ class _OwnLink:
     async def publish(self, subject: str, data: bytes) -> None:
         await self.nc.publish(subject, data)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         try:
-            await self.nc.close()
+            await asyncio.wait_for(self.nc.close(), timeout)
+        except TimeoutError:
+            # nats-py marked the client closed before it stalled, so it will not reconnect;
+            # drop the socket so the broker sees the node go.
+            log.warning("closing the connection took over %.0fs; abandoning it", timeout)
+            transport = getattr(self.nc, "_transport", None)
+            if transport is not None:
+                transport.close()
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            # nats-py's close cancels its own reader, flusher and reconnect tasks; caught
+            # mid-reconnect (a broker restart), one of those cancellations can escape into the
+            # caller. Nobody cancelled us, so the close is done: carry on (e.g. with a restart).
+            log.warning("closing the connection raised a stray CancelledError; ignored")
         except Exception as exc:  # closing a broken connection must not fail a stop
             log.debug("close failed: %s", exc)
 

@@ -297,9 +297,16 @@ class HACluster:
         while self.normal() < count:
             if time.monotonic() > deadline:
                 assert self.fleet is not None
+                stuck = [
+                    f"{n!r} restarting={n._restarting} boots={n.boots} link={n._link!r}"
+                    for n in self.fleet.local_nodes
+                    if n.mode != "normal"
+                ][:10]
                 raise AssertionError(
                     f"only {self.normal()} of {count} nodes in normal mode after {timeout}s: "
                     f"{self.fleet.counts()}\n"
+                    + "\n".join(stuck)
+                    + "\n"
                     + "\n".join(f"--- {r.name}\n{r.stderr_tail(8)}" for r in self.replicas)
                 )
             await asyncio.sleep(0.05)
