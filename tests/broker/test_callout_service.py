@@ -11,6 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
+from node_agent.transport import sync_flush
 from provisioner.broker import start_isolated_broker
 from provisioner.protocol.lifecycle import encode_event, new_event
 from tests.broker.conftest import connect, refused
@@ -35,7 +36,7 @@ async def test_no_fail_open_when_callout_is_down(
 
         try:
             await early.nc.subscribe("provisioning.node.early.example.net", cb=answer)
-            await early.nc.flush()
+            await sync_flush(early.nc)
             await broker.stop_callout()
 
             decisions = len(broker.callout_stats.latencies)
@@ -90,7 +91,7 @@ async def test_pinning_over_tls_with_callout_process(
             await node_a.nc.publish(
                 "choria.lifecycle.event.provisioned.provision_mode_server", encode_event(event)
             )
-            await node_a.nc.flush()
+            await sync_flush(node_a.nc)
         finally:
             await node_a.close()
 

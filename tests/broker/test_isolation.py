@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from node_agent.transport import sync_flush
 from provisioner.broker import IsolatedBroker, start_isolated_broker
 from tests.broker.conftest import connect, refused
 
@@ -143,9 +144,9 @@ async def test_node_only_sees_its_own_subject(
         # node1 tries to read node2's requests, and everything under provisioning.
         await node1.nc.subscribe(f"provisioning.node.{NODE2}", cb=spy)
         await node1.nc.subscribe("provisioning.>", cb=spy)
-        await node1.nc.flush()
+        await sync_flush(node1.nc)
         await prov.nc.publish(f"provisioning.node.{NODE2}", b"configure secrets for node2")
-        await prov.nc.flush()
+        await sync_flush(prov.nc)
         await asyncio.sleep(0.3)
         assert seen == []
         assert any(
@@ -171,11 +172,11 @@ async def test_node_cannot_send_requests_to_another_node(
 
     try:
         await node2.nc.subscribe(f"provisioning.node.{NODE2}", cb=on_msg)
-        await node2.nc.flush()
+        await sync_flush(node2.nc)
         await node1.nc.publish(f"provisioning.node.{NODE2}", b"{}", reply="provisioning.reply.x.y")
         # lifecycle events of a non provisioning-mode component are not the node's to send
         await node1.nc.publish("choria.lifecycle.event.startup.server", b"{}")
-        await node1.nc.flush()
+        await sync_flush(node1.nc)
         await asyncio.sleep(0.3)
         assert got == []
         assert any(
@@ -204,13 +205,13 @@ async def test_provisioner_request_answered_by_node(
     try:
         await node.nc.subscribe(f"provisioning.node.{NODE1}", cb=answer)
         await prov.nc.subscribe("choria.lifecycle.event.startup.provision_mode_server", cb=on_event)
-        await node.nc.flush()
-        await prov.nc.flush()
+        await sync_flush(node.nc)
+        await sync_flush(prov.nc)
         reply = await prov.nc.request(f"provisioning.node.{NODE1}", b"rpcutil", timeout=5)
         assert reply.data == b"inventory of rpcutil"
         await node.nc.publish("choria.lifecycle.event.startup.provision_mode_server", b"up")
         await node.nc.publish(f"provisioning.registration.{NODE1}", b"{}")
-        await node.nc.flush()
+        await sync_flush(node.nc)
         await asyncio.sleep(0.2)
         assert lifecycle == [b"up"]
         assert node.errors == []

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from ca_adapters import LocalCA
 from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
 from node_agent.node import NodeAgent
+from node_agent.transport import sync_flush
 from provisioner.audit import read_audit_file
 from provisioner.broker import IsolatedBroker, start_isolated_broker
 from provisioner.config import Features, ProvisionerConfig
@@ -308,7 +309,7 @@ class OverlayWatcher:
             self.seen[ev.identity] = self.seen.get(ev.identity, 0) + 1
 
         await self.nc.subscribe("choria.lifecycle.event.startup.server", cb=on_event)
-        await self.nc.flush()
+        await sync_flush(self.nc)
 
     async def stop(self) -> None:
         if self.nc is not None:

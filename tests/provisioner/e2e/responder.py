@@ -13,6 +13,7 @@ from typing import Any
 
 import nats
 
+from node_agent.transport import sync_flush
 from provisioner.protocol import (
     RPCReply,
     decode_payload,
@@ -60,7 +61,7 @@ class Responder:
         await self.nc.subscribe(directed_subject("provisioning", self.identity), cb=self._on_msg)
         if self.discovery:
             await self.nc.subscribe("provisioning.broadcast.agent.discovery", cb=self._on_msg)
-        await self.nc.flush()
+        await sync_flush(self.nc)
 
     async def stop(self) -> None:
         if self.nc is not None:
