@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -59,14 +60,26 @@ async def sync_flush(nc: Client, timeout: int = 5) -> None:
     queued for its flusher task, so the PONG can come back before queued SUBs even left the
     process and a request published right after would find no subscriber. Push the queue out
     first, then ping.
+
+    The PING is our own rather than ``flush()``'s: on a timeout ``flush()`` cancels its PONG
+    future, and when the late PONG arrives nats-py's read loop fails with InvalidStateError
+    setting the result of that cancelled future (a traceback per node on a saturated machine,
+    and a broken read loop). Ours is left pending, so a late PONG just resolves it.
     """
     pushed = await nc._flush_pending(force_flush=True)
     if isinstance(pushed, asyncio.Future):
-        # _flush_pending only queues the work; its future resolves once the flusher wrote it.
-        # Shielded: a timeout must not cancel nats-py's own future, or its flusher later fails
-        # with InvalidStateError setting the result of a cancelled future.
+        # _flush_pending only queues the work; its future resolves once the flusher wrote it
         await asyncio.wait_for(asyncio.shield(pushed), timeout)
-    await nc.flush(timeout=timeout)
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if not nc.is_connected:
+        return  # reconnecting: nats-py replays subscriptions and buffers commands itself
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    await nc._send_ping(pong)
+    try:
+        await asyncio.wait_for(asyncio.shield(pong), timeout)
+    except TimeoutError:
+        raise nats.errors.FlushTimeoutError from None
 
 
 class _ChoriaClient(Client):

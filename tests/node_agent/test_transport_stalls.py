@@ -1,11 +1,11 @@
-"""The node's transport under a stalled nats-py client: flushes and closes that never finish.
+"""The node's transport under a slow or stalled nats-py client: flushes and closes.
 
-`sync_flush` must not break nats-py's flusher when the push times out under load: the flusher
-owns the future that `_flush_pending` returns and sets its result once it wrote the queued
-commands; if our timeout cancelled that future, the flusher would later raise InvalidStateError
-(a traceback in every saturated fleet worker). Closing a node's connection must not hang a
-restart when nats-py's close stalls. The fake clients stand in for nats-py's `Client` only for
-what a real server cannot be made to do on cue.
+`sync_flush` must leave nats-py's futures alone when it times out: nats-py's own `flush()`
+cancels its PONG future on a timeout, and the late PONG then makes the read loop raise
+InvalidStateError (tracebacks from every saturated fleet worker); the flusher's future likewise.
+Closing a node's connection must not hang or abort a restart when nats-py's close stalls or
+lets a stray CancelledError out. The fake clients stand in for nats-py's `Client` only for what
+a real server cannot be made to do on cue; the late PONG goes through nats-py's own code.
 """
 
 from __future__ import annotations
@@ -13,38 +13,64 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import nats.errors
 import pytest
+from nats.aio.client import Client
 
 from node_agent.transport import sync_flush
 
 
-class _StalledFlusher:
+class _SlowServer:
+    """The parts of nats-py's ``Client`` that ``sync_flush`` uses, on a server that is slow.
+
+    ``_process_pong`` below is nats-py's own (called unbound on this object), so a late PONG is
+    handled exactly as nats-py's read loop would handle it.
+    """
+
     def __init__(self) -> None:
-        self.future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.pinged = False
+        self.pushed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pongs: list[asyncio.Future[bool]] = []
+        self._pongs_received = 0
+        self._pings_outstanding = 0
+        self.is_closed = False
+        self.is_connected = True
 
     async def _flush_pending(self, force_flush: bool = False) -> asyncio.Future[bool]:
         assert force_flush
-        return self.future
+        return self.pushed
 
-    async def flush(self, timeout: int = 5) -> None:
-        self.pinged = True
+    async def _send_ping(self, future: asyncio.Future[bool]) -> None:
+        self._pongs.append(future)
 
 
-async def test_timeout_leaves_the_flushers_future_alone() -> None:
-    nc = _StalledFlusher()
+async def test_a_flush_that_times_out_leaves_nats_py_able_to_take_the_late_pong() -> None:
+    nc = _SlowServer()
+    nc.pushed.set_result(True)
+    with pytest.raises(nats.errors.FlushTimeoutError):
+        await sync_flush(cast(Any, nc), timeout=cast(int, 0.05))
+    assert len(nc._pongs) == 1 and not nc._pongs[0].cancelled()
+    # nats-py's read loop gets the PONG after all: with flush()'s cancelled future this raised
+    # InvalidStateError inside the read loop
+    await Client._process_pong(cast(Any, nc))
+    assert nc._pongs_received == 1
+
+
+async def test_a_push_that_times_out_leaves_the_flushers_future_alone() -> None:
+    nc = _SlowServer()
     with pytest.raises(TimeoutError):
         await sync_flush(cast(Any, nc), timeout=cast(int, 0.05))
-    assert not nc.future.cancelled()
-    nc.future.set_result(True)  # what the flusher does later: must not raise InvalidStateError
-    assert not nc.pinged  # no PING ahead of commands that never left
+    assert not nc.pushed.cancelled()
+    nc.pushed.set_result(True)  # what the flusher does later
+    assert nc._pongs == []  # no PING ahead of commands that never left
 
 
-async def test_pushes_then_pings() -> None:
-    nc = _StalledFlusher()
-    asyncio.get_running_loop().call_later(0.01, nc.future.set_result, True)
+async def test_pushes_then_pings_then_waits_for_the_pong() -> None:
+    nc = _SlowServer()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, nc.pushed.set_result, True)
+    loop.call_later(0.05, lambda: loop.create_task(Client._process_pong(cast(Any, nc))))
     await sync_flush(cast(Any, nc), timeout=1)
-    assert nc.future.done() and nc.pinged
+    assert nc.pushed.done() and nc._pongs_received == 1
 
 
 class _Socket:
