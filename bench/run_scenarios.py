@@ -27,6 +27,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
+#: the example exec helpers sign through cfssl and run one process per node
+_EXAMPLE_EXEC = ["--helper-mode", "exec", "--ca", "cfssl"]
+
 #: name -> `provisioner bench` arguments. The 60,000-node run uses shared simulator connections
 #: (one NATS connection per simulator process): 60,000 per-node connections exceed this machine's
 #: open-file limit (20,000) and would measure the simulator's connection storm, not us.
@@ -43,27 +46,9 @@ SCENARIOS: dict[str, list[str]] = {
     "10k-exec": ["--nodes", "10000", "--helper-mode", "exec", "--timeout", "480"],
     "10k-cfssl": ["--nodes", "10000", "--helper-mode", "python", "--ca", "cfssl"],
     # exec mode with the example helpers instead of the (import-heavy) reference helper
-    "1k-lean-exec": [
-        "--nodes",
-        "1000",
-        "--helper",
-        "lean",
-        "--helper-mode",
-        "exec",
-        "--ca",
-        "cfssl",
-    ],
-    "1k-go-exec": ["--nodes", "1000", "--helper", "go", "--helper-mode", "exec", "--ca", "cfssl"],
-    "10k-go-exec": [
-        "--nodes",
-        "10000",
-        "--helper",
-        "go",
-        "--helper-mode",
-        "exec",
-        "--ca",
-        "cfssl",
-    ],
+    "1k-lean-exec": ["--nodes", "1000", "--helper", "lean", *_EXAMPLE_EXEC],
+    "1k-go-exec": ["--nodes", "1000", "--helper", "go", *_EXAMPLE_EXEC],
+    "10k-go-exec": ["--nodes", "10000", "--helper", "go", *_EXAMPLE_EXEC],
     "10k-python-shared": ["--nodes", "10000", "--helper-mode", "python", "--connections", "shared"],
     "60k-python-shared": ["--nodes", "60000", "--helper-mode", "python", "--connections", "shared"],
     "60k-persistent-shared": [

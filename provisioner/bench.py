@@ -169,7 +169,7 @@ class BenchOptions:
 
     def default_name(self) -> str:
         conns = "shared" if self.connections == "shared" else "pernode"
-        mode = f"{self.helper}-exec" if self.helper in ("lean", "go") else self.helper_mode
+        mode = f"{self.helper}-exec" if self.helper != "reference" else self.helper_mode
         return f"{self.nodes}-{mode}-{self.ca}-{self.key_type}-{conns}"
 
     def validate(self) -> None:
@@ -1117,12 +1117,12 @@ class Bench:
 
         o = self.o
         self.admin_port = free_port()
-        lean_env: dict[str, str] = {}
+        # the example exec helpers take their CFSSL settings and brokers from the environment
+        lean_env = {**self.lean_env, "BROKERS": self.overlay_url} if o.helper != "reference" else {}
         if o.helper == "lean":
             from helpers.examples import cfssl_authsign
 
             helper = f"{sys.executable} -S -E {cfssl_authsign.__file__}"
-            lean_env = {**self.lean_env, "BROKERS": self.overlay_url}
         elif o.helper == "go":
             from helpers.examples import gobuild
 
@@ -1131,7 +1131,6 @@ class Bench:
             except gobuild.GoBuildError as exc:
                 raise BenchError(str(exc)) from None
             helper = shlex.quote(str(binary))
-            lean_env = {**self.lean_env, "BROKERS": self.overlay_url}
         elif o.helper_mode == "python":
             helper = "helpers.reference:handler"
         else:
@@ -1576,11 +1575,6 @@ def _is_tmpfs_path(path: Path) -> bool:
         if inside and len(point) > len(best):
             best, kind = point, fields[2]
     return kind == "tmpfs"
-    for line in mounts:
-        fields = line.split()
-        if len(fields) >= 3 and fields[1] == str(path):
-            return fields[2] == "tmpfs"
-    return False
 
 
 def _pstats_top(path: Path, n: int = 25) -> str:

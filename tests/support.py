@@ -38,6 +38,15 @@ def require_binary(name: str, hint: str) -> str:
     raise AssertionError("unreachable")
 
 
+def require_go_example(name: str = "cfssl-authsign") -> Path:
+    """Build (cached) a compiled example helper of ``helpers/examples/go`` and return its path."""
+    from helpers.examples import gobuild
+
+    if gobuild.go_binary() is None:
+        missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
+    return gobuild.build(name)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> None:
     """Poll ``predicate`` until true or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

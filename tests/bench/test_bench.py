@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from ca_adapters.servers import CFSSL_HINT
-from helpers.examples import gobuild
 from provisioner.bench import (
     RPCS_PER_NODE,
     BenchError,
@@ -22,7 +21,7 @@ from provisioner.bench import (
     stage_percentiles,
 )
 from provisioner.natsserver import INSTALL_HINT
-from tests.support import missing_dependency, require_binary
+from tests.support import require_binary, require_go_example
 
 REQUIRED_KEYS = {
     "nodes",
@@ -80,8 +79,7 @@ def test_bench_exec_mode_with_the_compiled_go_helper(tmp_path: Path) -> None:
     """Exec mode through the Go example helper and a real cfssl serve: one process per node."""
     require_binary("nats-server", INSTALL_HINT)
     require_binary("cfssl", CFSSL_HINT)
-    if gobuild.go_binary() is None:
-        missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
+    require_go_example()  # built before the bench needs it, or a clear "install Go"
     proc = subprocess.run(
         [sys.executable, "-m", "provisioner", "bench", "--nodes", "30", "--json",
          "--helper", "go", "--helper-mode", "exec", "--ca", "cfssl",

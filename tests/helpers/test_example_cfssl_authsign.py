@@ -17,11 +17,10 @@ from cryptography.x509.oid import NameOID
 
 import helpers.examples.cfssl_authsign as example
 from ca_adapters.servers import CFSSL_HINT, CFSSLServer, start_cfssl
-from helpers.examples import gobuild
 from helpers.models import HelperInput
 from provisioner.cli.helper import synthetic_csr
 from provisioner.helper_runner import ExecHelper, HelperError
-from tests.support import missing_dependency, require_binary
+from tests.support import require_binary, require_go_example
 
 pytestmark = pytest.mark.integration
 
@@ -59,9 +58,7 @@ def command(request: pytest.FixtureRequest) -> list[str]:
     """The helper's argv: the stdlib Python helper, or the Go one built from source."""
     if request.param == "python":
         return [sys.executable, "-S", "-E", example.__file__]
-    if gobuild.go_binary() is None:
-        missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
-    return [str(gobuild.build("cfssl-authsign"))]
+    return [str(require_go_example("cfssl-authsign"))]
 
 
 @pytest.fixture
