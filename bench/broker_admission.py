@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
 from jwt_tools.tokens import create_provisioning_token
-from provisioner.broker import IsolatedBroker, start_isolated_broker
+from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
 
 
 async def _admit(broker: IsolatedBroker, identity: str, token: str, seed: str | None) -> float:

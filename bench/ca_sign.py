@@ -4,7 +4,7 @@ Run: ``.venv/bin/python bench/ca_sign.py [--requests 200] [--concurrency 1 8]``
 
 Adapters: local CA (P-256 and RSA-2048 CA keys, in-process), cfssl serve ``/sign`` and
 ``/authsign``, multirootca ``/authsign`` and OpenBao ``pki/sign`` (AppRole). Every server is a
-real process on 127.0.0.1 started by :mod:`ca_adapters.servers`, plain HTTP (TLS cost is not
+real process on 127.0.0.1 started by :mod:`testbed.ca_servers`, plain HTTP (TLS cost is not
 the subject here). The measured time is a full ``adapter.sign()``: request, CA signature and
 our re-verification of the answer. Node CSRs (P-256) are made before the clock starts.
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ca_adapters import CAAdapter, CFSSLAdapter, LocalCA, SignRequest, VaultAdapter  # noqa: E402
-from ca_adapters.servers import (  # noqa: E402
+from testbed.ca_servers import (  # noqa: E402
     ServerNotAvailable,
     start_cfssl,
     start_multirootca,

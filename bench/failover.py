@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from provisioner.config import ElectionConfig  # noqa: E402
-from provisioner.natsserver import start_nats_server  # noqa: E402
+from testbed.natsserver import start_nats_server  # noqa: E402
 from tests.ha.cluster import HACluster, certificate_report  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioner.securefile import write_atomic
+from choria_core.securefile import write_atomic
 
 from .base import CAError, SignRequest, SignResult
 from .verify import check_request_names, dump_pem_chain, parse_csr, serial_hex

@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from choria_core.securefile import write_atomic
 from jwt_tools.tokens import TokenError
-from provisioner.securefile import write_atomic
 
 __all__ = [
     "KeyFileError",

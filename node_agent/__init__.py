@@ -1,6 +1,6 @@
 """A Choria-compatible node agent (go-choria server in provisioning mode) and a fleet simulator.
 
-``node_agent.node.NodeAgent`` is one node, ``node_agent.fleet.Fleet`` runs many, and
-``node_agent.ecdh`` holds the key-transport crypto the provisioner also imports. See
+``node_agent.node.NodeAgent`` is one node, ``testbed.fleet.Fleet`` runs many, and
+``choria_core.ecdh`` holds the key-transport crypto the provisioner also imports. See
 ``docs/node-agent.md``. Nothing is imported here so that ``node_agent.facts`` stays cheap.
 """

@@ -2,7 +2,7 @@
 
 Action logic only, no NATS: each agent gets an already decoded RPC body and the request
 envelope, talks to its node through the :class:`NodeHost` protocol and returns an
-:class:`~provisioner.protocol.RPCReply`. Messages, fields and status codes follow spec §7-§8
+:class:`~choria_core.protocol.RPCReply`. Messages, fields and status codes follow spec §7-§8
 (go-choria 0.29.4); the deliberate differences (spec §16) are:
 
 * the token is compared in constant time, never logged, and an empty token never passes;
@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from node_agent import ecdh
+from choria_core import ecdh
+from choria_core.protocol import RPCReply, StatusCode
 from node_agent.files import (
     ConfigFileError,
     FileTransaction,
@@ -45,7 +46,6 @@ from node_agent.files import (
     write_atomic,
 )
 from node_agent.keys import CSRFieldError, KeyPool, KeyType, build_csr, generate_private_key
-from provisioner.protocol import RPCReply, StatusCode
 
 __all__ = [
     "LOCK_SECONDS",

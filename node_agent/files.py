@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioner.securefile import write_atomic as _write_atomic
+from choria_core.securefile import write_atomic as _write_atomic
 
 __all__ = [
     "ConfigFileError",

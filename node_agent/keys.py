@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from provisioner.securefile import write_atomic
+from choria_core.securefile import write_atomic
 
 __all__ = [
     "CSRFieldError",

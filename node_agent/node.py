@@ -35,6 +35,25 @@ from typing import Any, Literal
 import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from choria_core.protocol import (
+    ProtocolError,
+    Request,
+    RPCReply,
+    StatusCode,
+    TransportHeaders,
+    broadcast_subject,
+    check_request,
+    decode_payload,
+    decode_request,
+    directed_subject,
+    encode_event,
+    encode_reply,
+    is_valid_identity,
+    lifecycle_subject,
+    new_event,
+    new_reply,
+    parse_rpc_request,
+)
 from jwt_tools import TokenError, parse_provisioning_token_unverified
 from node_agent.agents import (
     NODE_VERSION,
@@ -53,25 +72,6 @@ from node_agent.transport import (
     SharedConnections,
     connect_own,
     tls_context,
-)
-from provisioner.protocol import (
-    ProtocolError,
-    Request,
-    RPCReply,
-    StatusCode,
-    TransportHeaders,
-    broadcast_subject,
-    check_request,
-    decode_payload,
-    decode_request,
-    directed_subject,
-    encode_event,
-    encode_reply,
-    is_valid_identity,
-    lifecycle_subject,
-    new_event,
-    new_reply,
-    parse_rpc_request,
 )
 
 __all__ = ["NodeAgent", "NodeError", "NodeMode"]

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+from choria_core.natsconn import being_cancelled, sync_flush
 
 __all__ = [
     "ConnectOptions",
@@ -34,7 +35,6 @@ __all__ = [
     "Link",
     "SharedConnections",
     "connect_own",
-    "sync_flush",
     "tls_context",
 ]
 
@@ -45,41 +45,6 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 
 Handler = Callable[[str, bytes], Awaitable[None]]
-
-
-def _being_cancelled() -> bool:
-    """Whether the running task itself was asked to stop (vs. a CancelledError from inside)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def sync_flush(nc: Client, timeout: int = 5) -> None:
-    """Wait until the server has processed everything sent so far (e.g. our SUBs).
-
-    nats-py 2.16's ``flush()`` writes its PING straight to the socket, *ahead of* commands still
-    queued for its flusher task, so the PONG can come back before queued SUBs even left the
-    process and a request published right after would find no subscriber. Push the queue out
-    first, then ping.
-
-    The PING is our own rather than ``flush()``'s: on a timeout ``flush()`` cancels its PONG
-    future, and when the late PONG arrives nats-py's read loop fails with InvalidStateError
-    setting the result of that cancelled future (a traceback per node on a saturated machine,
-    and a broken read loop). Ours is left pending, so a late PONG just resolves it.
-    """
-    pushed = await nc._flush_pending(force_flush=True)
-    if isinstance(pushed, asyncio.Future):
-        # _flush_pending only queues the work; its future resolves once the flusher wrote it
-        await asyncio.wait_for(asyncio.shield(pushed), timeout)
-    if nc.is_closed:
-        raise nats.errors.ConnectionClosedError
-    if not nc.is_connected:
-        return  # reconnecting: nats-py replays subscriptions and buffers commands itself
-    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    await nc._send_ping(pong)
-    try:
-        await asyncio.wait_for(asyncio.shield(pong), timeout)
-    except TimeoutError:
-        raise nats.errors.FlushTimeoutError from None
 
 
 class _ChoriaClient(Client):
@@ -229,7 +194,7 @@ class _OwnLink:
             if transport is not None:
                 transport.close()
         except asyncio.CancelledError:
-            if _being_cancelled():
+            if being_cancelled():
                 raise
             # nats-py's close cancels its own reader, flusher and reconnect tasks; caught
             # mid-reconnect (a broker restart), one of those cancellations can escape into the

@@ -23,9 +23,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from node_agent.transport import sync_flush
+from choria_core.natsconn import sync_flush
+from choria_core.protocol import ProtocolError, is_valid_identity, lifecycle_subject, parse_event
 from provisioner.metrics import Metrics
-from provisioner.protocol import ProtocolError, is_valid_identity, lifecycle_subject, parse_event
 from provisioner.queue import AddResult
 from provisioner.rpc import RPCClient
 

@@ -53,14 +53,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from choria_core.ecdh import ECDHError, encrypt_private_key
+from choria_core.protocol import new_request_id
 from helpers.models import HelperInput, HelperOutput, go_json_dumps, provisioning_left_enabled
 from jwt_tools import TokenError, VerifyKey, create_server_token, verify_provisioning_token
-from node_agent.ecdh import ECDHError, encrypt_private_key
 from provisioner.claims import Claim, ClaimStore, FencedError
 from provisioner.config import ProvisionerConfig
 from provisioner.helper_runner import HelperError, HelperRunner
 from provisioner.metrics import Metrics
-from provisioner.protocol import new_request_id
 from provisioner.queue import NodeRecord, NodeState
 from provisioner.rpc import RPCClient, RPCError
 

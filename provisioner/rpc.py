@@ -29,8 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from provisioner.metrics import Metrics
-from provisioner.protocol import (
+from choria_core.protocol import (
     Filter,
     ProtocolError,
     RPCReply,
@@ -44,6 +43,7 @@ from provisioner.protocol import (
     reply_prefix,
     reply_subject,
 )
+from provisioner.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ from typing import Any
 import nats
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from choria_core.protocol import encode_event, lifecycle_subject, new_event
 from jwt_tools import TokenError, VerifyKey, load_signing_key, load_verify_key
 from provisioner.audit import AuditLog
 from provisioner.config import ProvisionerConfig
@@ -64,7 +65,6 @@ from provisioner.pipeline import (
     mark_done,
     provision,
 )
-from provisioner.protocol import encode_event, lifecycle_subject, new_event
 from provisioner.queue import AddResult, NodeRecord, NodeState, WorkQueue
 from provisioner.rpc import RPCClient
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.natsserver import (
+from testbed.natsserver import (
     INSTALL_HINT,
     NatsServer,
     NatsServerNotFound,

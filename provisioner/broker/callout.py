@@ -44,6 +44,8 @@ import nats.errors
 import nats.js.errors
 import yaml
 
+from choria_core.natsconn import sync_flush
+from choria_core.protocol.subjects import is_valid_identity
 from jwt_tools.keys import VerifyKey, load_verify_key
 from jwt_tools.nats_jwt import (
     PREFIX_ACCOUNT,
@@ -60,10 +62,8 @@ from jwt_tools.nats_jwt import (
     xkey_seal,
 )
 from jwt_tools.tokens import TokenError, verify_provisioning_token
-from node_agent.transport import sync_flush
 from provisioner.broker import metrics
 from provisioner.broker.config import AGENT_BROADCASTS, DEFAULT_PIN_BUCKET, PROVISIONED_EVENT
-from provisioner.protocol.subjects import is_valid_identity
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from choria_core.securefile import write_atomic
 from jwt_tools.nats_jwt import PREFIX_ACCOUNT, PREFIX_USER, CurveKey, NKey
-from provisioner.securefile import write_atomic
 
 __all__ = [
     "AGENT_BROADCASTS",

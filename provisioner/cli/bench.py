@@ -1,5 +1,5 @@
 """``provisioner bench``: provision N simulated nodes from cold and measure it (see
-:mod:`provisioner.bench` and ``docs/benchmarks.md``).
+:mod:`testbed.bench` and ``docs/benchmarks.md``).
 
 Progress goes to stderr; the markdown table to stdout; with ``--json`` the last line of stdout is
 the result as one JSON object. The exit code is 0 whenever the measurement completed, however
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic facts."),
     ) -> None:
         """Provision N simulated nodes from cold; report throughput against the floor."""
-        from provisioner.bench import BenchError, BenchOptions, run_bench
+        from testbed.bench import BenchError, BenchOptions, run_bench
 
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         opts = BenchOptions(

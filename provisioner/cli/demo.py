@@ -1,6 +1,6 @@
 """``provisioner demo``: provision a simulated fleet end to end on this machine.
 
-Everything runs on 127.0.0.1 from a fresh work directory (see :mod:`provisioner.demo`); the
+Everything runs on 127.0.0.1 from a fresh work directory (see :mod:`testbed.demo`); the
 command shows live progress, then a summary it has verified. ``--json`` ends the output with
 one line holding a JSON object (the only thing written to stdout in that mode). The exit code
 is 0 only if every node was provisioned, its certificate verified and it is connected to its
@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from provisioner.demo import (
+from testbed.demo import (
     DEFAULT_NODES,
     Demo,
     DemoError,

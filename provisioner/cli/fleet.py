@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from node_agent.fleet import Fleet
+from testbed.fleet import Fleet
 
 app = typer.Typer(help="Simulate a fleet of unprovisioned nodes.", no_args_is_help=True)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ca_adapters.servers import CFSSL_HINT
-from provisioner.bench import (
+from testbed.bench import (
     RPCS_PER_NODE,
     BenchError,
     BenchOptions,
@@ -20,7 +19,8 @@ from provisioner.bench import (
     parse_prometheus,
     stage_percentiles,
 )
-from provisioner.natsserver import INSTALL_HINT
+from testbed.ca_servers import CFSSL_HINT
+from testbed.natsserver import INSTALL_HINT
 from tests.support import require_binary, require_go_example
 
 REQUIRED_KEYS = {
@@ -157,7 +157,7 @@ def test_run_scenarios_lists_the_documented_scenarios() -> None:
 
 
 def test_simulator_files_go_to_tmpfs_unless_told_otherwise(tmp_path: Path) -> None:
-    from provisioner.bench import _is_tmpfs_path, _simulator_dir
+    from testbed.bench import _is_tmpfs_path, _simulator_dir
 
     path, owned = _simulator_dir("disk", tmp_path)
     assert (path, owned) == (tmp_path / "fleet", False)

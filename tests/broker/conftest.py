@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from jwt_tools.tokens import create_provisioning_token
-from provisioner.natsserver import INSTALL_HINT
+from testbed.natsserver import INSTALL_HINT
 from tests.support import require_binary
 
 

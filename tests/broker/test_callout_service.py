@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from choria_core.natsconn import sync_flush
+from choria_core.protocol.lifecycle import encode_event, new_event
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
-from node_agent.transport import sync_flush
-from provisioner.broker import start_isolated_broker
-from provisioner.protocol.lifecycle import encode_event, new_event
+from testbed.isolated_broker import start_isolated_broker
 from tests.broker.conftest import connect, refused
 from tests.support import async_wait_for
 

@@ -14,8 +14,8 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from node_agent.transport import sync_flush
-from provisioner.broker import IsolatedBroker, start_isolated_broker
+from choria_core.natsconn import sync_flush
+from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
 from tests.broker.conftest import connect, refused
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ca_adapters.servers import (
+from testbed.ca_servers import (
     CFSSL_HINT,
     OPENBAO_HINT,
     CFSSLServer,

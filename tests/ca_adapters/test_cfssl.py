@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from ca_adapters import CAError, CAVerificationError, CFSSLAdapter, GuardedCA, LocalCA, SignRequest
-from ca_adapters.servers import CFSSLServer, start_cfssl
+from testbed.ca_servers import CFSSLServer, start_cfssl
 from tests.ca_adapters.conftest import need_cfssl
 from tests.ca_adapters.helpers import load_cert, make_csr, pem_of, spki
 

@@ -18,7 +18,7 @@ from ca_adapters import (
     VaultAdapter,
     adapter_from_config,
 )
-from ca_adapters.servers import CFSSLServer, ServerNotAvailable, start_cfssl, start_openbao
+from testbed.ca_servers import CFSSLServer, ServerNotAvailable, start_cfssl, start_openbao
 from tests.ca_adapters.helpers import load_cert, make_csr
 
 ID = "node1.example.net"

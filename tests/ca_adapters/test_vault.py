@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from ca_adapters import CAError, CAVerificationError, LocalCA, SignRequest, VaultAdapter
-from ca_adapters.servers import OpenBaoServer
+from testbed.ca_servers import OpenBaoServer
 from tests.ca_adapters.helpers import load_cert, make_csr, spki
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from provisioner.natsserver import INSTALL_HINT, NatsServerNotFound, find_nats_server
+from testbed.natsserver import INSTALL_HINT, NatsServerNotFound, find_nats_server
 from tests.support import missing_dependency
 
 WORKDIR_RE = re.compile(r"work directory (\S+)")

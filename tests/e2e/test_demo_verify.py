@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca_adapters import LocalCA, SignRequest
-from provisioner.demo import Demo, DemoError, DemoOptions, percentile, verify_node_certificate
+from testbed.demo import Demo, DemoError, DemoOptions, percentile, verify_node_certificate
 
 IDENTITY = "node-00001.fleet.example.net"
 
@@ -104,8 +104,8 @@ async def test_connz_lookup_pages_through_every_connection(tmp_path: Path) -> No
 
     import nats
 
-    from provisioner.demo import _connz_names, overlay_server_config
-    from provisioner.natsserver import start_nats_server
+    from testbed.demo import _connz_names, overlay_server_config
+    from testbed.natsserver import start_nats_server
     from tests.e2e.support import require_nats_server
 
     require_nats_server()

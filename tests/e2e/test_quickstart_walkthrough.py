@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.natsserver import free_port
+from testbed.natsserver import free_port
 from tests.e2e.support import processes_mentioning, require_nats_server
 from tests.support import require_binary
 

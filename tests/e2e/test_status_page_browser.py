@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.demo import Demo, DemoOptions
+from testbed.demo import Demo, DemoOptions
 from tests.e2e.support import processes_mentioning, require_nats_server
 from tests.support import CHROMIUM_ARGS, require_binary
 

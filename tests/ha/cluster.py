@@ -3,7 +3,7 @@
 Used by ``tests/ha`` and by ``bench/failover.py``. Everything is real: the broker (with
 JetStream for the election and the claims), the provisioner replicas (separate OS processes
 started as ``.venv/bin/provisioner run --config FILE``, each with its own identity, audit log
-and log file), the nodes (:class:`~node_agent.fleet.Fleet`, EC keys, per-node connections) and
+and log file), the nodes (:class:`~testbed.fleet.Fleet`, EC keys, per-node connections) and
 the CA (a LocalCA used by the python-mode helper ``tests/ha/helper.py``, which also records
 every certificate it issues).
 """
@@ -32,10 +32,10 @@ from cryptography import x509
 
 from ca_adapters import LocalCA
 from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
-from node_agent.fleet import Fleet
 from provisioner.claims import ClaimStore
 from provisioner.election import LeaderInfo, read_leader
-from provisioner.natsserver import NatsServer, free_port, start_nats_server
+from testbed.fleet import Fleet
+from testbed.natsserver import NatsServer, free_port, start_nats_server
 
 HELPER = Path(__file__).resolve().parent / "helper.py"
 REPO = Path(__file__).resolve().parents[2]

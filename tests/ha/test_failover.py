@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from provisioner.natsserver import NatsServer
+from testbed.natsserver import NatsServer
 from tests.ha.cluster import HACluster, Replica, certificate_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

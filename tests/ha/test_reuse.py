@@ -178,7 +178,7 @@ async def test_next_leader_reuses_the_recorded_certificate(
 
 
 async def test_election_status_cli_reports_a_bad_broker(tmp_path: Path) -> None:
-    from provisioner.natsserver import free_port
+    from testbed.natsserver import free_port
 
     res = await asyncio.to_thread(
         CliRunner().invoke,

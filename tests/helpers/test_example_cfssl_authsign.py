@@ -16,10 +16,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 import helpers.examples.cfssl_authsign as example
-from ca_adapters.servers import CFSSL_HINT, CFSSLServer, start_cfssl
 from helpers.models import HelperInput
 from provisioner.cli.helper import synthetic_csr
 from provisioner.helper_runner import ExecHelper, HelperError
+from testbed.ca_servers import CFSSL_HINT, CFSSLServer, start_cfssl
 from tests.support import require_binary, require_go_example
 
 pytestmark = pytest.mark.integration
@@ -98,7 +98,7 @@ async def test_wrong_hmac_key_is_a_clear_helper_failure(
 
 
 async def test_unreachable_ca_is_a_clear_helper_failure(tmp_path: Path, run: Any) -> None:
-    from provisioner.process import free_port
+    from testbed.process import free_port
 
     env = _env(tmp_path, f"http://127.0.0.1:{free_port()}", "11" * 16)
     with pytest.raises(HelperError) as err:

@@ -1,6 +1,6 @@
 """A small provisioner-side client for the node agent tests, built on the wire layer.
 
-It sends exactly what a Choria v1 client sends (``provisioner.protocol``), so the tests exercise
+It sends exactly what a Choria v1 client sends (``choria_core.protocol``), so the tests exercise
 the node the way the real provisioner (or go-choria's client) would.
 """
 
@@ -16,10 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from jwt_tools import create_provisioning_token
-from node_agent.transport import sync_flush
-from provisioner.natsserver import NatsServer
-from provisioner.protocol import (
+from choria_core.natsconn import sync_flush
+from choria_core.protocol import (
     Filter,
     LifecycleEvent,
     RPCReply,
@@ -32,6 +30,8 @@ from provisioner.protocol import (
     parse_event,
     reply_prefix,
 )
+from jwt_tools import create_provisioning_token
+from testbed.natsserver import NatsServer
 
 TOKEN = "s3cret-provisioning-token"
 CALLERID = "choria=prov.example.net"

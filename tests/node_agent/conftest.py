@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.node import NodeAgent
-from provisioner.natsserver import NatsServer
+from testbed.natsserver import NatsServer
 from tests.node_agent.client import EventLog, ProvClient, write_token
 
 _ids = itertools.count(1)

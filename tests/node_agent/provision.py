@@ -8,9 +8,9 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from node_agent.transport import sync_flush
-from provisioner.natsserver import NatsServer, start_nats_server
-from provisioner.protocol import parse_event
+from choria_core.natsconn import sync_flush
+from choria_core.protocol import parse_event
+from testbed.natsserver import NatsServer, start_nats_server
 from tests.node_agent.client import TOKEN, ProvClient
 
 

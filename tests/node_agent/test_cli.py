@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioner.natsserver import NatsServer
+from testbed.natsserver import NatsServer
 from tests.node_agent.client import ProvClient, write_token
 from tests.node_agent.provision import HandProvisioner, plain_server
 from tests.support import async_wait_for

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from node_agent import ecdh
+from choria_core import ecdh
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import psutil
 import pytest
 
 from node_agent.facts import synthetic_facts, synthetic_identity
-from node_agent.fleet import Fleet
-from provisioner.natsserver import NatsServer
+from testbed.fleet import Fleet
+from testbed.natsserver import NatsServer
 from tests.node_agent.client import ProvClient, write_token
 from tests.node_agent.provision import HandProvisioner, plain_server
 

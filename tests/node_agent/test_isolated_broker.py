@@ -18,9 +18,9 @@ pytestmark = pytest.mark.integration
 
 async def test_node_admitted_by_auth_callout_over_tls(tmp_path: Path) -> None:
     try:
-        from provisioner.broker.isolated import start_isolated_broker
+        from testbed.isolated_broker import start_isolated_broker
     except ImportError as exc:  # another contributor's module
-        missing_dependency("provisioner.broker.isolated", f"it failed to import: {exc}")
+        missing_dependency("testbed.isolated_broker", f"it failed to import: {exc}")
         raise
     key = ed25519.Ed25519PrivateKey.generate()
     broker = await start_isolated_broker(tmp_path / "broker", [key.public_key()], tls=True)

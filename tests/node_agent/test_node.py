@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from node_agent import ecdh
+from choria_core import ecdh
+from choria_core.natsconn import sync_flush
+from choria_core.protocol import Filter, StatusCode, directed_subject, encode_rpc_request
 from node_agent.node import NodeAgent, NodeError
-from node_agent.transport import sync_flush
-from provisioner.natsserver import NatsServer, default_accounts, start_nats_server
-from provisioner.protocol import Filter, StatusCode, directed_subject, encode_rpc_request
+from testbed.natsserver import NatsServer, default_accounts, start_nats_server
 from tests.node_agent.client import TOKEN, ProvClient, write_token
 from tests.node_agent.conftest import NodeEnv
 from tests.node_agent.pki import ThrowawayCA

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from node_agent import ecdh
+from choria_core import ecdh
 from node_agent.node import NodeAgent
 from node_agent.transport import tls_context
-from provisioner.natsserver import NatsServer, start_nats_server
+from testbed.natsserver import NatsServer, start_nats_server
 from tests.node_agent.client import TOKEN, EventLog, ProvClient, write_token
 from tests.node_agent.pki import ThrowawayCA, key_pem
 from tests.support import async_wait_for

@@ -17,7 +17,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from node_agent.transport import sync_flush
+from choria_core.natsconn import sync_flush
 
 
 class _SlowServer:

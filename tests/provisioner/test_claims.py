@@ -6,7 +6,7 @@ import nats
 import pytest
 
 from provisioner.claims import ClaimStore, FencedError, kv_key
-from provisioner.natsserver import NatsServer
+from testbed.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from provisioner.natsserver import free_port
+from testbed.natsserver import free_port
 from tests.provisioner.e2e.env import TOKEN, ProvEnv, prov_env, stop_nodes
 
 __all__ = ["prov_env", "stop_nodes"]

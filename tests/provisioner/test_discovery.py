@@ -9,12 +9,12 @@ from typing import Any
 import nats
 import pytest
 
+from choria_core.protocol import encode_event, new_event
 from provisioner.discovery import Discovery
 from provisioner.metrics import Metrics
-from provisioner.natsserver import NatsServer
-from provisioner.protocol import encode_event, new_event
 from provisioner.queue import AddResult
 from provisioner.rpc import RPCClient
+from testbed.natsserver import NatsServer
 from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import nats
 import pytest
 
 from provisioner.election import Election, ElectionError, read_leader
-from provisioner.natsserver import NatsServer
+from testbed.natsserver import NatsServer
 from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from node_agent.ecdh import generate_keypair as x25519_keypair
-from provisioner.protocol import RPCReply
+from choria_core.ecdh import generate_keypair as x25519_keypair
+from choria_core.protocol import RPCReply
 from provisioner.service import Provisioner
 from tests.provisioner.e2e.env import ProvEnv, prov_env, stop_nodes
 from tests.provisioner.e2e.responder import Responder

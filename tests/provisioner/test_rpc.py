@@ -9,10 +9,10 @@ from typing import Any
 import nats
 import pytest
 
+from choria_core.protocol import RPCReply
 from provisioner.metrics import Metrics
-from provisioner.natsserver import NatsServer
-from provisioner.protocol import RPCReply
 from provisioner.rpc import RPCClient, RPCStatusError, RPCTimeout
+from testbed.natsserver import NatsServer
 from tests.provisioner.e2e.responder import Responder
 
 pytestmark = pytest.mark.integration

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from provisioner.metrics import ANCHOR_METRIC_NAMES
-from provisioner.natsserver import free_port
 from provisioner.pipeline import csr_fingerprint
 from provisioner.queue import NodeState
 from provisioner.service import Provisioner, ProvisionerError
+from testbed.natsserver import free_port
 from tests.provisioner.e2e.env import TOKEN, OverlayWatcher, ProvEnv, prov_env, stop_nodes
 from tests.support import async_wait_for
 

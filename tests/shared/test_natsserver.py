@@ -14,8 +14,8 @@ import nats
 import pytest
 from nats.errors import NoServersError
 
-from node_agent.transport import sync_flush
-from provisioner.natsserver import NatsServer
+from choria_core.natsconn import sync_flush
+from testbed.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
     """A server started with die_with_parent goes away when its starter is SIGKILLed."""
     script = (
         "import sys, time; from pathlib import Path\n"
-        "from provisioner.natsserver import start_nats_server\n"
+        "from testbed.natsserver import start_nats_server\n"
         "s = start_nats_server(Path(sys.argv[1]), die_with_parent=True)\n"
         "print(s.pid, flush=True); time.sleep(60)\n"
     )

@@ -34,20 +34,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ca_adapters import LocalCA
+from choria_core.natsconn import sync_flush
 from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
 from node_agent.node import NodeAgent
-from node_agent.transport import sync_flush
 from provisioner.audit import read_audit_file
-from provisioner.broker import IsolatedBroker, start_isolated_broker
 from provisioner.config import Features, ProvisionerConfig
-from provisioner.natsserver import (
+from provisioner.service import Provisioner
+from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
+from testbed.natsserver import (
     INSTALL_HINT,
     NatsServer,
     NatsServerNotFound,
     find_nats_server,
     start_nats_server,
 )
-from provisioner.service import Provisioner
 from tests.support import missing_dependency
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
@@ -303,7 +303,7 @@ class OverlayWatcher:
         self.nc = await nats.connect(self.overlay.url, user=user, password=pw)
 
         async def on_event(msg: Any) -> None:
-            from provisioner.protocol import parse_event
+            from choria_core.protocol import parse_event
 
             ev = parse_event(msg.data)
             self.seen[ev.identity] = self.seen.get(ev.identity, 0) + 1

@@ -13,8 +13,8 @@ from typing import Any
 
 import nats
 
-from node_agent.transport import sync_flush
-from provisioner.protocol import (
+from choria_core.natsconn import sync_flush
+from choria_core.protocol import (
     RPCReply,
     decode_payload,
     decode_request,

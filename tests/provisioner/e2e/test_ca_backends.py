@@ -27,7 +27,10 @@ import httpx
 import pytest
 from cryptography import x509
 
-from ca_adapters.servers import (
+from helpers.reference import make_handler
+from provisioner.helper_runner import HelperRunner, PythonHelper
+from provisioner.service import Provisioner
+from testbed.ca_servers import (
     CFSSL_HINT,
     OPENBAO_HINT,
     CFSSLServer,
@@ -35,10 +38,7 @@ from ca_adapters.servers import (
     start_cfssl,
     start_openbao,
 )
-from helpers.reference import make_handler
-from node_agent.fleet import Fleet
-from provisioner.helper_runner import HelperRunner, PythonHelper
-from provisioner.service import Provisioner
+from testbed.fleet import Fleet
 from tests.provisioner.e2e.env import (
     ProvEnv,
     check_node_certificate,

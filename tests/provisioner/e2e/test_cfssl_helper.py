@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from ca_adapters.servers import CFSSL_HINT, CFSSLServer, start_cfssl
+from testbed.ca_servers import CFSSL_HINT, CFSSLServer, start_cfssl
 from tests.provisioner.e2e.env import HELPERS, OverlayWatcher, ProvEnv, prov_env, stop_nodes
 from tests.support import async_wait_for, require_binary
 

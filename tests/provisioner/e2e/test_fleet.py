@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.fleet import Fleet
 from provisioner.queue import NodeRecord
+from testbed.fleet import Fleet
 from tests.provisioner.e2e.env import OverlayWatcher, ProvEnv, prov_env
 from tests.support import async_wait_for
 

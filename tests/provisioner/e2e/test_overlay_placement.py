@@ -30,10 +30,10 @@ from ca_adapters import LocalCA
 from helpers.reference import make_handler
 from node_agent.facts import synthetic_facts, synthetic_identity
 from node_agent.files import read_config
-from node_agent.fleet import Fleet
 from provisioner.helper_runner import PythonHelper
-from provisioner.natsserver import NatsServer, start_nats_server
 from provisioner.service import Provisioner
+from testbed.fleet import Fleet
+from testbed.natsserver import NatsServer, start_nats_server
 from tests.provisioner.e2e.env import (
     ProvEnv,
     check_node_certificate,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from provisioner.protocol import ProtocolError, encode_event, new_event, parse_event
-from provisioner.protocol.lifecycle import LifecycleEvent
+from choria_core.protocol import ProtocolError, encode_event, new_event, parse_event
+from choria_core.protocol.lifecycle import LifecycleEvent
 
 # Exact layout from go-choria lifecycle/lifecycle_test.go, quoted in spec §9.
 SPEC_CLOUDEVENT = (

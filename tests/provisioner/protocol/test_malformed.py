@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provisioner.protocol import (
+from choria_core.protocol import (
     Filter,
     ProtocolError,
     Reply,

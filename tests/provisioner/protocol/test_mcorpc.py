@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from provisioner.protocol import (
+from choria_core.protocol import (
     ProtocolError,
     RPCReply,
     RPCRequest,

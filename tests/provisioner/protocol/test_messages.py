@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from provisioner.protocol import (
+from choria_core.protocol import (
     Filter,
     ProtocolError,
     Reply,

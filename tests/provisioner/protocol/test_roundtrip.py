@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from provisioner.protocol import (
+from choria_core.protocol import (
     Filter,
     Reply,
     RPCReply,
@@ -20,8 +20,8 @@ from provisioner.protocol import (
     new_request,
     parse_event,
 )
-from provisioner.protocol.lifecycle import LifecycleEvent
-from provisioner.protocol.messages import FACT_OPERATORS, Request
+from choria_core.protocol.lifecycle import LifecycleEvent
+from choria_core.protocol.messages import FACT_OPERATORS, Request
 
 text = st.text(max_size=40)
 nonempty = st.text(min_size=1, max_size=40)

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from provisioner.protocol import (
+from choria_core.protocol import (
     ProtocolError,
     broadcast_subject,
     directed_subject,

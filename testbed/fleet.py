@@ -6,7 +6,7 @@ state directory ``<workdir>/nodes/<identity>``. All nodes of one OS process shar
 event loop (no thread per node); keys are made lazily at ``gencsr`` time, optionally from a
 pre-generated :class:`~node_agent.keys.KeyPool`.
 
-``processes=P`` splits the nodes over P worker processes (``python -m node_agent.fleet``), each
+``processes=P`` splits the nodes over P worker processes (``python -m testbed.fleet``), each
 running its share in one loop and reporting counts as JSON lines on stdout; the parent reads them.
 ``connections="shared"`` multiplexes a process's nodes on one NATS connection (benchmarks only:
 it bypasses per-node authentication and broker permissions).
@@ -223,7 +223,7 @@ class Fleet:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "node_agent.fleet",
+                "testbed.fleet",
                 json.dumps(asdict(spec)),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -320,7 +320,7 @@ async def _worker_main(spec: FleetSpec) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Worker entry point: ``python -m node_agent.fleet '<FleetSpec JSON>'``."""
+    """Worker entry point: ``python -m testbed.fleet '<FleetSpec JSON>'``."""
     parser = argparse.ArgumentParser(description="fleet simulator worker process (internal)")
     parser.add_argument("spec", help="FleetSpec as JSON")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """MCORPC (SimpleRPC) request and reply bodies (spec §4).
 
 The body travels inside the request ``message`` (raw JSON from us, or base64 from other
-clients; see :func:`provisioner.protocol.decode_payload`) and inside the reply ``message``.
+clients; see :func:`choria_core.protocol.decode_payload`) and inside the reply ``message``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NoReturn
 
-from provisioner.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 

@@ -12,7 +12,7 @@ One run (:func:`run_bench`) does, on 127.0.0.1 inside one work directory:
    go-choria layout for shared simulator connections), the CA, one plain nats-server standing in
    for every overlay's brokers (provisioned nodes restart into it), the provisioner as a
    separate process (``provisioner run --config``) with the reference helper in the chosen mode,
-   then ``N`` simulated nodes (:class:`node_agent.fleet.Fleet`) in separate processes, from cold
+   then ``N`` simulated nodes (:class:`testbed.fleet.Fleet`) in separate processes, from cold
    until every node is provisioned.
 3. **The figures**: nodes/minute (cold start to the last node), time-to-provision percentiles
    (first sighting to ``restart`` acknowledged), per-stage latency percentiles (each RPC, the
@@ -22,7 +22,7 @@ One run (:func:`run_bench`) does, on 127.0.0.1 inside one work directory:
 It is a measurement, not a test: a slow run is reported, never failed. The result is written
 to ``<results_dir>/<YYYY-MM-DD>-<name>.json`` with a markdown table appended as ``markdown``.
 
-``python -m provisioner.bench responder URL`` is the floor's responder process (internal).
+``python -m testbed.bench responder URL`` is the floor's responder process (internal).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def machine_info() -> dict[str, Any]:
                 break
     nats_version = ""
     with contextlib.suppress(Exception):
-        from provisioner.natsserver import find_nats_server
+        from testbed.natsserver import find_nats_server
 
         out = subprocess.run(
             [find_nats_server(), "--version"], capture_output=True, text=True, timeout=10
@@ -333,7 +333,7 @@ async def measure_rpc_floor(
     try:
         for _ in range(max(1, responders)):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "provisioner.bench", "responder", url,
+                sys.executable, "-m", "testbed.bench", "responder", url,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
             procs.append(proc)
@@ -570,7 +570,7 @@ async def measure_floor(
 ) -> dict[str, Any]:
     """Both raw rates (median of ``trials``) and the floor model (a plain nats-server is
     started and stopped for the round trips)."""
-    from provisioner.natsserver import start_nats_server
+    from testbed.natsserver import start_nats_server
 
     text = (
         "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\nmax_payload: 4MB\n"
@@ -982,7 +982,7 @@ class Bench:
         """Returns (provisioner user, password, node user/password for the token or None)."""
         o = self.o
         if o.broker_kind() == "callout":
-            from provisioner.broker import start_isolated_broker
+            from testbed.isolated_broker import start_isolated_broker
 
             broker = await start_isolated_broker(
                 self.workdir / "broker",
@@ -998,7 +998,7 @@ class Bench:
             return user, password, None
         if o.tls:
             raise BenchError("--tls needs the callout broker (per-node connections)")
-        from provisioner.natsserver import start_nats_server
+        from testbed.natsserver import start_nats_server
 
         server = await asyncio.to_thread(start_nats_server, self.workdir / "broker")
         self._push("provisioning broker", lambda: asyncio.to_thread(server.stop))
@@ -1017,7 +1017,7 @@ class Bench:
             self.ca_cfg = {"type": "local", "cert": str(cert), "key": str(key)}
             self.ca_label = "local (EC P-256, in the helper's process)"
             return
-        from ca_adapters.servers import ServerNotAvailable, start_cfssl, start_openbao
+        from testbed.ca_servers import ServerNotAvailable, start_cfssl, start_openbao
 
         try:
             if self.o.ca == "cfssl":
@@ -1066,8 +1066,8 @@ class Bench:
 
     async def _start_overlay(self) -> Path:
         from overlays import load_sample_registry
-        from provisioner.demo import overlay_server_config
-        from provisioner.natsserver import start_nats_server
+        from testbed.demo import overlay_server_config
+        from testbed.natsserver import start_nats_server
 
         text = overlay_server_config("bench", tls=None, max_connections=self.o.nodes + 1000)
         server = await asyncio.to_thread(
@@ -1113,7 +1113,7 @@ class Bench:
         helper_cfg: Path,
         overlays_path: Path,
     ) -> None:
-        from provisioner.natsserver import free_port
+        from testbed.natsserver import free_port
 
         o = self.o
         self.admin_port = free_port()
@@ -1255,11 +1255,11 @@ class Bench:
 
     async def run(self, say: Callable[[str], None]) -> None:
         """Start the fleet and wait until every node is provisioned (or timeout/stall)."""
-        from node_agent.fleet import Fleet
+        from testbed.fleet import Fleet
 
         o = self.o
         me = psutil.Process()
-        self.sampler.add_role("simulator", lambda: _children_matching(me, "node_agent.fleet"))
+        self.sampler.add_role("simulator", lambda: _children_matching(me, "testbed.fleet"))
         self.sampler.add_role("nats-server", _pid_finder(self.broker_pid))
         self.sampler.add_role("overlay-nats", _pid_finder(self.overlay_pid))
         if self.ca_pid is not None:
@@ -1531,7 +1531,7 @@ class Bench:
                 await asyncio.wait_for(fn(), 150)
             except Exception as exc:
                 log.warning("stopping %s: %s: %s", what, type(exc).__name__, exc)
-        from provisioner.demo import reap_children
+        from testbed.demo import reap_children
 
         await asyncio.to_thread(reap_children, str(self.workdir))
         if self._own_sim_dir and not self.o.keep_workdir:
@@ -1829,8 +1829,8 @@ async def run_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m provisioner.bench responder URL`` (the floor's responder process)."""
-    parser = argparse.ArgumentParser(prog="python -m provisioner.bench")
+    """``python -m testbed.bench responder URL`` (the floor's responder process)."""
+    parser = argparse.ArgumentParser(prog="python -m testbed.bench")
     sub = parser.add_subparsers(dest="cmd", required=True)
     resp = sub.add_parser("responder", help="floor responder (internal)")
     resp.add_argument("url")

@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from provisioner.process import ServerProcess, ServerStartError, free_port
+from testbed.process import ServerProcess, ServerStartError, free_port
 
 log = logging.getLogger(__name__)
 

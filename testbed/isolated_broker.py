@@ -2,7 +2,7 @@
 and the benchmark.
 
 The config comes from the same generator as ``provisioner broker config``; nats-server is
-started with ``provisioner.natsserver.start_nats_server``; the callout runs as in-process
+started with ``testbed.natsserver.start_nats_server``; the callout runs as in-process
 asyncio replicas (default) or as ``provisioner broker auth`` subprocesses.
 """
 
@@ -29,7 +29,7 @@ from provisioner.broker.callout import (
     run_replicas,
 )
 from provisioner.broker.config import BrokerFiles, generate_broker_config
-from provisioner.natsserver import NatsServer, free_port, start_nats_server
+from testbed.natsserver import NatsServer, free_port, start_nats_server
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one error type of the wire layer.
 
-Every decode/parse function in :mod:`provisioner.protocol` turns whatever went wrong with the
+Every decode/parse function in :mod:`choria_core.protocol` turns whatever went wrong with the
 input (bad JSON, bad base64, wrong types, failed schema rules, failed node-side checks) into a
 :class:`ProtocolError` whose message says which layer and which rule failed. Callers catch this
 single type; nothing else escapes, whatever bytes arrive from the network.

@@ -12,7 +12,7 @@ import hashlib
 import re
 import uuid
 
-from provisioner.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError
 
 # The DDL / flatfile identity regex quoted in spec §3.
 IDENTITY_RE = re.compile(

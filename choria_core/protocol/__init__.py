@@ -4,21 +4,21 @@ Pure code, no I/O (spec ``choria-wire.md`` §2-§5, §9). Every decoder raises
 :class:`ProtocolError` (a ``ValueError``) and nothing else on malformed input.
 """
 
-from provisioner.protocol.errors import ProtocolError
-from provisioner.protocol.lifecycle import (
+from choria_core.protocol.errors import ProtocolError
+from choria_core.protocol.lifecycle import (
     LifecycleEvent,
     encode_event,
     new_event,
     parse_event,
 )
-from provisioner.protocol.mcorpc import (
+from choria_core.protocol.mcorpc import (
     RPCReply,
     RPCRequest,
     StatusCode,
     encode_rpc_request,
     parse_rpc_request,
 )
-from provisioner.protocol.messages import (
+from choria_core.protocol.messages import (
     Filter,
     Reply,
     Request,
@@ -32,7 +32,7 @@ from provisioner.protocol.messages import (
     new_reply,
     new_request,
 )
-from provisioner.protocol.subjects import (
+from choria_core.protocol.subjects import (
     broadcast_subject,
     directed_subject,
     is_valid_identity,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
-from provisioner.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError
 
 EVENT_TYPES = ("startup", "shutdown", "provisioned", "alive", "upgraded", "governor")
 SOURCE = "io.choria.lifecycle"

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioner.process import (
+from testbed.process import (
     ServerNotAvailable,
     ServerProcess,
     ServerStartError,
@@ -40,7 +40,7 @@ from provisioner.process import (
     free_port,
 )
 
-from .local import LocalCA
+from ca_adapters.local import LocalCA
 
 __all__ = [
     "CFSSLServer",

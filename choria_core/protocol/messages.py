@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
-from provisioner.protocol.errors import ProtocolError
-from provisioner.protocol.subjects import new_request_id
+from choria_core.protocol.errors import ProtocolError
+from choria_core.protocol.subjects import new_request_id
 
 TRANSPORT_PROTOCOL = "choria:transport:1"
 SECURE_REQUEST_PROTOCOL = "choria:secure:request:1"

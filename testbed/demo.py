@@ -11,7 +11,7 @@
    certificate chains), and the registry rewritten to point at them;
 5. the reference helper (python mode by default) configured for those overlays and the CA;
 6. the provisioner with its admin API and status page on a free port;
-7. ``N`` simulated nodes (:class:`node_agent.fleet.Fleet`, EC keys).
+7. ``N`` simulated nodes (:class:`testbed.fleet.Fleet`, EC keys).
 
 It then waits until every node is provisioned and back in normal mode, and **verifies** the
 result independently of the provisioner's own bookkeeping: every node's certificate (read from
@@ -109,7 +109,7 @@ class OverlayBroker:
     name: str
     region: str
     url: str
-    server: Any  # provisioner.natsserver.NatsServer
+    server: Any  # testbed.natsserver.NatsServer
 
     @property
     def monitor_port(self) -> int:
@@ -452,8 +452,8 @@ class Demo:
         Raises :class:`DemoError` when a part cannot start (e.g. nats-server not installed);
         what was started until then is stopped by :meth:`close`.
         """
-        from ca_adapters.servers import ServerStartError
-        from provisioner.natsserver import NatsServerError, NatsServerNotFound
+        from testbed.ca_servers import ServerStartError
+        from testbed.natsserver import NatsServerError, NatsServerNotFound
 
         try:
             await self._start(step)
@@ -471,7 +471,7 @@ class Demo:
         signer_key, verify_path, cht = await asyncio.to_thread(self._make_keys)
 
         say("provisioning broker (nats-server + auth callout)")
-        from provisioner.broker import start_isolated_broker
+        from testbed.isolated_broker import start_isolated_broker
 
         self.broker = await start_isolated_broker(
             self.workdir / "broker", [str(verify_path)], tls=opts.tls
@@ -537,7 +537,7 @@ class Demo:
             self.ca_label = "local (EC P-256, in-process)"
             return ca, {"type": "local", "cert": str(cert_path), "key": str(key_path)}, cert_path
 
-        from ca_adapters.servers import ServerNotAvailable, start_cfssl
+        from testbed.ca_servers import ServerNotAvailable, start_cfssl
 
         try:
             server = await asyncio.to_thread(start_cfssl, ca_dir, ca_source="local")
@@ -559,7 +559,7 @@ class Demo:
 
     async def _start_overlays(self, ca: Any, ca_pem: Path) -> Path:
         from overlays import load_sample_registry
-        from provisioner.natsserver import start_nats_server
+        from testbed.natsserver import start_nats_server
 
         registry = load_sample_registry()
         raw = registry.to_dict()
@@ -624,8 +624,8 @@ class Demo:
 
         from provisioner.config import AdminConfig, Features, ProvisionerConfig, TLSConfig
         from provisioner.helper_runner import HelperRunner, PythonHelper
-        from provisioner.natsserver import free_port
         from provisioner.service import Provisioner, ProvisionerError
+        from testbed.natsserver import free_port
 
         opts = self.options
         _, password = self.broker.provisioner_credentials
@@ -674,7 +674,7 @@ class Demo:
     # ------------------------------------------------------------------ fleet
 
     async def _start_fleet(self) -> None:
-        from node_agent.fleet import Fleet
+        from testbed.fleet import Fleet
 
         opts = self.options
         common: dict[str, Any] = {
