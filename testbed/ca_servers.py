@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ca_adapters.local import LocalCA
 from testbed.process import (
     ServerNotAvailable,
     ServerProcess,
@@ -39,8 +40,6 @@ from testbed.process import (
     find_binary,
     free_port,
 )
-
-from ca_adapters.local import LocalCA
 
 __all__ = [
     "CFSSLServer",

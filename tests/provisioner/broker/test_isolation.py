@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from choria_core.natsconn import sync_flush
 from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
-from tests.broker.conftest import connect, refused
+from tests.provisioner.broker.conftest import connect, refused
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -14,7 +14,7 @@ from choria_core.natsconn import sync_flush
 from choria_core.protocol.lifecycle import encode_event, new_event
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
 from testbed.isolated_broker import start_isolated_broker
-from tests.broker.conftest import connect, refused
+from tests.provisioner.broker.conftest import connect, refused
 from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration
