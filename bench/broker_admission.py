@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,8 +28,6 @@ from typing import Any
 
 import nats
 from cryptography.hazmat.primitives.asymmetric import ed25519
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
 from jwt_tools.tokens import create_provisioning_token

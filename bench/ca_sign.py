@@ -36,16 +36,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ca_adapters import CAAdapter, CFSSLAdapter, LocalCA, SignRequest, VaultAdapter  # noqa: E402
-from testbed.ca_servers import (  # noqa: E402
+from ca_adapters import CAAdapter, CFSSLAdapter, LocalCA, SignRequest, VaultAdapter
+from testbed.ca_servers import (
     ServerNotAvailable,
     start_cfssl,
     start_multirootca,
     start_openbao,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_requests(n: int) -> list[SignRequest]:

@@ -27,18 +27,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from provisioner.config import ElectionConfig
+from testbed.ha_cluster import HACluster, certificate_report
+from testbed.natsserver import start_nats_server
 
-from provisioner.config import ElectionConfig  # noqa: E402
-from testbed.natsserver import start_nats_server  # noqa: E402
-from tests.ha.cluster import HACluster, certificate_report  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench" / "results"
 
@@ -54,7 +52,7 @@ async def one_run(args: argparse.Namespace, workdir: Path, index: int) -> dict[s
         concurrency=args.concurrency,
         election=election,
     )
-    cluster.prepare()
+    await cluster.prepare()
     try:
         t0 = time.monotonic()
         await cluster.start()
@@ -130,7 +128,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "election_ttl_s": ttl,
             "campaign_interval_s": min(0.25, ttl / 4),
             "default_settings": args.ttl is None,
-            "helper": "python mode, local EC CA (tests/ha/helper.py)",
+            "helper": "python mode, local EC CA (testbed/ha_helper.py)",
         },
         "machine": {
             "python": platform.python_version(),

@@ -7,10 +7,11 @@
 - :func:`adapter_from_config` (``factory.py``): build one from the ``ca:`` configuration.
 
 Every remote answer is re-verified (``verify.py``) before it is returned.
-``servers.py`` starts real cfssl/multirootca/OpenBao servers for tests, demo and benchmark.
+Real cfssl/multirootca/OpenBao servers for tests, demo and benchmark are started by
+``testbed.ca_servers``.
 """
 
-from .base import CAAdapter, CAError, CAVerificationError, SignRequest, SignResult, parse_duration
+from .base import CAAdapter, CAError, CAVerificationError, SignRequest, SignResult
 from .cfssl import CFSSLAdapter
 from .factory import CAConfigError, adapter_from_config
 from .guard import GuardedCA
@@ -31,6 +32,5 @@ __all__ = [
     "SignResult",
     "VaultAdapter",
     "adapter_from_config",
-    "parse_duration",
     "verify_issued",
 ]

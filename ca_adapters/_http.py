@@ -7,7 +7,9 @@ from typing import Any
 
 import httpx
 
-from .base import CAError, is_retryable_status, redact
+from choria_core.redaction import redact
+
+from .base import CAError, is_retryable_status
 
 TLSVerify = bool | str | ssl.SSLContext
 
@@ -86,7 +88,7 @@ def http_error(
     """The error for an HTTP failure, classified by status, with the server's text."""
     kind = "temporarily failed" if is_retryable_status(status) else "refused"
     return CAError(
-        f"{ca}: {action} {kind} (HTTP {status}): {redact(detail, secrets) or 'no error text'}",
+        f"{ca}: {action} {kind} (HTTP {status}): {redact(detail, secrets, limit=500) or 'no error text'}",
         ca=ca,
         retryable=is_retryable_status(status),
         status=status,

@@ -8,14 +8,15 @@ acts on. Messages name the CA and quote the server's error text, never a token o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from choria_core.errors import FleetError
 
-class CAError(Exception):
+
+class CAError(FleetError, reason="ca"):
     """A CA could not sign (or answer). ``retryable`` says whether trying again may help."""
 
     def __init__(
@@ -27,7 +28,7 @@ class CAError(Exception):
         self.status = status
 
 
-class CAVerificationError(CAError):
+class CAVerificationError(CAError, reason="ca_verification"):
     """The CA answered, but what it returned is wrong (other key, other name, other issuer...).
 
     Never retryable: the same request would get the same wrong answer, and a CA that hands
@@ -101,45 +102,3 @@ def is_retryable_status(status: int) -> bool:
     """Shared HTTP classification: 5xx, 429 (rate limit, Vault standby), 412 (Vault eventual
     consistency), 408 (timeout) are worth retrying; other 4xx are policy/auth/bad input."""
     return status >= 500 or status in (408, 412, 429)
-
-
-def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """Remove any secret value that a server might have echoed back; cap the length."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "[redacted]")
-    return text if len(text) <= 500 else text[:500] + "..."
-
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d|y)")
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "d": 86400.0,
-    "y": 365 * 86400.0,
-}
-
-
-def parse_duration(value: str | float) -> float:
-    """Seconds from a number or a Go-style duration (``720h``, ``1h30m``, ``8760h0m0s``)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {value!r} (examples: 720h, 1h30m, 30d, 3600)")
-    return total

@@ -1,6 +1,6 @@
 """CFSSL adapter: ``cfssl serve`` (``/sign``, ``/authsign``) and ``multirootca`` (``/authsign``).
 
-Wire format (spec ca-apis.md §A.1): every answer is ``{"success", "result", "errors",
+Wire format (CFSSL's HTTP API): every answer is ``{"success", "result", "errors",
 "messages"}``. With an auth key the adapter posts to ``/api/v1/cfssl/authsign`` a body
 ``{"token": b64(HMAC-SHA256(key, request_bytes)), "request": b64(request_bytes)}`` where
 ``request_bytes`` are the exact JSON bytes of the sign request (standard base64 with padding,
@@ -35,8 +35,10 @@ from typing import Any
 import httpx
 from cryptography import x509
 
+from choria_core.durations import parse_duration
+
 from ._http import TLSVerify, http_error, json_body, make_client, send
-from .base import CAError, CAVerificationError, SignRequest, SignResult, parse_duration
+from .base import CAError, CAVerificationError, SignRequest, SignResult
 from .verify import (
     DEFAULT_MAX_VALIDITY_S,
     Expectations,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -93,6 +93,9 @@ def find_issuer(cert: x509.Certificate, chain: Sequence[x509.Certificate]) -> x5
     raise LookupError(cert.issuer.rfc4514_string())
 
 
+_Fail = Callable[[str], CAVerificationError]
+
+
 def verify_issued(
     cert_pem: str,
     *,
@@ -117,12 +120,29 @@ def verify_issued(
     except ValueError as exc:
         raise fail(f"not a PEM certificate ({exc})") from exc
     cert = certs[0]  # some CAs append the chain after the leaf
+    _check_key(cert, csr, fail)
+    _check_names(cert, identity, dns_sans, ip_sans, fail)
+    _check_issuer(cert, ca_chain, fail)
+    _check_validity(cert, expect, now, fail)
+    if expect.require_eku:
+        _check_eku(cert, fail)
+    return cert
 
-    # 1. The node's key, not another one.
+
+def _check_key(cert: x509.Certificate, csr: x509.CertificateSigningRequest, fail: _Fail) -> None:
+    """The node's key, not another one."""
     if _spki(cert.public_key()) != _spki(csr.public_key()):
         raise fail("its public key is not the key of the CSR")
 
-    # 2. Names exactly as asked: CN = identity, SANs = identity + extras, nothing else.
+
+def _check_names(
+    cert: x509.Certificate,
+    identity: str,
+    dns_sans: Sequence[str],
+    ip_sans: Sequence[str],
+    fail: _Fail,
+) -> None:
+    """Names exactly as asked: CN = identity, SANs = identity + extras, nothing else."""
     cn = _cn(cert)
     if cn != identity:
         raise fail(f"CN is {cn!r}, expected {identity!r}")
@@ -142,7 +162,11 @@ def verify_issued(
     if other:
         raise fail(f"unexpected SAN entries {[str(g.value) for g in other]}")
 
-    # 3. A leaf, signed by the configured CA.
+
+def _check_issuer(
+    cert: x509.Certificate, ca_chain: Sequence[x509.Certificate], fail: _Fail
+) -> None:
+    """A leaf, signed by the configured CA."""
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         if bc.ca:
@@ -158,7 +182,11 @@ def verify_issued(
             f"it is not signed by the configured CA (issuer {cert.issuer.rfc4514_string()!r})"
         ) from exc
 
-    # 4. Validity.
+
+def _check_validity(
+    cert: x509.Certificate, expect: Expectations, now: datetime, fail: _Fail
+) -> None:
+    """Valid now, not absurdly long, and as long as the profile or the asked TTL says."""
     nb, na = cert.not_valid_before_utc, cert.not_valid_after_utc
     if nb > now + timedelta(seconds=expect.skew_s):
         raise fail(f"it is not valid before {nb.isoformat()} (in the future)")
@@ -181,23 +209,23 @@ def verify_issued(
             f"{expect.expected_lifetime_s / 3600:.1f}h (wrong or unknown profile?)"
         )
 
-    # 5. Usable both as a server and as a client certificate.
-    if expect.require_eku:
-        try:
-            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound as exc:
-            raise fail("it has no extendedKeyUsage (serverAuth+clientAuth required)") from exc
-        missing = [
-            name
-            for oid, name in (
-                (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
-                (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
-            )
-            if oid not in eku
-        ]
-        if missing:
-            raise fail(f"extendedKeyUsage lacks {', '.join(missing)}")
-    return cert
+
+def _check_eku(cert: x509.Certificate, fail: _Fail) -> None:
+    """Usable both as a server and as a client certificate (Choria uses it both ways)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise fail("it has no extendedKeyUsage (serverAuth+clientAuth required)") from exc
+    missing = [
+        name
+        for oid, name in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
+        )
+        if oid not in eku
+    ]
+    if missing:
+        raise fail(f"extendedKeyUsage lacks {', '.join(missing)}")
 
 
 def parse_csr(csr_pem: str, *, ca: str) -> x509.CertificateSigningRequest:

@@ -1,6 +1,6 @@
 """X25519 key agreement and private-key transport between the provisioner and a node.
 
-Spec §10: the node announces a fresh X25519 public key in its ``jwt`` reply; the provisioner
+The node announces a fresh X25519 public key in its ``jwt`` reply; the provisioner
 answers ``configure`` with its own public key and the node's private key encrypted with the
 shared secret. Two encodings are supported:
 
@@ -13,7 +13,8 @@ shared secret. Two encodings are supported:
   ``{"alg":"x25519-hkdf-sha256-aes256gcm","nonce":b64,"ct":b64}``.
 
 The provisioner imports :func:`encrypt_private_key`; the node uses :func:`decrypt_private_key`.
-Unlike go-choria (spec §16.9) the decrypted key keeps its original PEM type (RSA, EC, PKCS#8).
+Unlike go-choria, which labels every decrypted key ``RSA PRIVATE KEY``, the decrypted key keeps
+its original PEM type (RSA, EC, PKCS#8).
 No function here logs or puts key material or secrets into exception messages.
 """
 
@@ -36,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from choria_core.errors import FleetError
 
 __all__ = [
     "AEAD_ALG",
@@ -65,7 +68,7 @@ _PEM_RE = re.compile(
 )
 
 
-class ECDHError(ValueError):
+class ECDHError(FleetError, ValueError, reason="ecdh"):
     """Key agreement or key (de)cryption failed; the message never contains key material."""
 
 
@@ -252,7 +255,7 @@ def _load_der(der: bytes) -> object:
 
 
 def private_key_pem_from_der(der: bytes) -> bytes:
-    """PEM for a private key DER, labelled after what the DER really is (spec §16.9 fix).
+    """PEM for a private key DER, labelled after what the DER really is.
 
     PKCS#1 → ``RSA PRIVATE KEY``, SEC1 → ``EC PRIVATE KEY``, anything else → ``PRIVATE KEY``
     (PKCS#8). The DER bytes are kept as they are.

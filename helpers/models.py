@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from choria_core.errors import FleetError
+
 #: Every output key the provisioner understands, in the anchor's order plus our extensions.
 OUTPUT_KEYS: tuple[str, ...] = (
     "defer",
@@ -177,7 +179,7 @@ class HelperOutput(BaseModel):
         return json.dumps(self.to_json_obj(), separators=(",", ":"))
 
 
-class HelperOutputError(ValueError):
+class HelperOutputError(FleetError, ValueError, reason="invalid_output"):
     """A helper's output object is not valid; `problems` lists each issue in plain words."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -43,6 +43,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import IO, Any
 
+from choria_core.errors import FleetError
 from helpers.models import HelperInput, HelperOutput, HelperOutputError, parse_helper_output
 
 MODE_ENV = "PROVISIONER_HELPER_MODE"
@@ -56,7 +57,7 @@ EXIT_BAD_INPUT = 2
 EXIT_BAD_OUTPUT = 3
 
 
-class HelperSDKError(Exception):
+class HelperSDKError(FleetError, reason="helper"):
     """A problem the SDK reports instead of an output (bad input, bad handler result)."""
 
     def __init__(self, message: str, exit_code: int) -> None:

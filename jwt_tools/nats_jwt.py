@@ -29,6 +29,9 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from choria_core.errors import FleetError
+from jwt_tools.base64url import b64url_decode, b64url_encode
+
 __all__ = [
     "PREFIX_ACCOUNT",
     "PREFIX_CURVE",
@@ -75,7 +78,7 @@ JWT_HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 XKEY_VERSION = b"xkv1"
 
 
-class NatsJWTError(ValueError):
+class NatsJWTError(FleetError, ValueError, reason="nats_jwt"):
     """A malformed or unverifiable nkey, NATS JWT or xkey message (no secret in the message)."""
 
 
@@ -280,17 +283,6 @@ def xkey_open(receiver: CurveKey, sender_public: str, data: bytes) -> bytes:
 # --------------------------------------------------------------------------- JWT
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _b64url_decode(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise NatsJWTError("JWT segment is not base64url") from exc
-
-
 def _json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -302,8 +294,8 @@ def encode_jwt(claims: Mapping[str, Any], signer: NKey, *, now: float | None = N
     body.setdefault("iat", int(now if now is not None else time.time()))
     body.pop("jti", None)
     body["jti"] = _b32encode(hashlib.new("sha512_256", _json(body)).digest())
-    signing_input = _b64url(_json(JWT_HEADER)) + "." + _b64url(_json(body))
-    return signing_input + "." + _b64url(signer.sign(signing_input.encode("ascii")))
+    signing_input = b64url_encode(_json(JWT_HEADER)) + "." + b64url_encode(_json(body))
+    return signing_input + "." + b64url_encode(signer.sign(signing_input.encode("ascii")))
 
 
 def decode_jwt(
@@ -324,8 +316,8 @@ def decode_jwt(
     if len(parts) != 3:
         raise NatsJWTError("JWT does not have three segments")
     try:
-        header = json.loads(_b64url_decode(parts[0]))
-        claims = json.loads(_b64url_decode(parts[1]))
+        header = json.loads(b64url_decode(parts[0]))
+        claims = json.loads(b64url_decode(parts[1]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise NatsJWTError("JWT header or claims are not JSON") from exc
     if not isinstance(header, dict) or not isinstance(claims, dict):
@@ -341,7 +333,11 @@ def decode_jwt(
     key = NKey.from_public_key(issuer)
     if key.prefix not in allowed:
         raise NatsJWTError("JWT issuer has the wrong key type")
-    if not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), _b64url_decode(parts[2])):
+    try:
+        signature = b64url_decode(parts[2])
+    except ValueError as exc:
+        raise NatsJWTError("JWT segment is not base64url") from exc
+    if not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
         raise NatsJWTError("JWT signature does not verify")
     if check_times:
         t = now if now is not None else time.time()
@@ -352,6 +348,11 @@ def decode_jwt(
         if isinstance(nbf, int | float) and nbf and t < nbf:
             raise NatsJWTError("JWT is not valid yet")
     return claims
+
+
+def _std_b64decode(text: str) -> bytes:
+    # Standard base64 (nats-py), padded or not; ValueError for anything else.
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
 def verify_nonce_signature(public_key: str, nonce: str, signature: str) -> bool:
@@ -367,10 +368,10 @@ def verify_nonce_signature(public_key: str, nonce: str, signature: str) -> bool:
     if key.prefix != PREFIX_USER:
         return False
     sig: bytes | None = None
-    for decode in (_b64url_decode, lambda s: base64.b64decode(s, validate=True)):
+    for decode in (b64url_decode, _std_b64decode):
         try:
             sig = decode(signature)
-        except (NatsJWTError, binascii.Error, ValueError):
+        except ValueError:  # binascii.Error is one
             continue
         if len(sig) == 64:
             break

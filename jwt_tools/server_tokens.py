@@ -1,4 +1,4 @@
-"""Choria *server* tokens (``purpose: choria_server``, spec §11.3), for the ed25519 feature.
+"""Choria *server* tokens (``purpose: choria_server``), for the ed25519 feature.
 
 With ``features.ed25519`` the provisioner issues each node a server JWT instead of an x509
 certificate: it binds the node's identity to the ed25519 public key the node generated in
@@ -8,7 +8,7 @@ by checking the JWT against the organisation issuer and a nonce signature from t
 Tokens are signed EdDSA with the provisioner's ed25519 key. When the provisioner is itself a
 *chain issuer* (``jwt_signing_token`` holds its client JWT signed by the org issuer), pass that
 JWT as ``chain_token`` and the server token carries the trust chain (``iss = C-<id>.<pub>``,
-``issexp``, ``tcs``) exactly as go-choria's ``AddChainIssuerData`` does (§11.4).
+``issexp``, ``tcs``) exactly as go-choria's ``AddChainIssuerData`` does.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def create_server_token(
     """Create an EdDSA-signed server token for ``identity`` bound to ``public_key_hex``.
 
     ``expires_at`` (absolute unix time) wins over ``validity_s``. ``chain_token``: the
-    provisioner's own org-issued client JWT, making this a chain-issued token (§11.4).
+    provisioner's own org-issued client JWT, making this a chain-issued token.
     """
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise TokenError(
@@ -178,7 +178,7 @@ def parse_server_token_unverified(token: str) -> dict[str, Any]:
 
 
 def verify_chain(claims: Mapping[str, Any], org_key: ed25519.Ed25519PublicKey) -> bytes:
-    """Check a chain-issued token's trust chain against the org issuer key (§11.4).
+    """Check a chain-issued token's trust chain against the org issuer key.
 
     Returns the raw chain issuer public key, whose signature the JWT itself must carry.
     """

@@ -3,7 +3,7 @@
 A provisioning token is a JWT placed on an unprovisioned node. It tells the node where the
 provisioning broker is (``chu`` or ``chsrv``) and carries the shared secret ``cht`` that the
 provisioner presents to the node's ``choria_provision`` agent. The broker and the provisioner
-verify it against the signer's public key; the node reads it unverified (spec §6.1, §11.2).
+verify it against the signer's public key; the node reads it unverified.
 
 Verification is deliberately explicit: the JOSE header is parsed here, before PyJWT sees the
 token, and only ``RS256``/``RS384``/``RS512``/``EdDSA`` with a key of the matching type are
@@ -15,7 +15,6 @@ No secret (``cht``, ``chpwd``, the JWT itself) is ever put in an exception messa
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
@@ -26,6 +25,9 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from choria_core.errors import FleetError
+from jwt_tools.base64url import b64url_decode
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -54,7 +56,7 @@ _KSUID_EPOCH = 1_400_000_000
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-class TokenError(Exception):
+class TokenError(FleetError, reason="token"):
     """A token was refused or could not be made.
 
     ``reason`` is a short machine code: ``malformed``, ``alg_none``, ``alg_not_allowed``,
@@ -102,14 +104,6 @@ def ksuid_timestamp(ksuid: str) -> int:
 # low-level parsing
 
 
-def _b64url_decode(part: str) -> bytes:
-    if not part or any(
-        c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=" for c in part
-    ):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
 def _normalise(token: str | bytes) -> str:
     if isinstance(token, bytes):
         try:
@@ -135,13 +129,13 @@ def decode_unverified(token: str | bytes) -> tuple[dict[str, Any], dict[str, Any
             reason="malformed",
         )
     try:
-        header = json.loads(_b64url_decode(parts[0]))
+        header = json.loads(b64url_decode(parts[0]))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise TokenError(
             "the JWT header is not base64url-encoded JSON", reason="malformed"
         ) from None
     try:
-        claims = json.loads(_b64url_decode(parts[1]))
+        claims = json.loads(b64url_decode(parts[1]))
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise TokenError(
             "the JWT claims are not base64url-encoded JSON", reason="malformed"
@@ -281,7 +275,7 @@ def create_provisioning_token(
     if not math.isfinite(validity_s) or validity_s <= 0:
         raise TokenError("validity must be a positive duration", reason="invalid_claims")
     if username == "provisioner":
-        # the broker reserves this user for the provisioner itself (spec §6.3)
+        # the broker reserves this user for the provisioner itself
         raise TokenError(
             "the node username must not be 'provisioner'; that user is the provisioner's",
             reason="invalid_claims",
@@ -443,7 +437,7 @@ def verify_provisioning_token(
 
 
 def parse_provisioning_token_unverified(token: str) -> dict[str, Any]:
-    """Read a provisioning token **without** verifying it, as a node does (spec §6.1).
+    """Read a provisioning token **without** verifying it, as a node does.
 
     The signature and times are not checked (the broker and provisioner do that); the token
     must be a provisioning token with a ``cht`` and exactly one of ``chu``/``chsrv``.

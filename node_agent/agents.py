@@ -1,72 +1,42 @@
-"""The node's agents: ``discovery``, ``rpcutil``, ``choria_util`` and ``choria_provision``.
+"""The node's agent plumbing and its two small agents, ``rpcutil`` and ``choria_util``.
 
 Action logic only, no NATS: each agent gets an already decoded RPC body and the request
 envelope, talks to its node through the :class:`NodeHost` protocol and returns an
-:class:`~choria_core.protocol.RPCReply`. Messages, fields and status codes follow spec §7-§8
-(go-choria 0.29.4); the deliberate differences (spec §16) are:
-
-* the token is compared in constant time, never logged, and an empty token never passes;
-* the provisioning lock is taken only after the token was accepted (no lock-out by strangers);
-* ``gencsr`` honours ``ST``, validates the DDL rules and returns an SPKI ``public_key``;
-* ``configure`` validates everything first, then commits all files or none, refuses
-  traversal, newline injection and a ``key`` without ``certificate``/``ca``/``ssldir``;
-* ``restart`` validates ``splay`` and refuses a config that would re-enter provisioning;
-* ``release_update`` is not supported (answers Aborted).
+:class:`~choria_core.protocol.RPCReply`. Messages, fields and status codes are those of the
+go-choria 0.29.4 agents. ``choria_provision`` is in :mod:`node_agent.provision_agent`;
+``discovery`` is answered by the node itself.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
-import logging
 import os
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from choria_core import ecdh
+from choria_core.errors import FleetError
 from choria_core.protocol import RPCReply, StatusCode
-from node_agent.files import (
-    ConfigFileError,
-    FileTransaction,
-    UnsafePathError,
-    check_policy_name,
-    read_config,
-    render_config,
-    resolve_ssldir,
-    write_atomic,
-)
-from node_agent.keys import CSRFieldError, KeyPool, KeyType, build_csr, generate_private_key
+from node_agent.keys import KeyPool, KeyType
 
 __all__ = [
-    "LOCK_SECONDS",
     "NODE_VERSION",
     "AgentError",
     "ChoriaUtilAgent",
     "Envelope",
     "NodeHost",
-    "ProvisionAgent",
     "RPCUtilAgent",
+    "decode_args",
     "go_duration",
 ]
 
-log = logging.getLogger(__name__)
-
 NODE_VERSION = "0.29.4"  # the go-choria release whose behaviour this node follows
-LOCK_SECONDS = 120.0
-PROVISION_SETTING = "plugin.choria.server.provision"
 
 
-class AgentError(Exception):
+class AgentError(FleetError, reason="agent"):
     """An action failed: becomes a reply with ``status`` and this message (never a secret)."""
 
     def __init__(self, message: str, status: StatusCode = StatusCode.ABORTED) -> None:
@@ -139,7 +109,7 @@ def go_duration(seconds: int) -> str:
 _ZERO: dict[type, Any] = {str: "", int: 0, dict: {}}
 
 
-def _decode_args(
+def decode_args(
     agent: str, action: str, data: Mapping[str, Any], spec: Mapping[str, type]
 ) -> dict[str, Any]:
     """Decode ``data`` like Go's json.Unmarshal into the action struct.
@@ -177,7 +147,7 @@ def _decode_args(
 
 
 class RPCUtilAgent:
-    """``rpcutil``: inventory, ping and the cheap introspection actions (spec §8.1)."""
+    """``rpcutil``: inventory (go-choria's fields), ping and the cheap introspection actions."""
 
     name = "rpcutil"
     timeout = 2.0
@@ -211,12 +181,12 @@ class RPCUtilAgent:
                 data={"main_collective": h.main_collective, "collectives": list(h.collectives)},
             )
         if action == "get_fact":
-            args = _decode_args(self.name, action, data, {"fact": str})
+            args = decode_args(self.name, action, data, {"fact": str})
             return RPCReply(
                 action, data={"fact": args["fact"], "value": h.facts().get(args["fact"])}
             )
         if action == "get_facts":
-            args = _decode_args(self.name, action, data, {"facts": str})
+            args = decode_args(self.name, action, data, {"facts": str})
             facts = h.facts()
             names = [n.strip() for n in args["facts"].split(",") if n.strip()]
             return RPCReply(action, data={"values": {n: facts.get(n) for n in names}})
@@ -257,7 +227,7 @@ class RPCUtilAgent:
 
 
 class ChoriaUtilAgent:
-    """``choria_util#info``: a subset of the go-choria fields (spec §8.2)."""
+    """``choria_util#info``: a subset of the go-choria fields."""
 
     name = "choria_util"
     timeout = 2.0
@@ -282,381 +252,4 @@ class ChoriaUtilAgent:
                 "middleware_servers": [],
                 "path": str(self.host.config_path),
             },
-        )
-
-
-def _write_config(path: Path, text: str, durable: bool) -> None:
-    # Write through a symlinked config file, like go-choria, rather than replacing the link.
-    write_atomic(Path(os.path.realpath(path)), text.encode("utf-8"), 0o600, durable=durable)
-
-
-# --- choria_provision ------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Lock:
-    owner: str = ""
-    until: float = 0.0
-
-
-@dataclass(slots=True)
-class ProvisionAgent:
-    """``choria_provision`` (spec §7): jwt, gen25519, gencsr, configure, restart, shutdown,
-    reprovision and release_update. All actions are serialised by one mutex."""
-
-    host: NodeHost
-    name: str = "choria_provision"
-    timeout: float = 20.0
-    _mutex: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _lock: _Lock = field(default_factory=_Lock)
-
-    _SPECS: ClassVar[dict[str, dict[str, type]]] = {
-        "jwt": {"token": str},
-        "gen25519": {"token": str, "nonce": str},
-        "gencsr": {"token": str, "cn": str, "C": str, "L": str, "O": str, "OU": str, "ST": str},
-        "configure": {
-            "token": str,
-            "config": str,
-            "certificate": str,
-            "ca": str,
-            "ssldir": str,
-            "key": str,
-            "ecdh_public": str,
-            "server_jwt": str,
-            "action_policies": dict,
-            "opa_policies": dict,
-        },
-        "restart": {"token": str, "splay": int},
-        "shutdown": {"token": str},
-        "reprovision": {"token": str},
-        "release_update": {"token": str, "repository": str, "version": str},
-    }
-
-    def reset(self) -> None:
-        """Forget the lock (a restarted go-choria process starts with none)."""
-        self._lock = _Lock()
-
-    async def dispatch(self, action: str, data: dict[str, Any], env: Envelope) -> RPCReply:
-        """Decode the arguments and run the action under the agent mutex."""
-        spec = self._SPECS.get(action)
-        if spec is None:
-            raise AgentError(
-                f"Unknown action {action} for agent {self.name}", StatusCode.UNKNOWN_ACTION
-            )
-        args = _decode_args(self.name, action, data, spec)
-        handler = getattr(self, f"_{action}")
-        async with self._mutex:
-            result: dict[str, Any] = await handler(args, env)
-        return RPCReply(action, data=result)
-
-    # -- shared checks --
-
-    def _require_provision_mode(self, msg: str = "") -> None:
-        if self.host.mode != "provisioning":
-            raise AgentError(msg or "Cannot reconfigure a server that is not in provisioning mode")
-
-    def _check_token(self, supplied: str, env: Envelope) -> None:
-        expected = self.host.provision_token
-        # Unlike go-choria an empty configured token never passes, and the supplied token is
-        # never logged (spec §16.6).
-        if not expected or not hmac.compare_digest(
-            supplied.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
-        ):
-            log.warning(
-                "incorrect provision token supplied identity=%s callerid=%s requestid=%s",
-                self.host.identity,
-                env.callerid,
-                env.requestid,
-            )
-            raise AgentError("Incorrect provision token supplied")
-
-    def _take_lock(self, env: Envelope) -> None:
-        key = f"{env.senderid}.{env.callerid}"
-        now = time.monotonic()
-        lock = self._lock
-        if lock.owner and now < lock.until and not hmac.compare_digest(lock.owner, key):
-            raise AgentError("Could not obtain provisioning lock")
-        lock.owner = key
-        lock.until = now + LOCK_SECONDS
-
-    def _locked_checks(self, args: dict[str, Any], env: Envelope) -> None:
-        self._require_provision_mode()
-        self._check_token(args["token"], env)
-        self._take_lock(env)
-
-    # -- actions --
-
-    async def _jwt(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        self._locked_checks(args, env)
-        path = self.host.token_path
-        if path is None:
-            raise AgentError("No Provisioning JWT file has been configured")
-        try:
-            text = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
-        except FileNotFoundError as exc:
-            raise AgentError("Provisioning JWT file does not exist") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise AgentError(f"Could not read the provisioning JWT: {type(exc).__name__}") from exc
-        # A fresh key per call, like go-choria: a later configure must use this one.
-        private, public = ecdh.generate_keypair()
-        self.host.ecdh_private = private
-        return {"jwt": text, "ecdh_public": public, "ecdh_aead": True}
-
-    async def _gen25519(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        self._locked_checks(args, env)
-        nonce: str = args["nonce"]
-        if not nonce or len(nonce) > 64:
-            raise AgentError("Invalid nonce: must be 1 to 64 characters")
-        directory = self.host.config_path.parent.absolute()
-        jwt_path = directory / "server.jwt"
-        try:
-            jwt_path.unlink(missing_ok=True)
-        except OSError as exc:  # go-choria continues here (spec §16.10); we stop
-            raise AgentError(f"Could not remove existing {jwt_path}: {exc.strerror}") from exc
-        seed = os.urandom(32)
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(
-            directory / "server.seed", seed.hex().encode(), 0o600, durable=self.host.durable
-        )
-        pub = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        return {
-            "public_key": pub.hex(),
-            "signature": key.sign(nonce.encode("utf-8")).hex(),
-            "directory": str(directory),
-        }
-
-    async def _gencsr(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        self._locked_checks(args, env)
-        cn = args["cn"] or self.host.identity
-        fields = {k: args[k] for k in ("C", "ST", "L", "O", "OU")}
-        try:
-            # Keys are made lazily here: a simulated fleet pays nothing until it is provisioned.
-            if self.host.key_pool is not None:
-                key = await self.host.key_pool.take()
-            else:
-                key = await asyncio.to_thread(generate_private_key, self.host.key_type)
-            csr = build_csr(key, cn, fields)
-        except CSRFieldError as exc:
-            raise AgentError(str(exc)) from exc
-        ssldir = self.host.default_ssldir
-        tx = FileTransaction(durable=self.host.durable)
-        tx.mkdir(ssldir, 0o700)  # go-choria uses 0771 (spec §16.8)
-        tx.write(ssldir / "private.pem", csr.key_pem, 0o600)
-        tx.write(ssldir / "csr.pem", csr.csr_pem.encode("ascii"), 0o644)
-        try:
-            await asyncio.to_thread(tx.commit)
-        except OSError as exc:
-            raise AgentError(f"Could not write the key and CSR: {exc.strerror}") from exc
-        return {"csr": csr.csr_pem, "public_key": csr.public_key_pem, "ssldir": str(ssldir)}
-
-    async def _configure(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        host = self.host
-        self._locked_checks(args, env)
-        if not args["config"]:
-            raise AgentError(
-                "Did not receive any configuration to write, "
-                "cannot write a empty configuration file"
-            )
-        if args["key"] and not args["ecdh_public"]:
-            raise AgentError("EDCH Public Key not supplied while providing a private key")
-        try:
-            settings = json.loads(args["config"])
-        except ValueError as exc:
-            raise AgentError(
-                f"Could not decode configuration data: {exc.__class__.__name__}"
-            ) from exc
-        if not isinstance(settings, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in settings.items()
-        ):
-            raise AgentError(
-                "Could not decode configuration data: expected a JSON object of string values"
-            )
-        header = (
-            f"configuration file written in request {env.requestid} from {env.callerid} "
-            f"({env.senderid}) at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
-        )
-        try:
-            config_text = render_config(settings, header)
-        except ConfigFileError as exc:
-            raise AgentError(f"Invalid configuration: {exc}") from exc
-
-        # Stage everything; nothing is written until every check passed.
-        tx = FileTransaction(durable=host.durable)
-        ssldir = self._stage_tls(tx, args)
-        if args["server_jwt"]:
-            token = args["server_jwt"]
-            if token.count(".") != 2 or any(c.isspace() for c in token):
-                raise AgentError("JWT Setup Failed: server_jwt is not a JWT")
-            tx.write(
-                host.config_path.parent / "server.jwt", token.encode("ascii", "replace"), 0o600
-            )
-        self._stage_policies(tx, args["action_policies"], ".policy", Path("policies"))
-        self._stage_policies(tx, args["opa_policies"], ".rego", Path("policies") / "rego")
-        config_path = Path(await asyncio.to_thread(os.path.realpath, host.config_path))
-        tx.mkdir(config_path.parent, 0o700)
-        tx.write(config_path, config_text.encode("utf-8"), 0o600)
-        try:
-            await asyncio.to_thread(tx.commit)
-        except OSError as exc:
-            raise AgentError(
-                f"Could not write the configuration, nothing was changed: {exc.strerror}"
-            ) from exc
-        if ssldir is not None:
-            host.note_ssldir(ssldir)
-        try:
-            await host.publish_event("provisioned")
-        except Exception as exc:  # go-choria only logs this too
-            log.warning("could not publish provisioned event: %s", exc)
-        return {"message": f"Wrote {1 + len(settings)} lines to {host.config_path}"}
-
-    def _stage_tls(self, tx: FileTransaction, args: dict[str, Any]) -> Path | None:
-        cert_pem, ca_pem, ssldir_req, key_text = (
-            args["certificate"],
-            args["ca"],
-            args["ssldir"],
-            args["key"],
-        )
-        if not (cert_pem and ca_pem and ssldir_req):
-            if key_text:  # go-choria silently drops the key here (spec §16.10)
-                raise AgentError(
-                    "TLS Setup Failed: a private key needs certificate, ca and ssldir as well"
-                )
-            return None
-        try:
-            ssldir = resolve_ssldir(ssldir_req, self.host.ssl_root)
-        except UnsafePathError as exc:
-            raise AgentError(f"TLS Setup Failed: {exc}") from exc
-        try:
-            cert = x509.load_pem_x509_certificate(cert_pem.encode("ascii"))
-            x509.load_pem_x509_certificates(ca_pem.encode("ascii"))
-        except (ValueError, UnicodeEncodeError) as exc:
-            raise AgentError("TLS Setup Failed: certificate or ca is not valid PEM") from exc
-        key_pem: bytes | None = None
-        own_key = False  # the node's own private.pem (from gencsr) vs a key sent to it
-        if key_text:
-            if self.host.ecdh_private is None:
-                raise AgentError("TLS Setup Failed: private key not set, call jwt first")
-            try:
-                secret = ecdh.shared_secret(self.host.ecdh_private, args["ecdh_public"])
-                key_pem = ecdh.decrypt_private_key(key_text, secret)
-            except ecdh.ECDHError as exc:
-                raise AgentError(f"TLS Setup Failed: {exc}") from exc
-        else:
-            existing = ssldir / "private.pem"
-            if existing.is_file():
-                key_pem = existing.read_bytes()
-                own_key = True
-        if key_pem is not None:
-            try:
-                key = serialization.load_pem_private_key(
-                    key_pem, password=None, unsafe_skip_rsa_key_validation=own_key
-                )
-                matches = key.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                ) == cert.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-            except (ValueError, TypeError) as exc:
-                raise AgentError("TLS Setup Failed: the private key could not be loaded") from exc
-            if not matches:
-                raise AgentError("TLS Setup Failed: certificate does not match the private key")
-        tx.mkdir(ssldir, 0o700)
-        tx.write(ssldir / "certificate.pem", cert_pem.encode("ascii"), 0o644)
-        tx.write(ssldir / "ca.pem", ca_pem.encode("ascii"), 0o644)
-        if key_text and key_pem is not None:
-            tx.write(ssldir / "private.pem", key_pem, 0o600)
-            tx.delete(ssldir / "csr.pem")
-        return ssldir
-
-    def _stage_policies(
-        self, tx: FileTransaction, policies: dict[str, str], suffix: str, rel: Path
-    ) -> None:
-        if not policies:
-            return
-        directory = self.host.config_path.parent / rel
-        wanted: dict[str, bytes] = {}
-        for name, content in policies.items():
-            if not name or not content:
-                continue  # go-choria skips empty entries
-            try:
-                wanted[check_policy_name(name, suffix)] = content.encode("utf-8")
-            except UnsafePathError as exc:
-                raise AgentError(f"Policy Setup Failed: {exc}") from exc
-        tx.mkdir(directory, 0o700)
-        # Replace the set of policy files; unlike go-choria's RemoveAll this keeps policies/rego.
-        if directory.is_dir():
-            for old in directory.iterdir():
-                if old.is_file() and old.name.endswith(suffix) and old.name not in wanted:
-                    tx.delete(old)
-        for name, data in wanted.items():
-            tx.write(directory / name, data, 0o400)
-
-    async def _restart(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        host = self.host
-        if host.mode != "provisioning" and not host.provision_token:
-            raise AgentError(
-                "Cannot restart a server that is not in provisioning mode or with no token set"
-            )
-        self._check_token(args["token"], env)
-        splay: int = args["splay"]
-        if splay < 0 or splay > 86400:  # a negative splay crashes go-choria (spec §7.6)
-            raise AgentError(f"Invalid splay {splay}: must be a whole number of seconds 1..86400")
-        if splay == 0:
-            splay = 10
-        host.check_restart_config()
-        delay = random.randrange(splay) + 2
-        host.schedule_restart(delay)
-        return {"message": f"Restarting Choria Server after {go_duration(delay)}"}
-
-    async def _shutdown(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        host = self.host
-        if host.mode != "provisioning" and not host.provision_token:
-            raise AgentError(
-                "Cannot shutdown a server that is not in provisioning mode or with no token set"
-            )
-        self._check_token(args["token"], env)
-        delay = random.randrange(10)
-        host.schedule_shutdown(delay)
-        return {"message": f"Shutting Choria Server down after {go_duration(delay)}"}
-
-    async def _reprovision(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        host = self.host
-        if host.mode == "provisioning":
-            raise AgentError(
-                "Server is already in provisioning mode, cannot enable provisioning mode again"
-            )
-        self._check_token(args["token"], env)
-        try:
-            current = read_config(host.config_path)
-        except ConfigFileError:
-            current = {}
-        settings = {PROVISION_SETTING: "1", "loglevel": "debug"}
-        if current.get("logfile"):
-            settings["logfile"] = current["logfile"]
-        reg = current.get("plugin.choria.registration.file_content.data")
-        if reg:
-            settings["registration"] = "file_content"
-            settings["plugin.choria.registration.file_content.data"] = reg
-        header = (
-            f"configuration file written in request {env.requestid} from {env.callerid} "
-            f"({env.senderid}) at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
-        )
-        try:
-            text = render_config(settings, header)
-            await asyncio.to_thread(_write_config, host.config_path, text, host.durable)
-        except (ConfigFileError, OSError) as exc:
-            raise AgentError(f"Could not write the configuration: {exc}") from exc
-        delay = random.randrange(10) + 2
-        host.schedule_restart(delay)
-        return {"message": f"Restarting after {go_duration(delay)}"}
-
-    async def _release_update(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        self._require_provision_mode("Cannot update a server that is not in provisioning mode")
-        self._check_token(args["token"], env)
-        raise AgentError(
-            "release_update is not supported by this node: it does not replace its own binary, "
-            "upgrade the package out of band"
         )

@@ -1,6 +1,6 @@
 """Files a node writes while being provisioned, written like go-choria but safely.
 
-go-choria (spec §7.5, §16.8) writes the config as ``key=value`` lines without escaping, lets the
+go-choria writes the config as ``key=value`` lines without escaping, lets the
 remote pick any absolute ``ssldir``, joins policy names without traversal checks and leaves
 partial state behind when a step fails. Here:
 
@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from choria_core.securefile import write_atomic as _write_atomic
+from choria_core.errors import FleetError
+from choria_core.securefile import write_atomic
 
 __all__ = [
     "ConfigFileError",
@@ -32,7 +33,6 @@ __all__ = [
     "read_config",
     "render_config",
     "resolve_ssldir",
-    "write_atomic",
 ]
 
 _LINE_RE = re.compile(r"^(.+?)\s*=\s*(.+)$")
@@ -42,11 +42,11 @@ _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off"}
 
 
-class ConfigFileError(ValueError):
+class ConfigFileError(FleetError, ValueError, reason="config"):
     """A config file or a setting to write is invalid; the message names the key, never a value."""
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(FleetError, ValueError, reason="unsafe_path"):
     """A remote-supplied path or file name would escape where it is allowed to write."""
 
 
@@ -106,7 +106,7 @@ def render_config(settings: Mapping[str, str], header: str) -> str:
     """The config text: the header comment line, then ``key=value`` lines (sorted keys).
 
     Refuses keys that are not plain setting names and keys or values with line breaks or other
-    control characters, which go-choria would write verbatim (newline injection, §16.8).
+    control characters, which go-choria would write verbatim (newline injection).
     """
     lines = [f"# {sanitize_header(header)}"]
     for key in sorted(settings):
@@ -159,11 +159,6 @@ def check_policy_name(name: str, suffix: str) -> str:
 
 
 # --- writing -------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
-    """Write ``data`` to a temp file beside ``path`` with ``mode``, then rename it over ``path``."""
-    _write_atomic(path, data, mode, durable=durable)
 
 
 @dataclass(slots=True)

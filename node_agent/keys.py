@@ -1,9 +1,9 @@
 """Node key pairs, CSRs and a pre-generated key pool for big simulated fleets.
 
-go-choria's ``gencsr`` makes an RSA-2048 key (PKCS#1 ``RSA PRIVATE KEY``) and a SHA-256 CSR
-(spec §7.4). We do the same by default, can make EC P-256 keys instead (much faster, useful for
+go-choria's ``gencsr`` makes an RSA-2048 key (PKCS#1 ``RSA PRIVATE KEY``) and a SHA-256 CSR.
+We do the same by default, can make EC P-256 keys instead (much faster, useful for
 simulated fleets), honour ``ST`` (go-choria ignores it) and return ``public_key`` as a real
-SubjectPublicKeyInfo PEM (go-choria mislabels PKCS#1 as ``PUBLIC KEY``, spec §16.9).
+SubjectPublicKeyInfo PEM (go-choria mislabels PKCS#1 as ``PUBLIC KEY``).
 
 RSA generation costs ~50-200 ms of CPU per key; :class:`KeyPool` generates keys ahead of time in
 a process pool and caches them on disk, one file per key, so a 10,000-node simulation does not
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from choria_core.errors import FleetError
 from choria_core.securefile import write_atomic
 
 __all__ = [
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 KeyType = Literal["rsa", "ec"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
-# DDL validation of the gencsr inputs (spec §7.4); go-choria documents but never enforces it.
+# DDL validation of the gencsr inputs; go-choria documents but never enforces it.
 _HOSTNAME_RE = re.compile(
     r"^(([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*"
     r"([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9\-]*[A-Za-z0-9])\Z"
@@ -56,7 +57,7 @@ _COUNTRY_RE = re.compile(r"^[A-Z]{2}\Z")
 _NAME_PART_RE = re.compile(r"^[\w\s-]+\Z")
 
 
-class CSRFieldError(ValueError):
+class CSRFieldError(FleetError, ValueError, reason="csr"):
     """A ``gencsr`` subject field failed validation; the message names the field."""
 
 
@@ -100,7 +101,7 @@ def public_key_pem(key: PrivateKey) -> str:
 
 
 def validate_csr_fields(cn: str, fields: Mapping[str, str]) -> None:
-    """Enforce the ``choria_provision`` DDL rules on the CSR subject (spec §7.4)."""
+    """Enforce the ``choria_provision`` DDL rules on the CSR subject."""
     if not cn or len(cn) > 80 or not _HOSTNAME_RE.match(cn):
         raise CSRFieldError("Invalid CSR field cn: must be a host name of at most 80 characters")
     for name, value in fields.items():

@@ -1,15 +1,16 @@
 """A Choria-compatible node: go-choria's server in provisioning mode, and the normal mode after.
 
-Life of a node (spec §6):
+Life of a node:
 
 1. :meth:`NodeAgent.start` reads the provisioning token unverified (``cht`` and one of
    ``chu``/``chsrv``) and the config file. No config, or a config that enables provisioning,
    means *provisioning mode*: connect to the token's brokers with ``auth_token`` = the JWT,
    ``user``/``pass`` from ``chusr``/``chpwd`` and the identity as connection name, subscribe to
    ``provisioning.node.<identity>`` and the agents' broadcast subjects, publish the ``startup``
-   lifecycle event (component ``provision_mode_server``).
+   lifecycle event (component ``provision_mode_server``). :mod:`node_agent.boot` has these rules.
 2. Requests are checked (collective, TTL window, filter), dispatched on the envelope agent and
-   answered to ``headers.reply-to`` (:mod:`node_agent.agents` has the actions).
+   answered to ``headers.reply-to`` (:mod:`node_agent.dispatch`; the actions are in
+   :mod:`node_agent.agents` and :mod:`node_agent.provision_agent`).
 3. ``restart`` re-reads the config written by ``configure`` and comes back in *normal mode*:
    connect to ``plugin.choria.middleware_hosts`` (mTLS with the new certificate for ``tls://``),
    subscribe to ``<collective>.node.<identity>`` per configured collective and publish
@@ -22,13 +23,11 @@ for go-choria's ``execve``; in-memory state (ECDH key, provisioning lock) is los
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,81 +35,36 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from choria_core.protocol import (
-    ProtocolError,
-    Request,
-    RPCReply,
-    StatusCode,
-    TransportHeaders,
     broadcast_subject,
-    check_request,
-    decode_payload,
-    decode_request,
     directed_subject,
     encode_event,
-    encode_reply,
     is_valid_identity,
     lifecycle_subject,
     new_event,
-    new_reply,
-    parse_rpc_request,
 )
-from jwt_tools import TokenError, parse_provisioning_token_unverified
-from node_agent.agents import (
-    NODE_VERSION,
-    PROVISION_SETTING,
-    AgentError,
-    ChoriaUtilAgent,
-    Envelope,
-    ProvisionAgent,
-    RPCUtilAgent,
+from node_agent.agents import NODE_VERSION, AgentError, ChoriaUtilAgent, RPCUtilAgent
+from node_agent.boot import (
+    PROVISIONING_COLLECTIVE,
+    NodeError,
+    load_facts_file,
+    middleware_hosts,
+    normal_mode,
+    provisioning_options,
+    read_token,
+    wants_provisioning,
 )
-from node_agent.files import ConfigFileError, config_bool, read_config
+from node_agent.dispatch import Agent, RequestDispatcher
+from node_agent.files import ConfigFileError, read_config
 from node_agent.keys import KeyPool, KeyType
-from node_agent.transport import (
-    ConnectOptions,
-    Link,
-    SharedConnections,
-    connect_own,
-    tls_context,
-)
+from node_agent.provision_agent import PROVISION_SETTING, ProvisionAgent
+from node_agent.transport import ConnectOptions, Link, SharedConnections, connect_own
 
 __all__ = ["NodeAgent", "NodeError", "NodeMode"]
 
 log = logging.getLogger(__name__)
 
 NodeMode = Literal["provisioning", "normal", "stopped"]
-PROVISIONING_COLLECTIVE = "provisioning"
 ALIVE_INTERVAL = 1800.0
-_Agent = RPCUtilAgent | ChoriaUtilAgent | ProvisionAgent
-
-
-class NodeError(RuntimeError):
-    """The node cannot start or change mode; the message says what to fix (no secrets)."""
-
-
-@lru_cache(maxsize=64)
-def _decode_cached(data: bytes) -> tuple[Request, TransportHeaders]:
-    # Many simulated nodes in one process receive the very same broadcast bytes: decode once.
-    return decode_request(data)
-
-
-def _normalise_url(url: str) -> str:
-    url = url.strip()
-    return url if "://" in url else f"nats://{url}"
-
-
-def _load_facts_file(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    data: Any
-    if path.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError("facts file must hold a mapping")
-    return data
 
 
 class NodeAgent:
@@ -166,18 +120,20 @@ class NodeAgent:
         self._alive_events = alive_events
         self._claims: dict[str, Any] | None = None
         self._token_text: str | None = None
-        self._collectives: list[str] = [PROVISIONING_COLLECTIVE]
         self._main_collective = PROVISIONING_COLLECTIVE
-        self._agents: dict[str, _Agent] = {}
+        self._requests = RequestDispatcher(identity, self.stats)
         self._provision_agent = ProvisionAgent(self)
-        self._link: Link | None = None
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
         self._restarting = False
         self._noted_ssldir: Path | None = None
         self._alive_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._rpc_tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def _link(self) -> Link | None:
+        """The current connection (owned by the request dispatcher, which replies on it)."""
+        return self._requests.link
 
     # --- NodeHost properties ----------------------------------------------------------------
 
@@ -211,7 +167,7 @@ class NodeAgent:
     @property
     def collectives(self) -> list[str]:
         """Collectives this node is a member of."""
-        return list(self._collectives)
+        return list(self._requests.collectives)
 
     @property
     def main_collective(self) -> str:
@@ -221,7 +177,7 @@ class NodeAgent:
     @property
     def agent_names(self) -> list[str]:
         """Loaded agents (``discovery`` is always loaded)."""
-        return sorted(["discovery", *self._agents])
+        return self._requests.agent_names
 
     @property
     def upgradable(self) -> bool:
@@ -243,7 +199,7 @@ class NodeAgent:
         if path is None:
             return {}
         try:
-            return _load_facts_file(path)
+            return load_facts_file(path)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             log.warning("cannot read facts file %s: %s", path, type(exc).__name__)
             return {}
@@ -270,7 +226,7 @@ class NodeAgent:
             except Exception as exc:
                 log.debug("shutdown event not published: %s", exc)
         await self._teardown()
-        tasks = [*self._tasks, *self._rpc_tasks]
+        tasks = [*self._tasks, *self._requests.tasks]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -291,46 +247,20 @@ class NodeAgent:
         """True while connected and serving in the current mode."""
         return self._ready.is_set() and self.mode != "stopped"
 
-    def _read_token(self) -> None:
-        self._claims = None
-        self._token_text = None
-        if self.token_path is None:
-            return
-        try:
-            text = self.token_path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            return
-        except (OSError, UnicodeDecodeError) as exc:
-            raise NodeError(f"cannot read provisioning token {self.token_path}: {exc}") from exc
-        try:
-            self._claims = parse_provisioning_token_unverified(text)
-        except TokenError as exc:
-            raise NodeError(f"unusable provisioning token {self.token_path}: {exc}") from exc
-        self._token_text = text
-
-    def _wants_provisioning(self, cfg: Mapping[str, str] | None) -> bool:
-        if cfg is None:
-            return True
-        setting = config_bool(cfg.get(PROVISION_SETTING))
-        if setting is not None:
-            return setting
-        # Without the setting the token's chpd decides, as in go-choria (spec §6.1).
-        return bool(self._claims and self._claims.get("chpd"))
-
     def _read_config_or_none(self) -> dict[str, str] | None:
         if not self.config_path.exists():
             return None
         return read_config(self.config_path)
 
     def check_restart_config(self) -> None:
-        """Refuse to restart into a config that cannot be loaded or still provisions (§7.6)."""
+        """Refuse to restart into a config that cannot be loaded or still provisions."""
         path = self.config_path
         try:
             cfg = self._read_config_or_none()
             if cfg is None:
                 raise ConfigFileError("the file does not exist")
-            provisioning = self._wants_provisioning(cfg)
-            hosts = self._middleware_hosts(cfg)
+            provisioning = wants_provisioning(cfg, self._claims)
+            hosts = middleware_hosts(cfg)
         except (ConfigFileError, ValueError) as exc:
             raise AgentError(
                 f"Configuration {path} could not be parsed, restart cannot continue: {exc}"
@@ -343,17 +273,13 @@ class NodeAgent:
                 "restart cannot continue"
             )
 
-    @staticmethod
-    def _middleware_hosts(cfg: Mapping[str, str]) -> list[str]:
-        raw = cfg.get("plugin.choria.middleware_hosts", "")
-        return [_normalise_url(u) for u in raw.split(",") if u.strip()]
-
     async def _boot(self) -> None:
         self._ready.clear()
-        self._read_token()
+        self._claims = self._token_text = None  # forgotten even if the token is now unreadable
+        self._claims, self._token_text = read_token(self.token_path)
         cfg = self._read_config_or_none()
         try:
-            provisioning = self._wants_provisioning(cfg)
+            provisioning = wants_provisioning(cfg, self._claims)
         except ValueError as exc:
             raise NodeError(f"{self.config_path}: {PROVISION_SETTING}: {exc}") from exc
         if not provisioning:
@@ -364,44 +290,27 @@ class NodeAgent:
             except NodeError as exc:
                 if self._claims is None:
                     raise
-                # Stay provisionable rather than dead (working agreement: nothing is lost).
+                # Stay provisionable rather than dead: a node that cannot come up in normal
+                # mode but still has its token can be provisioned again.
                 log.error("normal mode failed, falling back to provisioning: %s", exc)
         await self._boot_provisioning()
 
     async def _boot_provisioning(self) -> None:
-        claims = self._claims
-        if claims is None or self._token_text is None:
+        if self._claims is None or self._token_text is None:
             raise NodeError(
                 f"no configuration at {self.config_path} and no provisioning token "
                 f"at {self.token_path}: cannot start"
             )
-        if self._broker_urls:
-            urls = [_normalise_url(u) for u in self._broker_urls]
-        elif claims.get("chu"):
-            urls = [_normalise_url(u) for u in str(claims["chu"]).split(",") if u.strip()]
-        else:
-            raise NodeError(
-                "the provisioning token names an SRV domain (chsrv); SRV lookup is not "
-                "supported, give the broker URLs explicitly"
-            )
-        user = claims.get("chusr") or None
-        if user == "provisioner":
-            raise NodeError("the provisioning token's chusr must not be 'provisioner'")
-        tls = None
-        if self._tls_ca is not None or any(u.startswith("tls://") for u in urls):
-            # go-choria: anonymous TLS without verification; with tls_ca we verify the broker.
-            tls = tls_context(ca=self._tls_ca, verify=self._tls_ca is not None)
-        opts = ConnectOptions(
-            urls=urls,
-            name=self.identity,
-            token=self._token_text,
-            user=str(user) if user else None,
-            password=str(claims.get("chpwd") or "") if user else None,
-            tls=tls,
+        opts = provisioning_options(
+            identity=self.identity,
+            claims=self._claims,
+            token_text=self._token_text,
+            broker_urls=self._broker_urls,
+            tls_ca=self._tls_ca,
         )
-        self._collectives = [PROVISIONING_COLLECTIVE]
+        self._requests.collectives = [PROVISIONING_COLLECTIVE]
         self._main_collective = PROVISIONING_COLLECTIVE
-        self._agents = {
+        self._requests.agents = {
             "rpcutil": RPCUtilAgent(self),
             "choria_util": ChoriaUtilAgent(self),
             "choria_provision": self._provision_agent,
@@ -409,59 +318,37 @@ class NodeAgent:
         await self._connect_and_announce(opts, "provisioning")
 
     async def _boot_normal(self, cfg: Mapping[str, str]) -> None:
-        urls = self._middleware_hosts(cfg)
-        if not urls:
-            raise NodeError(f"{self.config_path} sets no plugin.choria.middleware_hosts")
-        identity = cfg.get("identity", self.identity)
-        if identity != self.identity:
-            raise NodeError(
-                f"{self.config_path} is for identity {identity!r}, not {self.identity!r}"
-            )
-        collectives = [c.strip() for c in cfg.get("collectives", "choria").split(",") if c.strip()]
-        main = cfg.get("main_collective", collectives[0] if collectives else "choria")
-        tls = None
-        if any(u.startswith("tls://") for u in urls):
-            ssldir = Path(cfg["plugin.choria.ssldir"]) if cfg.get("plugin.choria.ssldir") else None
-            ssldir = ssldir or self._noted_ssldir or self.default_ssldir
-            cert = Path(cfg.get("plugin.security.file.certificate") or ssldir / "certificate.pem")
-            key = Path(cfg.get("plugin.security.file.key") or ssldir / "private.pem")
-            ca = Path(cfg.get("plugin.security.file.ca") or ssldir / "ca.pem")
-            try:
-                tls = tls_context(ca=ca, cert=cert, key=key)
-            except (OSError, ValueError) as exc:
-                raise NodeError(f"cannot load TLS material from {ssldir}: {exc}") from exc
-        user = cfg.get("plugin.nats.user") or None
-        opts = ConnectOptions(
-            urls=urls,
-            name=self.identity,
-            user=user,
-            password=cfg.get("plugin.nats.pass", "") if user else None,
-            tls=tls,
+        normal = normal_mode(
+            cfg,
+            identity=self.identity,
+            config_path=self.config_path,
+            ssldir=self._noted_ssldir or self.default_ssldir,
         )
-        self._collectives = collectives
-        self._main_collective = main
-        self._agents = {"rpcutil": RPCUtilAgent(self), "choria_util": ChoriaUtilAgent(self)}
+        self._requests.collectives = normal.collectives
+        self._main_collective = normal.main_collective
+        agents: dict[str, Agent] = {
+            "rpcutil": RPCUtilAgent(self),
+            "choria_util": ChoriaUtilAgent(self),
+        }
         if self.provision_token:
             # go-choria keeps choria_provision loaded while a provisioning token is present.
-            self._agents["choria_provision"] = self._provision_agent
-        await self._connect_and_announce(opts, "normal")
+            agents["choria_provision"] = self._provision_agent
+        self._requests.agents = agents
+        await self._connect_and_announce(normal.options, "normal")
 
     async def _connect_and_announce(self, opts: ConnectOptions, mode: NodeMode) -> None:
-        subjects = [directed_subject(c, self.identity) for c in self._collectives]
-        agents = ["discovery", *self._agents]
-        subjects += [broadcast_subject(c, a) for c in self._collectives for a in agents]
+        collectives = self._requests.collectives
+        subjects = [directed_subject(c, self.identity) for c in collectives]
+        agents = ["discovery", *self._requests.agents]
+        subjects += [broadcast_subject(c, a) for c in collectives for a in agents]
+        on_message = self._requests.on_message
         if self._shared is not None:
-            self._link = await self._shared.attach(
-                opts,
-                self.identity,
-                self._collectives,
-                agents,
-                self._on_message,
-                stopping=self._stopping,
+            self._requests.link = await self._shared.attach(
+                opts, self.identity, collectives, agents, on_message, stopping=self._stopping
             )
         else:
-            self._link = await connect_own(
-                opts, subjects, self._on_message, stopping=self._stopping
+            self._requests.link = await connect_own(
+                opts, subjects, on_message, stopping=self._stopping
             )
         self.mode = mode
         self.boots += 1
@@ -476,7 +363,7 @@ class NodeAgent:
         if self._alive_handle is not None:
             self._alive_handle.cancel()
             self._alive_handle = None
-        link, self._link = self._link, None
+        link, self._requests.link = self._requests.link, None
         if link is not None:
             await link.close()
 
@@ -509,17 +396,10 @@ class NodeAgent:
 
     # --- restart / shutdown -----------------------------------------------------------------
 
-    def _spawn(self, coro: Any, tasks: set[asyncio.Task[Any]] | None = None) -> None:
-        group = self._tasks if tasks is None else tasks
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
-        group.add(task)
-        task.add_done_callback(group.discard)
-
-    async def _drain_rpcs(self, timeout: float = 5.0) -> None:
-        """Let in-flight actions send their replies (the restart reply itself) before closing."""
-        pending = [t for t in self._rpc_tasks if t is not asyncio.current_task()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def schedule_restart(self, delay_s: float) -> None:
         """Restart after ``delay_s`` (scaled), once: publish ``shutdown``, close, boot again."""
@@ -537,10 +417,10 @@ class NodeAgent:
 
     async def _restart(self, delay_s: float) -> None:
         try:
-            await self._drain_rpcs()  # the reply to restart goes out first
+            await self._requests.drain()  # the reply to restart goes out first
             await self._publish_event_now("shutdown")
             await asyncio.sleep(delay_s * self.restart_delay_scale)
-            await self._drain_rpcs()
+            await self._requests.drain()
             await self._teardown()
             # A new process would start without these.
             self.ecdh_private = None
@@ -558,93 +438,14 @@ class NodeAgent:
 
     async def _shutdown(self, delay_s: float) -> None:
         try:
-            await self._drain_rpcs()
+            await self._requests.drain()
             await asyncio.sleep(delay_s * self.restart_delay_scale)
-            await self._drain_rpcs()
+            await self._requests.drain()
             await self._publish_event_now("shutdown")
             await self._teardown()
             self.mode = "stopped"
         finally:
             self._restarting = False
-
-    # --- request handling -------------------------------------------------------------------
-
-    def _count(self, key: str) -> None:
-        self.stats[key] = self.stats.get(key, 0) + 1
-
-    async def _on_message(self, subject: str, data: bytes) -> None:
-        self._count("total")
-        try:
-            req, headers = _decode_cached(data)
-        except ProtocolError as exc:
-            self._count("unvalidated")
-            log.debug("dropped undecodable message on %s: %s", subject, exc)
-            return
-        self._count("validated")
-        try:
-            check_request(
-                req,
-                identity=self.identity,
-                collectives=self._collectives,
-                agents=self.agent_names,
-            )
-        except ProtocolError as exc:
-            self._count("ttlexpired" if str(exc).startswith("ttl") else "filtered")
-            log.debug("dropped request %s: %s", req.requestid, exc)
-            return
-        self._count("passed")
-        if req.agent == "discovery":
-            try:
-                payload = decode_payload(req.message)
-            except ProtocolError:
-                return
-            if b"ping" in payload:
-                await self._reply(req, headers, "pong")
-            return
-        agent = self._agents.get(req.agent)
-        if agent is None:
-            log.debug("no agent %s on %s", req.agent, self.identity)
-            return
-        self._spawn(self._handle_rpc(agent, req, headers), self._rpc_tasks)
-
-    async def _handle_rpc(self, agent: _Agent, req: Request, headers: TransportHeaders) -> None:
-        try:
-            body = parse_rpc_request(decode_payload(req.message))
-        except ProtocolError as exc:
-            reply = RPCReply("", StatusCode.INVALID_DATA, f"Could not process request: {exc}")
-            await self._reply(req, headers, reply.to_json())
-            return
-        env = Envelope(
-            requestid=req.requestid,
-            senderid=req.senderid,
-            callerid=req.callerid,
-            collective=req.collective,
-            time=req.time,
-        )
-        try:
-            reply = await asyncio.wait_for(
-                agent.dispatch(body.action, body.data, env), agent.timeout
-            )
-        except AgentError as exc:
-            reply = RPCReply(body.action, exc.status, str(exc))
-        except TimeoutError:
-            # go-choria sends no reply when an action exceeds the agent timeout (spec §4).
-            log.warning("%s#%s timed out on %s", req.agent, body.action, self.identity)
-            return
-        except Exception:
-            log.exception("%s#%s failed on %s", req.agent, body.action, self.identity)
-            reply = RPCReply(body.action, StatusCode.UNKNOWN_ERROR, "Unknown error in the action")
-        await self._reply(req, headers, reply.to_json())
-
-    async def _reply(self, req: Request, headers: TransportHeaders, message: str) -> None:
-        link = self._link
-        if not headers.reply_to or link is None:
-            return
-        url = link.server_url
-        reply = new_reply(req, senderid=self.identity, message=message)
-        data = encode_reply(reply, mc_sender=self.identity, seen_by=[(url, self.identity, url)])
-        await link.publish(headers.reply_to, data)
-        self._count("replies")
 
     def __repr__(self) -> str:
         return f"NodeAgent({self.identity!r}, mode={self.mode!r}, pid={os.getpid()})"

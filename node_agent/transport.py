@@ -1,6 +1,6 @@
 """NATS connections for nodes: one connection per node, or many nodes on a shared connection.
 
-Per-node connections are what a real go-choria server does (spec §6.3): CONNECT carries
+Per-node connections are what a real go-choria server does: CONNECT carries
 ``auth_token`` = the provisioning JWT, ``user``/``pass`` from the token's ``chusr``/``chpwd``
 claims, and the node identity as the connection name. nats-py sends *either* user/password *or*
 a token, so :class:`_ChoriaClient` adds the token to CONNECT when both are configured, exactly
@@ -88,7 +88,8 @@ def tls_context(
     verify: bool = True,
 ) -> ssl.SSLContext:
     """A client TLS context (TLS ≥ 1.2). Without ``ca`` and with ``verify=False`` it is the
-    anonymous, unverified TLS of go-choria's provisioning mode (spec §6.3, weakness §16.4)."""
+    anonymous TLS of go-choria's provisioning mode, which never verifies the broker (an on-path
+    attacker could impersonate it)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca is not None:
@@ -345,10 +346,6 @@ class SharedConnections:
             except Exception as exc:
                 log.debug("close failed: %s", exc)
         self._conns.clear()
-
-    def connection_count(self) -> int:
-        """How many NATS connections are open."""
-        return sum(1 for c in self._conns.values() if not c.nc.is_closed)
 
 
 def _asdict(opts: ConnectOptions) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Overlay placement: registry, placement policies, capacity ledger and drain planning.
 
-Public API (see ``docs/overlays.md`` and ``docs/dev/interfaces.md``)::
+Public API (see ``docs/overlays.md``)::
 
     registry = OverlayRegistry.from_yaml("overlays.yaml")   # or load_sample_registry()
     ledger = MemoryLedger()                                 # or KVLedger(js)

@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,87 @@ class _Counter:
     pending: list[tuple[int, int, asyncio.Future[bool]]] = field(default_factory=list)
 
 
+class _Counters:
+    """The ``cnt.<overlay>`` keys, changed by group commit.
+
+    The coroutine holding an overlay's lock applies every pending +1/-1 in one CAS, so
+    concurrency inside a process does not turn into CAS retries.
+    """
+
+    def __init__(self, kv: Callable[[], Awaitable[Any]]) -> None:
+        self._kv = kv
+        self._counters: dict[str, _Counter] = {}
+
+    async def _load(self, overlay: str, c: _Counter) -> None:
+        kv = await self._kv()
+        try:
+            entry = await kv.get("cnt." + overlay)
+            c.value, c.rev = int(entry.value or b"0"), entry.revision
+        except nats.js.errors.KeyNotFoundError:
+            c.value, c.rev = 0, 0
+
+    async def adjust(self, overlay: str, delta: int, capacity: int) -> bool:
+        """Add ``delta`` to the overlay's count; a +1 is refused (False) past ``capacity``."""
+        c = self._counters.setdefault(overlay, _Counter())
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        c.pending.append((delta, capacity, fut))
+        async with c.lock:
+            if not fut.done():
+                batch, c.pending = c.pending, []
+                try:
+                    await self._apply(overlay, c, batch)
+                except BaseException as err:
+                    # The write may or may not have landed: forget the cached revision and
+                    # fail the batch (a lost +1 only over-counts, which is the safe side).
+                    c.rev = None
+                    failure = err if isinstance(err, Exception) else LedgerError("interrupted")
+                    for _, _, f in batch:
+                        if not f.done():
+                            f.set_exception(failure)
+                    raise
+        return fut.result()
+
+    async def _apply(
+        self, overlay: str, c: _Counter, batch: list[tuple[int, int, asyncio.Future[bool]]]
+    ) -> None:
+        kv = await self._kv()
+        for _ in range(1000):
+            fresh = False
+            if c.rev is None:
+                await self._load(overlay, c)
+                fresh = True
+            value = c.value
+            results: list[bool] = []
+            for delta, cap, _ in batch:
+                if delta > 0:
+                    ok = value + delta <= cap
+                    value += delta if ok else 0
+                    results.append(ok)
+                else:
+                    value = max(0, value + delta)
+                    results.append(True)
+            if not all(results) and not fresh:
+                # Never deny on a cached count: others may have released places.
+                c.rev = None
+                continue
+            if value != c.value:
+                try:
+                    if c.rev == 0:
+                        rev = await kv.create("cnt." + overlay, str(value).encode())
+                    else:
+                        rev = await kv.update("cnt." + overlay, str(value).encode(), last=c.rev)
+                except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as err:
+                    if not _wrong_seq(err):
+                        raise
+                    c.rev = None
+                    continue
+                c.value, c.rev = value, rev
+            for (_, _, f), ok in zip(batch, results, strict=True):
+                f.set_result(ok)
+            return
+        raise LedgerError(f"counter for overlay {overlay!r}: CAS did not converge")
+
+
 class KVLedger:
     """:class:`overlays.ledger.Ledger` on JetStream KV (atomic CAS on revisions)."""
 
@@ -96,7 +177,7 @@ class KVLedger:
         self._clock = clock
         self._kv_obj: Any = None
         self._init_lock = asyncio.Lock()
-        self._counters: dict[str, _Counter] = {}
+        self._counters = _Counters(self._kv)
         self._groups: dict[str, tuple[list[str], int]] = {}
         self._mine: dict[str, tuple[Assignment, int]] = {}
 
@@ -129,76 +210,6 @@ class KVLedger:
             return await coro
         except (nats.errors.Error, TimeoutError) as err:
             raise LedgerError(f"ledger {self.bucket} {op}: {type(err).__name__}: {err}") from err
-
-    # -- counters (group commit) ---------------------------------------------------------------
-
-    async def _load_counter(self, overlay: str, c: _Counter) -> None:
-        kv = await self._kv()
-        try:
-            entry = await kv.get("cnt." + overlay)
-            c.value, c.rev = int(entry.value or b"0"), entry.revision
-        except nats.js.errors.KeyNotFoundError:
-            c.value, c.rev = 0, 0
-
-    async def _adjust(self, overlay: str, delta: int, capacity: int) -> bool:
-        c = self._counters.setdefault(overlay, _Counter())
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        c.pending.append((delta, capacity, fut))
-        async with c.lock:
-            if not fut.done():
-                batch, c.pending = c.pending, []
-                try:
-                    await self._apply(overlay, c, batch)
-                except BaseException as err:
-                    # The write may or may not have landed: forget the cached revision and
-                    # fail the batch (a lost +1 only over-counts, which is the safe side).
-                    c.rev = None
-                    failure = err if isinstance(err, Exception) else LedgerError("interrupted")
-                    for _, _, f in batch:
-                        if not f.done():
-                            f.set_exception(failure)
-                    raise
-        return fut.result()
-
-    async def _apply(
-        self, overlay: str, c: _Counter, batch: list[tuple[int, int, asyncio.Future[bool]]]
-    ) -> None:
-        kv = await self._kv()
-        for _ in range(1000):
-            fresh = False
-            if c.rev is None:
-                await self._load_counter(overlay, c)
-                fresh = True
-            value = c.value
-            results: list[bool] = []
-            for delta, cap, _ in batch:
-                if delta > 0:
-                    ok = value + delta <= cap
-                    value += delta if ok else 0
-                    results.append(ok)
-                else:
-                    value = max(0, value + delta)
-                    results.append(True)
-            if not all(results) and not fresh:
-                # Never deny on a cached count: others may have released places.
-                c.rev = None
-                continue
-            if value != c.value:
-                try:
-                    if c.rev == 0:
-                        rev = await kv.create("cnt." + overlay, str(value).encode())
-                    else:
-                        rev = await kv.update("cnt." + overlay, str(value).encode(), last=c.rev)
-                except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as err:
-                    if not _wrong_seq(err):
-                        raise
-                    c.rev = None
-                    continue
-                c.value, c.rev = value, rev
-            for (_, _, f), ok in zip(batch, results, strict=True):
-                f.set_result(ok)
-            return
-        raise LedgerError(f"counter for overlay {overlay!r}: CAS did not converge")
 
     # -- node keys -----------------------------------------------------------------------------
 
@@ -255,7 +266,7 @@ class KVLedger:
         if not await self._delete_node(a.identity, rev):
             return False
         if a.overlay:
-            await self._adjust(a.overlay, -1, 0)
+            await self._counters.adjust(a.overlay, -1, 0)
         return True
 
     # -- Ledger API ----------------------------------------------------------------------------
@@ -282,16 +293,16 @@ class KVLedger:
         for _ in range(_MAX_TRIES):
             now = self._clock()
             mine = Assignment(identity, overlay, "reserved", now + ttl_s, group)
-            if await self._adjust(overlay, +1, capacity):
+            if await self._counters.adjust(overlay, +1, capacity):
                 try:
                     rev = await kv.create(key, self._encode(mine))
                     self._remember(mine, rev)
                     return True
                 except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError) as err:
                     if not _wrong_seq(err):
-                        await self._adjust(overlay, -1, capacity)
+                        await self._counters.adjust(overlay, -1, capacity)
                         raise
-                await self._adjust(overlay, -1, capacity)
+                await self._counters.adjust(overlay, -1, capacity)
                 full = False
             else:
                 full = True

@@ -22,18 +22,20 @@ Semantics (both implementations):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
+
+from choria_core.errors import FleetError
 
 AssignmentState = Literal["reserved", "committed"]
 
 
-class LedgerError(Exception):
+class LedgerError(FleetError, reason="ledger"):
     """The ledger could not be read or written (e.g. NATS unreachable)."""
 
 
-class AlreadyAssigned(Exception):
+class AlreadyAssigned(FleetError, reason="already_assigned"):
     """The node already holds a live place in another overlay."""
 
     def __init__(self, identity: str, overlay: str) -> None:
@@ -126,22 +128,6 @@ class MemoryLedger:
         self._nodes: dict[str, Assignment] = {}
         self._counts: dict[str, int] = {}
         self._groups: dict[str, list[str]] = {}
-
-    @classmethod
-    def seeded(
-        cls, assignments: Mapping[str, str], *, groups: Mapping[str, str] | None = None
-    ) -> MemoryLedger:
-        """A ledger holding committed places (identity → overlay), e.g. from an export."""
-        ledger = cls()
-        for identity, overlay in assignments.items():
-            group = (groups or {}).get(identity)
-            ledger._nodes[identity] = Assignment(identity, overlay, "committed", None, group)
-            ledger._counts[overlay] = ledger._counts.get(overlay, 0) + 1
-            if group is not None:
-                members = ledger._groups.setdefault(group, [])
-                if overlay not in members:
-                    members.append(overlay)
-        return ledger
 
     def _live(self, identity: str) -> Assignment | None:
         a = self._nodes.get(identity)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from choria_core.errors import FleetError
+
 OverlayStateName = Literal["active", "cordoned", "draining"]
 
 #: Overlay names end up in KV keys and NATS subjects, so they are kept to a safe alphabet.
@@ -26,7 +28,7 @@ RANKER_POLICIES = ("least_filled", "weighted", "hash")
 DEFAULT_POLICIES = ("stable", "pinned", "affinity", "region", "least_filled")
 
 
-class OverlayConfigError(ValueError):
+class OverlayConfigError(FleetError, ValueError, reason="config"):
     """The overlay registry is invalid; the message names the source, overlay and field."""
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from choria_core.errors import FleetError
 from overlays.ledger import AlreadyAssigned, Ledger, LedgerError
 from overlays.model import Overlay
 from overlays.policy import Tiers, fact_value, first_pin, rank, split_tiers
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 _MAX_GROUP_RACES = 8
 
 
-class PlacementError(ValueError):
+class PlacementError(FleetError, ValueError, reason="placement"):
     """The placement request itself is invalid (e.g. an empty identity)."""
 
 

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import yaml
 from pydantic import ValidationError
 
@@ -120,8 +121,6 @@ class OverlayRegistry:
         cls, js: Any, bucket: str = REGISTRY_BUCKET, key: str = REGISTRY_KEY
     ) -> OverlayRegistry:
         """Load the registry another provisioner published with :meth:`publish`."""
-        import nats.js.errors
-
         try:
             kv = await js.key_value(bucket)
             entry = await kv.get(key)
@@ -133,8 +132,6 @@ class OverlayRegistry:
 
     async def publish(self, js: Any, bucket: str = REGISTRY_BUCKET, key: str = REGISTRY_KEY) -> int:
         """Store this registry in a KV bucket (created if missing); returns the revision."""
-        import nats.js.errors
-
         try:
             kv = await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:

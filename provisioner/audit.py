@@ -3,10 +3,10 @@
 A record says who was provisioned, with what and why, without a single secret in it:
 
 ``time``, ``identity``, ``attempt``, ``decision`` (``provisioned`` / ``deferred`` /
-``shutdown`` / ``failed``), ``stage`` (the last stage reached), ``error``, ``msg`` (the
-helper's message), ``token_jti``, ``token_issuer``, ``inventory_sha256``, ``csr_sha256``
-(sha256 of the CSR's DER), ``overlay``, ``cert_serial``, ``cert_not_after``, ``timings``
-(seconds per stage), ``provisioner`` (our identity), ``site``.
+``shutdown`` / ``failed``, or ``aborted`` with leader election), ``stage`` (the last stage
+reached), ``error``, ``msg`` (the helper's message), ``token_jti``, ``token_issuer``,
+``inventory_sha256``, ``csr_sha256`` (sha256 of the CSR's DER), ``overlay``, ``cert_serial``,
+``cert_not_after``, ``timings`` (seconds per stage), ``provisioner`` (our identity), ``site``.
 
 Writes are batched: records are buffered and a background task appends and ``fsync``\\ s them
 every ``flush_interval`` seconds (or when ``max_batch`` records are waiting), so thousands of

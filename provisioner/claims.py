@@ -44,10 +44,12 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from choria_core.errors import FleetError
+
 DEFAULT_BUCKET = "PROVISIONER_CLAIMS"
 
 
-class FencedError(RuntimeError):
+class FencedError(FleetError, RuntimeError, reason="fenced"):
     """A newer leader owns this node's claim: stop working on it."""
 
 

@@ -16,8 +16,6 @@ The helper program is started with the provisioner's own environment (it inherit
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 import shlex
@@ -27,15 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from choria_core.durations import parse_duration
+from choria_core.strictmodel import StrictConfigError, StrictModel, unknown_keys, validate_strict
 
 __all__ = [
     "DEFAULT_CERT_DENY_LIST",
@@ -46,7 +39,6 @@ __all__ = [
     "ProvisionerConfig",
     "TLSConfig",
     "load_config",
-    "parse_duration",
 ]
 
 DEFAULT_CERT_DENY_LIST: tuple[str, ...] = (
@@ -60,101 +52,18 @@ ONE_YEAR_S = 365 * 86400.0
 _LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "fatal", "panic")
 
 
-class ConfigError(ValueError):
+class ConfigError(StrictConfigError):
     """A configuration problem; the message names the key and the file.
 
     ``key`` is the dotted key (``features.ed25519``) or ``None`` for file-level problems,
     ``file`` the config file (or ``None`` for a config built in code).
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        key: str | None = None,
-        file: str | None = None,
-        problems: list[tuple[str, str]] | None = None,
-    ) -> None:
-        self.key = key
-        self.file = file
-        self.detail = message
-        self.problems: list[tuple[str, str]] = problems or ([(key, message)] if key else [])
-        where = file if file is not None else "<config>"
-        if problems and len(problems) > 1:
-            listed = "; ".join(f"{k}: {m}" for k, m in problems)
-            text = f"{where}: {len(problems)} problems: {listed}"
-        elif key:
-            text = f"{where}: {key}: {message}"
-        else:
-            text = f"{where}: {message}"
-        super().__init__(text)
+    default_where = "<config>"
 
 
 # ---------------------------------------------------------------------------------------------
-# durations
-
-# Units of Go's time.ParseDuration plus go-choria's extensions (util.ParseDuration):
-# d/D days, w/W weeks, M months (30 days), y/Y years (365 days).
-_UNITS: dict[str, float] = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "S": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-    "H": 3600.0,
-    "d": 86400.0,
-    "D": 86400.0,
-    "w": 7 * 86400.0,
-    "W": 7 * 86400.0,
-    "M": 30 * 86400.0,
-    "y": 365 * 86400.0,
-    "Y": 365 * 86400.0,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|S|m|h|H|d|D|w|W|M|y|Y)")
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Parse a duration into seconds.
-
-    Accepts numbers (seconds) and Go/choria duration text: ``"10s"``, ``"1m"``, ``"1h30m"``,
-    ``"8760h"``, ``"365d"``, ``"2w"``, ``"1M"`` (30 days), ``"1y"`` (365 days). Negative,
-    non-finite or unit-less text is refused with :class:`ValueError`.
-    """
-    if isinstance(text, bool):
-        raise ValueError("a duration must be a number of seconds or text like 10s, 1m, 1h, 1y")
-    if isinstance(text, int | float):
-        value = float(text)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"invalid duration {text!r}: must be a finite number >= 0")
-        return value
-    if not isinstance(text, str):
-        raise ValueError("a duration must be a number of seconds or text like 10s, 1m, 1h, 1y")
-    s = text.strip()
-    if not s:
-        raise ValueError("empty duration; use text like 10s, 1m, 1h or 1y")
-    if s == "0":
-        return 0.0
-    if s.startswith("-"):
-        raise ValueError(f"invalid duration {text!r}: must not be negative")
-    s = s.removeprefix("+")
-    pos = 0
-    total = 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if m is None:
-            raise ValueError(
-                f"invalid duration {text!r}: expected <number><unit> with unit one of "
-                "ns, us, ms, s, m, h, d, w, M, y (e.g. 30s, 1h30m, 1y)"
-            )
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not math.isfinite(total):
-        raise ValueError(f"invalid duration {text!r}: too large")
-    return total
+# durations (text like 10s, 1h30m, 1y, or seconds: see choria_core.durations)
 
 
 def _duration_field(value: Any) -> Any:
@@ -167,11 +76,7 @@ def _duration_field(value: Any) -> Any:
 # models
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Features(_Strict):
+class Features(StrictModel):
     """Anchor ``features``: which provisioning steps run."""
 
     pki: bool = False
@@ -180,7 +85,7 @@ class Features(_Strict):
     upgrades: bool = False
 
 
-class TLSConfig(_Strict):
+class TLSConfig(StrictModel):
     """TLS material the provisioner uses to connect to the broker (ours)."""
 
     ca: str | None = None
@@ -195,7 +100,7 @@ class TLSConfig(_Strict):
         return self
 
 
-class AdminConfig(_Strict):
+class AdminConfig(StrictModel):
     """The admin/status HTTP API (ours). ``port`` 0 means: share ``monitor_port``."""
 
     enabled: bool = True
@@ -204,7 +109,7 @@ class AdminConfig(_Strict):
     token: str | None = Field(default=None, repr=False)
 
 
-class ElectionConfig(_Strict):
+class ElectionConfig(StrictModel):
     """Leader election over a Streams KV bucket (ours; used when ``leader_election`` is on)."""
 
     bucket: str = "CHORIA_LEADER_ELECTION"
@@ -233,7 +138,7 @@ def _default_workers() -> int:
     return os.cpu_count() or 1
 
 
-class ProvisionerConfig(_Strict):
+class ProvisionerConfig(StrictModel):
     """The provisioner configuration. See ``docs/configuration.md`` for every key."""
 
     # --- anchor keys (choria-io/provisioner config/config.go) ---
@@ -428,12 +333,6 @@ _PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("tls", "key"),
 )
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}\s*")
-_NESTED: dict[str, type[BaseModel]] = {
-    "features": Features,
-    "tls": TLSConfig,
-    "admin": AdminConfig,
-    "election": ElectionConfig,
-}
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -474,23 +373,6 @@ def _resolve_paths(raw: dict[str, Any], base: Path, *, helper_mode: Any) -> None
         raw["helper"] = _resolve_helper(raw["helper"], base)
 
 
-def _unknown_keys(
-    raw: Mapping[str, Any], model: type[BaseModel], prefix: str
-) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    known = list(model.model_fields)
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if not isinstance(key, str) or key not in model.model_fields:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            problems.append((dotted, f"unknown key{hint}"))
-            continue
-        if model is ProvisionerConfig and key in _NESTED and isinstance(value, Mapping):
-            problems.extend(_unknown_keys(value, _NESTED[key], f"{dotted}."))
-    return problems
-
-
 def _set_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     target = raw
@@ -501,31 +383,6 @@ def _set_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
             target[part] = nxt
         target = nxt
     target[parts[-1]] = value
-
-
-def _loc_to_key(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
-        else:
-            parts.append(str(item))
-    return ".".join(parts)
-
-
-def _from_validation_error(exc: ValidationError, file: str | None) -> ConfigError:
-    # Build the message from pydantic's error text only: never echo input values, which could
-    # be the token or a password.
-    lines: list[tuple[str, str]] = []
-    for err in exc.errors(include_url=False, include_input=False):
-        key = _loc_to_key(tuple(err.get("loc", ())))
-        msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown key"
-        lines.append((key, msg))
-    lines = [(k or "<root>", m) for k, m in lines] or [("<root>", "invalid configuration")]
-    first_key = lines[0][0]
-    return ConfigError(lines[0][1], key=first_key, file=file, problems=lines)
 
 
 def load_config(
@@ -559,7 +416,7 @@ def load_config(
         raise ConfigError("the top level must be a mapping of key: value", file=fname)
     raw: dict[str, Any] = loaded
 
-    unknown = _unknown_keys(raw, ProvisionerConfig, "")
+    unknown = unknown_keys(raw, ProvisionerConfig)
     if unknown:
         raise ConfigError(unknown[0][1], key=unknown[0][0], file=fname, problems=unknown)
 
@@ -576,9 +433,6 @@ def load_config(
             value = str(Path(value).expanduser().absolute())
         _set_override(raw, key, value)
 
-    try:
-        cfg = ProvisionerConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise _from_validation_error(exc, fname) from None
+    cfg = validate_strict(ProvisionerConfig, raw, file=fname, error=ConfigError)
     cfg._source_file = file.resolve()
     return cfg

@@ -1,6 +1,6 @@
 """Finding nodes that wait to be provisioned.
 
-Two sources feed one deduplicating queue (spec §5, §9, §14):
+Two sources feed one deduplicating queue:
 
 * **Events** (fast path): nodes publish a ``startup`` lifecycle event on
   ``choria.lifecycle.event.startup.<lifecycle_component>`` after subscribing. We listen in a

@@ -1,4 +1,4 @@
-"""Leader election on a NATS JetStream KV bucket (go-choria's streams election, spec §13).
+"""Leader election on a NATS JetStream KV bucket (as go-choria's streams election).
 
 Replicas campaign by *creating* the election key (succeeds only when no live leader holds it),
 the leader holds it by *updating* it with the revision it last wrote (compare-and-set), and the
@@ -41,6 +41,8 @@ from nats.js.errors import (
     NotFoundError,
 )
 
+from choria_core.errors import FleetError
+
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int], Awaitable[None] | None]
@@ -49,7 +51,7 @@ MIN_TTL = 1.0
 MAX_TTL = 3600.0
 
 
-class ElectionError(RuntimeError):
+class ElectionError(FleetError, RuntimeError, reason="election"):
     """The election could not be set up (bad TTL, bucket problems)."""
 
 

@@ -132,11 +132,14 @@ class Metrics:
     def __init__(self, site: str = "", registry: CollectorRegistry | None = None) -> None:
         self.site = site
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
         self._rpc_children: dict[str, Any] = {}
         self._stage_children: dict[str, Any] = {}
+        self._anchor_metrics(self.registry)
+        self._our_metrics(self.registry)
+        self._zero_site_series(site)
 
-        # --- anchor names -------------------------------------------------------------
+    def _anchor_metrics(self, r: CollectorRegistry) -> None:
+        """The anchor's series, under its exact names (dashboards query them)."""
         self.rpc_time = Summary(
             "choria_provisioner_rpc_time",
             "How long it took to perform RPC requests",
@@ -216,7 +219,8 @@ class Metrics:
             registry=r,
         )
 
-        # --- our additions ------------------------------------------------------------
+    def _our_metrics(self, r: CollectorRegistry) -> None:
+        """Our additions, named by the Prometheus conventions."""
         self.stage_seconds = Histogram(
             "choria_provisioner_stage_seconds",
             "Latency of each provisioning stage",
@@ -267,7 +271,8 @@ class Metrics:
             registry=r,
         )
 
-        # Pre-create the site series so dashboards see zeros rather than gaps (anchor does too).
+    def _zero_site_series(self, site: str) -> None:
+        """Pre-create the site series so dashboards see zeros rather than gaps (as the anchor)."""
         for c in (
             self.discovered,
             self.event_discovered,
@@ -305,12 +310,6 @@ class Metrics:
     def set_states(self, counts: dict[str, int], states: Iterable[str]) -> None:
         for state in states:
             self.nodes_by_state.labels(self.site, state).set(counts.get(state, 0))
-
-
-def sample_value(registry: CollectorRegistry, name: str, labels: dict[str, str]) -> float | None:
-    """Value of one sample by exact sample name (tests, admin status)."""
-    value = registry.get_sample_value(name, labels)
-    return value
 
 
 def metric_names(registry: CollectorRegistry) -> Iterator[str]:

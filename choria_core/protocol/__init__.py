@@ -1,6 +1,6 @@
 """Choria protocol v1 wire layer: messages, subjects, MCORPC bodies, lifecycle events.
 
-Pure code, no I/O (spec ``choria-wire.md`` §2-§5, §9). Every decoder raises
+Pure code, no I/O; ``docs/protocol.md`` describes the wire format. Every decoder raises
 :class:`ProtocolError` (a ``ValueError``) and nothing else on malformed input.
 """
 

@@ -8,6 +8,16 @@ single type; nothing else escapes, whatever bytes arrive from the network.
 
 from __future__ import annotations
 
+from typing import NoReturn
 
-class ProtocolError(ValueError):
-    """A Choria message was malformed, or failed a protocol rule (spec §2-§5, §9)."""
+from choria_core.errors import FleetError
+
+
+class ProtocolError(FleetError, ValueError, reason="protocol"):
+    """A Choria message was malformed, or failed a rule of the wire protocol (message layers,
+    subjects, RPC bodies, lifecycle events) or a node-side acceptance check."""
+
+
+def fail(msg: str) -> NoReturn:
+    """Raise :class:`ProtocolError` with ``msg`` (a check then reads as one line)."""
+    raise ProtocolError(msg)

@@ -1,4 +1,4 @@
-"""Choria lifecycle events in CloudEvents 1.0 JSON and the legacy "Choria format" (spec §9).
+"""Choria lifecycle events in CloudEvents 1.0 JSON and the legacy "Choria format".
 
 Published as plain NATS messages on ``choria.lifecycle.event.<type>.<component>`` (no Choria
 transport wrapper). Nodes emit CloudEvents; the reference provisioner announces itself in the
@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
-from choria_core.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError, fail
 
 EVENT_TYPES = ("startup", "shutdown", "provisioned", "alive", "upgraded", "governor")
 SOURCE = "io.choria.lifecycle"
@@ -28,10 +28,6 @@ _TYPE_RE = re.compile(r"^[a-z_]+$")
 _BASE_KEYS = frozenset({"protocol", "id", "identity", "component", "timestamp", "version"})
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-
-
-def _fail(msg: str) -> NoReturn:
-    raise ProtocolError(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +59,10 @@ def new_event(
 ) -> LifecycleEvent:
     """A new event with a UUIDv4 id (with hyphens, like Go) and a Unix-seconds timestamp."""
     if not isinstance(event_type, str) or _TYPE_RE.match(event_type) is None:
-        _fail(f"lifecycle: invalid event type {event_type!r}")
+        fail(f"lifecycle: invalid event type {event_type!r}")
     clash = _BASE_KEYS.intersection(extra)
     if clash:
-        _fail(f"lifecycle: extra fields may not override base fields {sorted(clash)}")
+        fail(f"lifecycle: extra fields may not override base fields {sorted(clash)}")
     return LifecycleEvent(
         type=event_type,
         identity=identity,
@@ -98,7 +94,7 @@ def _rfc3339(ts: int) -> str:
     try:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (OverflowError, OSError, ValueError):
-        _fail(f"lifecycle: timestamp {ts} is out of range")
+        fail(f"lifecycle: timestamp {ts} is out of range")
 
 
 def encode_event(
@@ -109,7 +105,7 @@ def encode_event(
     if format == "legacy":
         return _dumps(data).encode("ascii")
     if format != "cloudevents":
-        _fail(f"lifecycle: unknown format {format!r}")
+        fail(f"lifecycle: unknown format {format!r}")
     envelope = {
         "specversion": "1.0",
         "id": ev.id,
@@ -132,28 +128,28 @@ def _type_from_protocol(proto: str) -> str:
         m = _LEGACY_RE.match(proto)
         if m is not None and not proto.endswith("\n"):
             return m.group(1)
-    _fail(f"lifecycle: unknown event protocol {proto!r}")
+    fail(f"lifecycle: unknown event protocol {proto!r}")
 
 
 def _parse_data(obj: dict[str, Any]) -> LifecycleEvent:
     proto = obj.get("protocol")
     if not isinstance(proto, str):
-        _fail("lifecycle: 'protocol' must be a string")
+        fail("lifecycle: 'protocol' must be a string")
     kind = _type_from_protocol(proto)
     identity, component = obj.get("identity"), obj.get("component")
     if not isinstance(identity, str) or not identity:
-        _fail("lifecycle: 'identity' must be a non-empty string")
+        fail("lifecycle: 'identity' must be a non-empty string")
     if not isinstance(component, str):
-        _fail("lifecycle: 'component' must be a string")
+        fail("lifecycle: 'component' must be a string")
     ev_id = obj.get("id", "")
     if not isinstance(ev_id, str):
-        _fail("lifecycle: 'id' must be a string")
+        fail("lifecycle: 'id' must be a string")
     ts = obj.get("timestamp")
     if type(ts) is not int:
-        _fail("lifecycle: 'timestamp' must be an integer (Unix seconds)")
+        fail("lifecycle: 'timestamp' must be an integer (Unix seconds)")
     version = obj.get("version")
     if version is not None and not isinstance(version, str):
-        _fail("lifecycle: 'version' must be a string")
+        fail("lifecycle: 'version' must be a string")
     extra = {k: v for k, v in obj.items() if k not in _BASE_KEYS}
     return LifecycleEvent(
         type=kind,
@@ -169,13 +165,13 @@ def _parse_data(obj: dict[str, Any]) -> LifecycleEvent:
 def parse_event(data: bytes) -> LifecycleEvent:
     """Parse either format; the legacy ``choria:lifecycle:<type>:1`` spelling is normalised."""
     if not isinstance(data, bytes | bytearray | str):
-        _fail(f"lifecycle: expected bytes, got {type(data).__name__}")
+        fail(f"lifecycle: expected bytes, got {type(data).__name__}")
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"lifecycle: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
-        _fail("lifecycle: expected a JSON object")
+        fail("lifecycle: expected a JSON object")
     proto = obj.get("protocol")
     if isinstance(proto, str) and (
         proto.startswith("io.choria.lifecycle") or proto.startswith("choria:lifecycle:")
@@ -184,6 +180,6 @@ def parse_event(data: bytes) -> LifecycleEvent:
     if obj.get("specversion") == "1.0" and obj.get("source") == SOURCE:
         inner = obj.get("data")
         if not isinstance(inner, dict):
-            _fail("lifecycle: CloudEvent 'data' must be an object")
+            fail("lifecycle: CloudEvent 'data' must be an object")
         return _parse_data(inner)
-    _fail("lifecycle: neither a Choria lifecycle event nor a Choria CloudEvent")
+    fail("lifecycle: neither a Choria lifecycle event nor a Choria CloudEvent")

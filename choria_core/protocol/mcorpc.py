@@ -1,4 +1,4 @@
-"""MCORPC (SimpleRPC) request and reply bodies (spec §4).
+"""MCORPC (SimpleRPC) request and reply bodies.
 
 The body travels inside the request ``message`` (raw JSON from us, or base64 from other
 clients; see :func:`choria_core.protocol.decode_payload`) and inside the reply ``message``.
@@ -10,9 +10,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Any
 
-from choria_core.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError, fail
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -28,19 +28,15 @@ class StatusCode(IntEnum):
     UNKNOWN_ERROR = 5
 
 
-def _fail(msg: str) -> NoReturn:
-    raise ProtocolError(msg)
-
-
 def _load(layer: str, payload: bytes | str) -> dict[str, Any]:
     if not isinstance(payload, bytes | bytearray | str):
-        _fail(f"{layer}: expected bytes or str, got {type(payload).__name__}")
+        fail(f"{layer}: expected bytes or str, got {type(payload).__name__}")
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{layer}: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
-        _fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
+        fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -56,7 +52,7 @@ class RPCRequest:
 def encode_rpc_request(agent: str, action: str, data: Mapping[str, Any] | None = None) -> str:
     """The JSON text of an RPC request body, ``{"agent","action","data"}`` like the Go client.
 
-    No ``time`` key: the Go node's struct field is a ``time.Time`` and a number fails (§4).
+    No ``time`` key: the Go node's struct field is a ``time.Time`` and a number fails.
     """
     return _dumps({"agent": agent, "action": action, "data": dict(data or {})})
 
@@ -69,17 +65,17 @@ def parse_rpc_request(payload: bytes) -> RPCRequest:
     obj = _load("rpc request", payload)
     agent, action = obj.get("agent"), obj.get("action")
     if not isinstance(agent, str) or not agent:
-        _fail("rpc request: 'agent' must be a non-empty string")
+        fail("rpc request: 'agent' must be a non-empty string")
     if not isinstance(action, str) or not action:
-        _fail("rpc request: 'action' must be a non-empty string")
+        fail("rpc request: 'action' must be a non-empty string")
     data = obj.get("data")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        _fail("rpc request: 'data' must be an object")
+        fail("rpc request: 'data' must be an object")
     # Mirror the Go node: its body struct has ``Time time.Time``, which only takes a string.
     if obj.get("time") is not None and not isinstance(obj.get("time"), str):
-        _fail("rpc request: 'time' must not be a number")
+        fail("rpc request: 'time' must not be a number")
     return RPCRequest(agent=agent, action=action, data=data)
 
 
@@ -114,13 +110,13 @@ class RPCReply:
         obj = _load("rpc reply", text)
         action = obj.get("action", "")
         if not isinstance(action, str):
-            _fail("rpc reply: 'action' must be a string")
+            fail("rpc reply: 'action' must be a string")
         code = obj.get("statuscode")
         if type(code) is not int or not 0 <= code <= 255:
-            _fail("rpc reply: 'statuscode' must be an integer 0..255")
+            fail("rpc reply: 'statuscode' must be an integer 0..255")
         msg = obj.get("statusmsg", "OK")
         if not isinstance(msg, str):
-            _fail("rpc reply: 'statusmsg' must be a string")
+            fail("rpc reply: 'statusmsg' must be a string")
         data = obj.get("data", {})
         if data is None or data == "{}":  # the Go nil-data quirk
             data = {}

@@ -1,4 +1,4 @@
-"""Choria protocol v1 messages: transport, secure request/reply, request/reply (spec §2).
+"""Choria protocol v1 messages: transport, secure request/reply, request/reply.
 
 Layering (three levels of JSON embedded in JSON strings)::
 
@@ -13,7 +13,7 @@ stdlib ``json`` C encoder with compact separators and hand-written checks rather
 validation framework. Every decode function raises :class:`ProtocolError` only.
 
 Requests are always built "insecure" (``signature``/``pubcert`` = ``insecure``): provisioning
-mode nodes never verify request signatures (spec §2.2).
+mode nodes never verify request signatures.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import time as _time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-from choria_core.protocol.errors import ProtocolError
+from choria_core.protocol.errors import ProtocolError, fail
 from choria_core.protocol.subjects import new_request_id
 
 TRANSPORT_PROTOCOL = "choria:transport:1"
@@ -52,33 +52,29 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _loads = json.loads
 
 
-def _fail(msg: str) -> NoReturn:
-    raise ProtocolError(msg)
-
-
 def _json(layer: str, data: bytes | str) -> dict[str, Any]:
     try:
         obj = _loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
         raise ProtocolError(f"{layer}: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
-        _fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
+        fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def _str(layer: str, obj: dict[str, Any], key: str, *, nonempty: bool = False) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
-        _fail(f"{layer}: field {key!r} must be a string")
+        fail(f"{layer}: field {key!r} must be a string")
     if nonempty and not value:
-        _fail(f"{layer}: field {key!r} must not be empty")
+        fail(f"{layer}: field {key!r} must not be empty")
     return value
 
 
 def _int(layer: str, obj: dict[str, Any], key: str) -> int:
     value = obj.get(key)
     if type(value) is not int:  # bool is an int subclass and not acceptable
-        _fail(f"{layer}: field {key!r} must be an integer")
+        fail(f"{layer}: field {key!r} must be an integer")
     return value
 
 
@@ -86,7 +82,7 @@ def _protocol(layer: str, obj: dict[str, Any], expected: str) -> None:
     proto = obj.get("protocol")
     if proto != expected:
         shown = proto if isinstance(proto, str) else type(proto).__name__
-        _fail(f"{layer}: protocol {shown!r} is not {expected!r}")
+        fail(f"{layer}: protocol {shown!r} is not {expected!r}")
 
 
 def _b64encode(data: bytes) -> str:
@@ -105,7 +101,7 @@ def _b64decode_strict(layer: str, text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Filter:
-    """The request envelope filter (spec §2.3, §5.3). Empty = every node matches."""
+    """The request envelope filter. Empty = every node matches."""
 
     fact: tuple[dict[str, str], ...] = ()
     cf_class: tuple[str, ...] = ()
@@ -127,33 +123,33 @@ class Filter:
     def from_json_obj(cls, obj: Any) -> Filter:
         """Parse and schema-check a filter object; ``null`` lists count as empty."""
         if not isinstance(obj, dict):
-            _fail("request: envelope filter must be an object")
+            fail("request: envelope filter must be an object")
         for key in _REQUIRED_FILTER_KEYS:
             if key not in obj:
-                _fail(f"request: envelope filter lacks required key {key!r}")
+                fail(f"request: envelope filter lacks required key {key!r}")
         lists: dict[str, list[Any]] = {}
         for key in _FILTER_KEYS:
             value = obj.get(key)
             if value is None:
                 value = []
             if not isinstance(value, list):
-                _fail(f"request: filter {key!r} must be a list")
+                fail(f"request: filter {key!r} must be a list")
             lists[key] = value
         facts: list[dict[str, str]] = []
         for item in lists["fact"]:
             if not isinstance(item, dict):
-                _fail("request: filter fact items must be objects")
+                fail("request: filter fact items must be objects")
             fact, op, val = item.get("fact"), item.get("operator"), item.get("value")
             if not isinstance(fact, str) or not fact:
-                _fail("request: filter fact item needs a non-empty 'fact'")
+                fail("request: filter fact item needs a non-empty 'fact'")
             if op not in FACT_OPERATORS:
-                _fail(f"request: filter fact operator must be one of {sorted(FACT_OPERATORS)}")
+                fail(f"request: filter fact operator must be one of {sorted(FACT_OPERATORS)}")
             if not isinstance(val, str) or not val:
-                _fail("request: filter fact item needs a non-empty string 'value'")
+                fail("request: filter fact item needs a non-empty string 'value'")
             facts.append({"fact": fact, "operator": op, "value": val})
         for key in ("cf_class", "agent", "identity"):
             if not all(isinstance(v, str) for v in lists[key]):
-                _fail(f"request: filter {key!r} items must be strings")
+                fail(f"request: filter {key!r} items must be strings")
         return cls(
             fact=tuple(facts),
             cf_class=tuple(lists["cf_class"]),
@@ -234,18 +230,18 @@ def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
     if raw is None:
         return TransportHeaders()
     if not isinstance(raw, dict):
-        _fail("transport: 'headers' must be an object")
+        fail("transport: 'headers' must be an object")
     reply_to = raw.get("reply-to")
     mc_sender = raw.get("mc_sender")
     if reply_to is not None and not isinstance(reply_to, str):
-        _fail("transport: header 'reply-to' must be a string")
+        fail("transport: header 'reply-to' must be a string")
     if mc_sender is not None and not isinstance(mc_sender, str):
-        _fail("transport: header 'mc_sender' must be a string")
+        fail("transport: header 'mc_sender' must be a string")
     seen = raw.get("seen-by")
     seen_by: tuple[tuple[str, str, str], ...] = ()
     if seen is not None:
         if not isinstance(seen, list):
-            _fail("transport: header 'seen-by' must be a list")
+            fail("transport: header 'seen-by' must be a list")
         triples = []
         for item in seen:
             if (
@@ -253,7 +249,7 @@ def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
                 or len(item) != 3
                 or not all(isinstance(s, str) for s in item)
             ):
-                _fail("transport: header 'seen-by' items must be [in, processor, out] strings")
+                fail("transport: header 'seen-by' items must be [in, processor, out] strings")
             triples.append((item[0], item[1], item[2]))
         seen_by = tuple(triples)
     return TransportHeaders(reply_to=reply_to or None, mc_sender=mc_sender or None, seen_by=seen_by)
@@ -261,7 +257,7 @@ def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
 
 def _open_transport(data: bytes) -> tuple[bytes, TransportHeaders]:
     if not isinstance(data, bytes | bytearray | memoryview | str):
-        _fail(f"transport: expected bytes, got {type(data).__name__}")
+        fail(f"transport: expected bytes, got {type(data).__name__}")
     if isinstance(data, memoryview):
         data = data.tobytes()
     obj = _json("transport", data)
@@ -292,9 +288,9 @@ def _check_request_fields(
     requestid: str, callerid: str, collective: str, agent: str, ttl: int, message: str
 ) -> None:
     if not isinstance(requestid, str) or len(requestid) != 32:
-        _fail("request: requestid must be exactly 32 characters")
+        fail("request: requestid must be exactly 32 characters")
     if type(ttl) is not int or ttl < MIN_TTL:
-        _fail(f"request: ttl must be an integer >= {MIN_TTL}")
+        fail(f"request: ttl must be an integer >= {MIN_TTL}")
     for name, value in (
         ("callerid", callerid),
         ("collective", collective),
@@ -302,7 +298,7 @@ def _check_request_fields(
         ("message", message),
     ):
         if not isinstance(value, str) or not value:
-            _fail(f"request: {name} must be a non-empty string")
+            fail(f"request: {name} must be a non-empty string")
 
 
 def new_request(
@@ -322,7 +318,7 @@ def new_request(
 
     With ``base64_payload=False`` the payload is sent raw (what the Go RPC client does). A raw
     payload that happens to be valid base64 (``ping``!) is refused, because the node would
-    base64-decode it into garbage (spec §2.5).
+    base64-decode it into garbage.
     """
     if isinstance(payload, bytes | bytearray):
         raw_bytes = bytes(payload)
@@ -332,17 +328,17 @@ def new_request(
             try:
                 message = raw_bytes.decode("utf-8")
             except UnicodeDecodeError:
-                _fail("request: a raw payload must be UTF-8; use base64_payload=True for bytes")
+                fail("request: a raw payload must be UTF-8; use base64_payload=True for bytes")
     elif isinstance(payload, str):
         if base64_payload:
             try:
                 message = _b64encode(payload.encode("utf-8"))
             except UnicodeEncodeError:
-                _fail("request: payload is not encodable as UTF-8")
+                fail("request: payload is not encodable as UTF-8")
         else:
             message = payload
     else:
-        _fail(f"request: payload must be bytes or str, not {type(payload).__name__}")
+        fail(f"request: payload must be bytes or str, not {type(payload).__name__}")
     req = Request(
         requestid=new_request_id() if requestid is None else requestid,
         senderid=senderid,
@@ -356,7 +352,7 @@ def new_request(
     )
     _check_request_fields(req.requestid, callerid, collective, agent, ttl, message)
     if not base64_payload and _is_strict_base64(message):
-        _fail(
+        fail(
             "request: raw payload is valid base64 and the node would decode it; "
             "pass base64_payload=True"
         )
@@ -416,13 +412,13 @@ def decode_request(data: bytes) -> tuple[Request, TransportHeaders]:
     message = _str("request", obj, "message", nonempty=True)
     env = obj.get("envelope")
     if not isinstance(env, dict):
-        _fail("request: 'envelope' must be an object")
+        fail("request: 'envelope' must be an object")
     requestid = _str("request", env, "requestid")
     if len(requestid) != 32:
-        _fail(f"request: requestid must be exactly 32 characters, got {len(requestid)}")
+        fail(f"request: requestid must be exactly 32 characters, got {len(requestid)}")
     ttl = _int("request", env, "ttl")
     if ttl < MIN_TTL:
-        _fail(f"request: ttl must be >= {MIN_TTL}, got {ttl}")
+        fail(f"request: ttl must be >= {MIN_TTL}, got {ttl}")
     req = Request(
         requestid=requestid,
         senderid=_str("request", env, "senderid"),
@@ -486,16 +482,16 @@ def decode_reply(data: bytes) -> tuple[Reply, TransportHeaders]:
     try:
         actual = _reply_hash(text)
     except UnicodeEncodeError:  # lone surrogates from a JSON \ud800 escape
-        _fail("secure reply: message is not valid UTF-8 text")
+        fail("secure reply: message is not valid UTF-8 text")
     # Integrity check only (replies are not signed in v1); the hash is not a secret.
     if claimed != actual:
-        _fail("secure reply: hash does not match sha256 of the message")
+        fail("secure reply: hash does not match sha256 of the message")
 
     obj = _json("reply", text)
     _protocol("reply", obj, REPLY_PROTOCOL)
     env = obj.get("envelope")
     if not isinstance(env, dict):
-        _fail("reply: 'envelope' must be an object")
+        fail("reply: 'envelope' must be an object")
     reply = Reply(
         requestid=_str("reply", env, "requestid", nonempty=True),
         senderid=_str("reply", env, "senderid"),
@@ -524,7 +520,7 @@ def decode_payload(message: str) -> bytes:
     CR and LF, so we do too).
     """
     if not isinstance(message, str):
-        _fail(f"payload: expected a string, got {type(message).__name__}")
+        fail(f"payload: expected a string, got {type(message).__name__}")
     try:
         return base64.b64decode(message.replace("\r", "").replace("\n", ""), validate=True)
     except (binascii.Error, ValueError):
@@ -532,7 +528,7 @@ def decode_payload(message: str) -> bytes:
     try:
         return message.encode("utf-8")
     except UnicodeEncodeError:
-        _fail("payload: neither base64 nor valid UTF-8 text")
+        fail("payload: neither base64 nor valid UTF-8 text")
 
 
 # --------------------------------------------------------------------------- node-side checks
@@ -561,26 +557,26 @@ def check_request(
     agents: Sequence[str],
     now: float | None = None,
 ) -> None:
-    """The node's acceptance checks (spec §2.3, §5.3); raises ProtocolError naming the check.
+    """The node's acceptance checks; raises ProtocolError naming the check.
 
     Collective membership, TTL window ``now - ttl < time < now + ttl`` (strict), then the
     filter: identity (OR, exact or ``/regex/`` search), agent (AND over entries, each matching
     one loaded agent), and any non-empty fact / cf_class / compound section is *no match*
-    (this node emulation has no facts engine, as the spec recommends).
+    (this node emulation has no facts engine; a provisioner never filters on facts).
     """
     if req.collective not in collectives:
-        _fail(f"collective check: {req.collective!r} is not on the list of known collectives")
+        fail(f"collective check: {req.collective!r} is not on the list of known collectives")
     t = _time.time() if now is None else now
     if not (t - req.ttl < req.time < t + req.ttl):
-        _fail(
+        fail(
             f"ttl check: request time {req.time} is outside the ttl window of {req.ttl}s "
             f"around {int(t)}"
         )
     flt = req.filter
     if flt.fact or flt.cf_class or flt.compound:
-        _fail("filter check: fact, class and compound filters are not supported in provisioning")
+        fail("filter check: fact, class and compound filters are not supported in provisioning")
     if flt.identity and not any(_matches(e, identity) for e in flt.identity):
-        _fail(f"filter check: identity {identity!r} does not match the identity filter")
+        fail(f"filter check: identity {identity!r} does not match the identity filter")
     for entry in flt.agent:
         if not any(_matches(entry, a) for a in agents):
-            _fail(f"filter check: agent filter {entry!r} matches no loaded agent")
+            fail(f"filter check: agent filter {entry!r} matches no loaded agent")

@@ -1,4 +1,4 @@
-"""NATS subject builders of the Choria v1 protocol (spec §3) and request ids.
+"""NATS subject builders of the Choria v1 protocol and request ids.
 
 Subjects carry node identities that come from remote input (lifecycle events, discovery
 replies), so the builders refuse tokens that would change a subject's meaning (``*``, ``>``,
@@ -14,20 +14,19 @@ import uuid
 
 from choria_core.protocol.errors import ProtocolError
 
-# The DDL / flatfile identity regex quoted in spec §3.
+# go-choria's identity regex (its DDL and flatfile discovery use the same).
 IDENTITY_RE = re.compile(
     r"^(([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*"
     r"([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9\-]*[A-Za-z0-9])$"
 )
 # A single subject token (collective, agent, event type, component): no dots, no wildcards.
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-_REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 LIFECYCLE_PREFIX = "choria.lifecycle.event"
 
 
 def is_valid_identity(identity: str) -> bool:
-    """True if ``identity`` matches the spec §3 identity regex (rejects ``*``, ``>``, spaces)."""
+    """True if ``identity`` matches go-choria's identity regex (rejects ``*``, ``>``, spaces)."""
     # fullmatch-like: the regex is anchored, but ``$`` also matches before a final "\n".
     return (
         isinstance(identity, str)
@@ -84,8 +83,3 @@ def lifecycle_subject(event_type: str, component: str) -> str:
 def new_request_id() -> str:
     """A new v1 request id: 32 lowercase hex characters (UUIDv4 without hyphens, like Go)."""
     return uuid.uuid4().hex
-
-
-def is_request_id(value: str) -> bool:
-    """True for a request id this package generates (32 lowercase hex characters)."""
-    return isinstance(value, str) and _REQUEST_ID_RE.match(value) is not None and len(value) == 32

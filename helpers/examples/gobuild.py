@@ -21,13 +21,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from choria_core.errors import FleetError
+
 SOURCE_ROOT = Path(__file__).resolve().parent / "go"
 GO_HINT = "install Go: apt-get install golang-go (or run scripts/install --debian as root)"
 #: The compiled examples, by name (a directory under ``go/``).
 EXAMPLES = ("cfssl-authsign",)
 
 
-class GoBuildError(RuntimeError):
+class GoBuildError(FleetError, RuntimeError, reason="build"):
     """Go is missing or the build failed; the message says what to do."""
 
 

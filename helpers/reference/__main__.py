@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from helpers.reference import CONFIG_ENV, make_handler
@@ -12,8 +13,6 @@ from helpers.sdk import run
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the configuration, serve exec or persistent mode."""
-    import os
-
     parser = argparse.ArgumentParser(
         prog="python -m helpers.reference",
         description="Reference provisioning helper: overlay placement, CA signing, config.",

@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from choria_core.errors import FleetError
+
 #: The variables a configuration template may use.
 TEMPLATE_VARS = {
     "identity": "node1.example.net",
@@ -20,7 +22,7 @@ TEMPLATE_VARS = {
 }
 
 
-class ReferenceConfigError(ValueError):
+class ReferenceConfigError(FleetError, ValueError, reason="config"):
     """The reference helper's configuration is invalid; the message names the file and key."""
 
 

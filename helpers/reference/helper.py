@@ -25,13 +25,15 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from choria_core.durations import parse_duration
+from choria_core.errors import FleetError
 from helpers.models import PROVISION_SETTING, HelperInput, HelperOutput
 from helpers.reference.config import ReferenceConfig, ReferenceConfigError
 
 log = logging.getLogger(__name__)
 
 
-class ReferenceHelperError(Exception):
+class ReferenceHelperError(FleetError, reason="helper"):
     """A node the reference helper refuses to decide for (the message says why)."""
 
 
@@ -79,8 +81,6 @@ class ReferenceHelper:
         self.opa_policies = {
             name: cfg.path(f).read_text() for name, f in cfg.policies.opa_policies.items()
         }
-        from provisioner.config import parse_duration
-
         self.ttl_s = parse_duration(cfg.certificate.ttl)
 
     # -- lazily opened resources --------------------------------------------------------------

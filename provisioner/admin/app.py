@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from choria_core.errors import FleetError
 from provisioner.admin.models import (
     AuditEntry,
     AuditTail,
@@ -63,7 +65,7 @@ _UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 _bearer = HTTPBearer(auto_error=False, description="The admin token (config admin.token).")
 
 
-class AdminConfigError(ValueError):
+class AdminConfigError(FleetError, ValueError, reason="config"):
     """The admin API was asked to start in an unsafe configuration."""
 
 
@@ -91,10 +93,31 @@ def create_app(
             "the admin API needs a bearer token (admin.token); refusing to start without one "
             "unless allow_unauthenticated=True is passed explicitly"
         )
+    app = FastAPI(
+        title="Fleet provisioner admin API",
+        version="1",
+        description=(
+            "Status, node states, pause/resume, discovery and audit tail of one provisioner "
+            "replica. Everything under /api/v1 needs `Authorization: Bearer <admin token>`."
+        ),
+    )
+    _add_probes(app, provider, registry if registry is not None else REGISTRY)
+    api = APIRouter(
+        prefix=API_PREFIX,
+        dependencies=[Depends(_token_check(token)), Depends(_reject_unknown_query)],
+        responses=_UNAUTHORIZED,
+    )
+    _add_status_routes(api, provider)
+    _add_control_routes(api, provider)
+    _add_audit_routes(api, provider)
+    app.include_router(api)
+    _add_page(app)
+    return app
+
+
+def _token_check(token: str | None) -> Callable[..., Awaitable[None]]:
+    """The dependency guarding ``/api/v1``: the bearer token, compared in constant time."""
     expected = token.encode("utf-8") if token is not None else None
-    metrics_registry = registry if registry is not None else REGISTRY
-    page = _static("index.html")
-    static_files = {name: _static(name) for name in _STATIC}
 
     async def require_token(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -109,19 +132,11 @@ def create_app(
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    app = FastAPI(
-        title="Fleet provisioner admin API",
-        version="1",
-        description=(
-            "Status, node states, pause/resume, discovery and audit tail of one provisioner "
-            "replica. Everything under /api/v1 needs `Authorization: Bearer <admin token>`."
-        ),
-    )
-    api = APIRouter(
-        prefix=API_PREFIX,
-        dependencies=[Depends(require_token), Depends(_reject_unknown_query)],
-        responses=_UNAUTHORIZED,
-    )
+    return require_token
+
+
+def _add_probes(app: FastAPI, provider: AdminProvider, metrics_registry: CollectorRegistry) -> None:
+    """Open routes for probes and Prometheus: ``/healthz``, ``/readyz``, ``/metrics``."""
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
     async def healthz() -> Health:
@@ -150,6 +165,10 @@ def create_app(
     async def metrics() -> Response:
         """Prometheus metrics in the text exposition format."""
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_status_routes(api: APIRouter, provider: AdminProvider) -> None:
+    """``/status``, ``/nodes`` and ``/nodes/{identity}``."""
 
     @api.get("/status", response_model=Status, tags=["status"])
     async def status() -> Status:
@@ -190,6 +209,10 @@ def create_app(
             raise HTTPException(status_code=404, detail="no such node")
         return NodeInfo.model_validate(record)
 
+
+def _add_control_routes(api: APIRouter, provider: AdminProvider) -> None:
+    """``/pause``, ``/resume`` and ``/discover``."""
+
     @api.post("/pause", response_model=PauseState, tags=["control"])
     async def pause(request: Request) -> PauseState:
         """Pause provisioning: no new nodes are taken; in-flight nodes finish."""
@@ -209,6 +232,10 @@ def create_app(
         """Run a broadcast discovery sweep now."""
         return DiscoverResult(discovered=int(await provider.discover_now()))
 
+
+def _add_audit_routes(api: APIRouter, provider: AdminProvider) -> None:
+    """``/audit`` and ``/overlays``."""
+
     @api.get("/audit", response_model=AuditTail, tags=["audit"])
     async def audit(
         since: Annotated[
@@ -223,24 +250,31 @@ def create_app(
     @api.get("/overlays", response_model=OverlayList, tags=["overlays"])
     async def overlays() -> OverlayList:
         """Fill of each overlay (assigned nodes against capacity)."""
-        out = []
-        for name, info in sorted(provider.overlay_fill().items()):
-            count, capacity = int(info.get("count", 0)), int(info.get("capacity", 0))
-            out.append(
-                OverlayFill.model_validate(
-                    {
-                        **info,
-                        "name": name,
-                        "count": count,
-                        "capacity": capacity,
-                        "state": str(info.get("state", "active")),
-                        "fill": count / capacity if capacity > 0 else 0.0,
-                    }
-                )
-            )
-        return OverlayList(overlays=out)
+        return OverlayList(
+            overlays=[
+                _overlay_fill(name, info) for name, info in sorted(provider.overlay_fill().items())
+            ]
+        )
 
-    app.include_router(api)
+
+def _overlay_fill(name: str, info: dict[str, Any]) -> OverlayFill:
+    count, capacity = int(info.get("count", 0)), int(info.get("capacity", 0))
+    return OverlayFill.model_validate(
+        {
+            **info,
+            "name": name,
+            "count": count,
+            "capacity": capacity,
+            "state": str(info.get("state", "active")),
+            "fill": count / capacity if capacity > 0 else 0.0,
+        }
+    )
+
+
+def _add_page(app: FastAPI) -> None:
+    """The status page ``/`` and its static files (a fixed table: no request path hits disk)."""
+    page = _static("index.html")
+    static_files = {name: _static(name) for name in _STATIC}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -248,14 +282,12 @@ def create_app(
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:
-        body = static_files.get(name)  # fixed table: no path from the request reaches the disk
+        body = static_files.get(name)
         if body is None:
             raise HTTPException(status_code=404, detail="not found")
         return Response(
             body, media_type=_STATIC_TYPES[name.rsplit(".", 1)[1]], headers=_PAGE_HEADERS
         )
-
-    return app
 
 
 def _query_names(dependant: Dependant) -> frozenset[str]:

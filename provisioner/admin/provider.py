@@ -1,9 +1,10 @@
 """What the admin API needs from the running provisioner.
 
 :class:`AdminProvider` is the whole contract between the admin API and the service
-(``provisioner/service.py`` satisfies it). Everything is called on the event loop thread (the
-endpoints are ``async def``), so implementations need no locking. Return plain JSON-friendly
-dicts; the API validates them into its response models.
+(``provisioner/service.py`` satisfies it, answering from ``provisioner/admin/readmodel.py``).
+Everything is called on the event loop thread (the endpoints are ``async def``), so
+implementations need no locking. Return plain JSON-friendly dicts; the API validates them into
+its response models.
 """
 
 from __future__ import annotations

@@ -43,9 +43,18 @@ import nats
 import nats.errors
 import nats.js.errors
 import yaml
+from pydantic import Field, field_validator
 
+from choria_core.errors import FleetError
 from choria_core.natsconn import sync_flush
 from choria_core.protocol.subjects import is_valid_identity
+from choria_core.strictmodel import (
+    Duration,
+    StrictConfigError,
+    StrictModel,
+    unknown_keys,
+    validate_strict,
+)
 from jwt_tools.keys import VerifyKey, load_verify_key
 from jwt_tools.nats_jwt import (
     PREFIX_ACCOUNT,
@@ -84,11 +93,11 @@ XKEY_HEADER = "Nats-Server-Xkey"
 _MAX_IDENTITY = 253
 
 
-class CalloutConfigError(ValueError):
+class CalloutConfigError(StrictConfigError):
     """The callout config file is missing, unreadable or invalid (message names the key)."""
 
 
-class Refused(Exception):
+class Refused(FleetError, reason="refused"):
     """A connection the callout refuses; ``reason`` is a metric label, the text has no secret."""
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -96,77 +105,68 @@ class Refused(Exception):
         self.reason = reason
 
 
-@dataclass
-class PinningConfig:
+class PinningConfig(StrictModel):
+    """``pinning:``: trust-on-first-use identity pins (off by default)."""
+
     enabled: bool = False
     bucket: str = DEFAULT_PIN_BUCKET
-    ttl: float = 3600.0
+    ttl: Duration = 3600.0
     require_nkey: bool = False
     release_on_provisioned: bool = True
 
 
-@dataclass
-class CalloutConfig:
+class CalloutConfig(StrictModel):
     """The callout service's settings (``broker-auth.yaml``); seeds are secrets."""
 
     servers: list[str]
-    auth_user_seed: str = field(repr=False)
-    issuer_seed: str = field(repr=False)
-    xkey_seed: str = field(repr=False)
+    auth_user_seed: str = Field(repr=False)
+    issuer_seed: str = Field(repr=False)
+    xkey_seed: str = Field(repr=False)
     verify_keys: list[str]
     tls_ca: str | None = None
     target_account: str = "PROVISIONING"
     queue_group: str = "broker-auth"
-    user_jwt_ttl: float = 3600.0
-    response_ttl: float = 60.0
-    token_leeway: float = 0.0
-    pinning: PinningConfig = field(default_factory=PinningConfig)
+    user_jwt_ttl: Duration = 3600.0
+    response_ttl: Duration = 60.0
+    token_leeway: Duration = 0.0
+    pinning: PinningConfig = Field(default_factory=PinningConfig)
+
+    @field_validator("tls_ca", mode="before")
+    @classmethod
+    def _no_tls_ca(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("pinning", mode="before")
+    @classmethod
+    def _no_pinning(cls, v: Any) -> Any:
+        return PinningConfig() if v is None else v
+
+
+_REQUIRED = ("servers", "auth_user_seed", "issuer_seed", "xkey_seed", "verify_keys")
 
 
 def load_callout_config(path: str | Path) -> CalloutConfig:
-    """Read ``broker-auth.yaml``; warn when it is readable by group or others."""
+    """Read ``broker-auth.yaml``; warn when it is readable by group or others.
+
+    Unknown keys are refused (with the closest known key as a hint), like every config file.
+    """
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text())
         mode = stat.S_IMODE(p.stat().st_mode)
     except (OSError, yaml.YAMLError) as exc:
-        raise CalloutConfigError(f"{p}: cannot read the callout config: {exc}") from exc
+        raise CalloutConfigError(f"cannot read the callout config: {exc}", file=str(p)) from exc
     if mode & 0o077:
         log.warning("callout config %s is mode %o; it holds seeds, use 0600", p, mode)
-    if not isinstance(raw, dict):
-        raise CalloutConfigError(f"{p}: expected a mapping at the top level")
-    for key in ("servers", "auth_user_seed", "issuer_seed", "xkey_seed", "verify_keys"):
-        if not raw.get(key):
-            raise CalloutConfigError(f"{p}: '{key}' is required")
-    if not isinstance(raw["servers"], list) or not isinstance(raw["verify_keys"], list):
-        raise CalloutConfigError(f"{p}: 'servers' and 'verify_keys' must be lists")
-    pin_raw = raw.get("pinning") or {}
-    if not isinstance(pin_raw, dict):
-        raise CalloutConfigError(f"{p}: 'pinning' must be a mapping")
-    try:
-        pinning = PinningConfig(
-            enabled=bool(pin_raw.get("enabled", False)),
-            bucket=str(pin_raw.get("bucket", DEFAULT_PIN_BUCKET)),
-            ttl=float(pin_raw.get("ttl", 3600)),
-            require_nkey=bool(pin_raw.get("require_nkey", False)),
-            release_on_provisioned=bool(pin_raw.get("release_on_provisioned", True)),
-        )
-        return CalloutConfig(
-            servers=[str(s) for s in raw["servers"]],
-            auth_user_seed=str(raw["auth_user_seed"]),
-            issuer_seed=str(raw["issuer_seed"]),
-            xkey_seed=str(raw["xkey_seed"]),
-            verify_keys=[str(k) for k in raw["verify_keys"]],
-            tls_ca=str(raw["tls_ca"]) if raw.get("tls_ca") else None,
-            target_account=str(raw.get("target_account", "PROVISIONING")),
-            queue_group=str(raw.get("queue_group", "broker-auth")),
-            user_jwt_ttl=float(raw.get("user_jwt_ttl", 3600)),
-            response_ttl=float(raw.get("response_ttl", 60)),
-            token_leeway=float(raw.get("token_leeway", 0)),
-            pinning=pinning,
-        )
-    except (TypeError, ValueError) as exc:
-        raise CalloutConfigError(f"{p}: invalid value: {exc}") from exc
+    if isinstance(raw, dict):
+        unknown = unknown_keys(raw, CalloutConfig)
+        if unknown:
+            k, msg = unknown[0]
+            raise CalloutConfigError(msg, key=k, file=str(p), problems=unknown)
+        for key in _REQUIRED:
+            if not raw.get(key):
+                raise CalloutConfigError(f"'{key}' is required", file=str(p))
+    return validate_strict(CalloutConfig, raw, file=str(p), error=CalloutConfigError)
 
 
 def node_permissions(identity: str) -> tuple[list[str], list[str]]:

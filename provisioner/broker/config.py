@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from ca_adapters.base import SignRequest
+from ca_adapters.local import LocalCA
 from choria_core.securefile import write_atomic
 from jwt_tools.nats_jwt import PREFIX_ACCOUNT, PREFIX_USER, CurveKey, NKey
 
@@ -43,6 +46,7 @@ __all__ = [
     "BrokerFiles",
     "BrokerSettings",
     "generate_broker_config",
+    "nats_conf_quote",
     "render_server_config",
     "write_secret_file",
 ]
@@ -66,8 +70,12 @@ def write_secret_file(path: Path, data: str | bytes, mode: int = 0o600) -> Path:
     return write_atomic(path, raw, mode, durable=False, make_parents=0o777)
 
 
-def _q(value: str) -> str:
+def nats_conf_quote(value: str) -> str:
+    """``value`` as a double-quoted nats-server config string (backslashes and quotes escaped)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_q = nats_conf_quote
 
 
 def _qlist(values: Sequence[str]) -> str:
@@ -99,7 +107,8 @@ def render_server_config(s: BrokerSettings) -> str:
     """The nats-server configuration text for ``s`` (literal braces, not a format template)."""
     tls = ""
     if s.tls_cert and s.tls_key:
-        # No client certificates: unprovisioned nodes have none (spec §6.3); the callout decides.
+        # No client certificates: unprovisioned nodes have none before they are provisioned;
+        # the auth callout decides who may connect.
         tls = (
             "tls {\n"
             f"  cert_file: {_q(str(s.tls_cert))}\n"
@@ -199,11 +208,6 @@ class BrokerFiles:
 
 def _write_tls(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     """A local CA plus a server certificate for ``hosts``; returns (ca, cert, key)."""
-    from cryptography import x509
-
-    from ca_adapters.base import SignRequest
-    from ca_adapters.local import LocalCA
-
     ca = LocalCA.generate("ec", "Provisioning Broker CA")
     ca_cert, _ = ca.write(directory)
     key = ec.generate_private_key(ec.SECP256R1())

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from provisioner.cli._exit import EXIT_USAGE, fail
+
 app = typer.Typer(
     help="Broker isolation: nats-server config and the auth callout service.",
     no_args_is_help=True,
@@ -52,18 +54,16 @@ def config_cmd(
 
     existing = [name for name in _GENERATED if (out / name).exists()]
     if existing and not force:
-        typer.echo(
-            f"error: {out} already holds {', '.join(existing)}; regenerating replaces every "
+        raise fail(
+            f"{out} already holds {', '.join(existing)}; regenerating replaces every "
             "secret. Use --force to do it anyway.",
-            err=True,
+            EXIT_USAGE,
         )
-        raise typer.Exit(2)
     for source in verify_key:
         try:
             load_verify_key(source)
         except TokenError as exc:
-            typer.echo(f"error: --verify-key {source}: {exc}", err=True)
-            raise typer.Exit(2) from None
+            raise fail(f"--verify-key {source}: {exc}", EXIT_USAGE) from None
     files = generate_broker_config(
         out,
         verify_key,
@@ -106,8 +106,7 @@ def auth_cmd(
     try:
         cfg = load_callout_config(config)
     except CalloutConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc), EXIT_USAGE) from None
     if metrics_port:
         start_http_server(metrics_port, addr=metrics_host)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from provisioner.cli._exit import EXIT_USAGE
 from provisioner.config import ConfigError, ProvisionerConfig, load_config
 
 app = typer.Typer(help="Check provisioner configuration files.", no_args_is_help=True)
@@ -26,7 +27,7 @@ def _load_or_exit(file: Path) -> ProvisionerConfig:
         return load_config(file)
     except ConfigError as exc:
         typer.echo(f"invalid: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def _human(seconds: float) -> str:
@@ -38,7 +39,7 @@ def _human(seconds: float) -> str:
 
 @app.command("check")
 def check_cmd(file: Path = typer.Argument(..., help="The provisioner YAML file.")) -> None:
-    """Validate FILE. Exit 0 with a short summary, or 1 naming the bad key and the file."""
+    """Validate FILE. Exit 0 with a short summary, or 2 naming the bad key and the file."""
     cfg = _load_or_exit(file)
     features = [name for name, on in cfg.features.model_dump().items() if on] or ["none"]
     out = Console(width=160, soft_wrap=True)

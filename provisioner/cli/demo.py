@@ -4,7 +4,8 @@ Everything runs on 127.0.0.1 from a fresh work directory (see :mod:`testbed.demo
 command shows live progress, then a summary it has verified. ``--json`` ends the output with
 one line holding a JSON object (the only thing written to stdout in that mode). The exit code
 is 0 only if every node was provisioned, its certificate verified and it is connected to its
-overlay's broker. Ctrl-C (or SIGTERM) stops everything the demo started.
+overlay's broker; 1 if not, or if a part could not start; 2 on bad options; 130 after Ctrl-C
+(or SIGTERM), which stops everything the demo started.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console, Group
@@ -24,15 +25,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from testbed.demo import (
-    DEFAULT_NODES,
-    Demo,
-    DemoError,
-    DemoOptions,
-    DemoResult,
-)
+from provisioner.cli._exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from testbed.demo import Demo, DemoOptions, DemoResult
 
 EXIT_INTERRUPTED = 130
+#: ``testbed.demo.DEFAULT_NODES`` (the option default, without importing the demo for --help)
+DEFAULT_NODES = 250
 
 
 def _progress_view(snap: dict[str, Any], nodes: int) -> Group:
@@ -123,6 +123,8 @@ def _print_summary(console: Console, demo: Demo, result: DemoResult) -> None:
 
 
 async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> int:
+    from testbed.demo import Demo, DemoError, DemoUsageError
+
     console = Console(stderr=json_out, highlight=False)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -143,9 +145,9 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
 
     try:
         demo = Demo(options)
-    except DemoError as exc:
+    except DemoUsageError as exc:
         console.print(f"[red]provisioner demo: {exc}[/red]")
-        return 2
+        return EXIT_USAGE
     _log_to(demo.workdir / "demo.log")
     result: DemoResult | None = None
     try:
@@ -154,6 +156,7 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
         )
         await demo.start(lambda what: console.print(f"  starting {what}"))
         # soft_wrap: URLs and the token must stay on one line to be copied.
+        assert demo.broker is not None
         console.print(f"  provisioning broker  {demo.broker.url}", soft_wrap=True)
         console.print(f"  admin API            {demo.admin_url}", soft_wrap=True)
         console.print(f"  admin bearer token   {demo.admin_token}", soft_wrap=True)
@@ -173,16 +176,16 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
                 soft_wrap=True,
             )
             await asyncio.Event().wait()
-        return 0 if result.ok else 1
+        return EXIT_OK if result.ok else EXIT_FAILED
     except asyncio.CancelledError:
         if result is not None:  # Ctrl-C after the summary (--keep-running): a normal end
-            return 0 if result.ok else 1
+            return EXIT_OK if result.ok else EXIT_FAILED
         _json_error(json_out, options, "interrupted")
         return EXIT_INTERRUPTED
     except DemoError as exc:
         console.print(f"[red]provisioner demo: {exc}[/red]")
         _json_error(json_out, options, str(exc))
-        return 2
+        return EXIT_FAILED
     finally:
         t0 = time.monotonic()
         await demo.close()
@@ -245,6 +248,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic fleet's facts."),
     ) -> None:
         """Provision a simulated fleet end to end on this machine, nothing to configure."""
+        from testbed.demo import DemoOptions
+
         if ca not in ("local", "cfssl"):
             raise typer.BadParameter("use local or cfssl", param_hint="--ca")
         if helper_mode not in ("python", "persistent", "exec"):

@@ -7,8 +7,9 @@ configuration. Without ``--config`` give ``--nats-url``, ``--user`` and ``--pass
 
 The answer comes straight from the election key in JetStream KV
 (:func:`provisioner.election.read_leader`), so it is right even when every replica's admin API
-is unreachable. Exit codes: 0 a leader holds the key, 1 nobody does (failover in progress, or
-no replica running), 2 the broker or the configuration could not be used.
+is unreachable. Exit codes (the convention of every command, docs/cli.md): 0 a leader holds
+the key; 1 nobody does (failover in progress, or no replica running) or the broker or the
+bucket could not be read (the message on stderr says which); 2 bad usage or configuration.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import typer
 
+from provisioner.cli._exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from provisioner.config import ConfigError, ElectionConfig, ProvisionerConfig, load_config
 
 app = typer.Typer(help="Leader election status.", no_args_is_help=True)
@@ -47,11 +49,6 @@ class _Target:
         self.bucket = bucket
         self.key = key
         self.tls = tls
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _tls_from_config(cfg: ProvisionerConfig) -> ssl.SSLContext | None:
@@ -79,11 +76,11 @@ def _target(
         try:
             cfg = load_config(config)
         except ConfigError as exc:
-            raise _fail(f"invalid configuration: {exc}") from None
+            raise fail(f"invalid configuration: {exc}", EXIT_USAGE) from None
         try:
             tls = _tls_from_config(cfg)
         except (OSError, ssl.SSLError) as exc:
-            raise _fail(f"tls: could not load TLS files: {exc}") from None
+            raise fail(f"tls: could not load TLS files: {exc}", EXIT_USAGE) from None
         return _Target(
             urls=list(nats_url) or list(cfg.broker_urls),
             user=user or cfg.broker_user,
@@ -93,7 +90,9 @@ def _target(
             tls=tls,
         )
     if not nats_url:
-        raise _fail("give --config FILE, or --nats-url (with --user and --password-file)")
+        raise fail(
+            "give --config FILE, or --nats-url (with --user and --password-file)", EXIT_USAGE
+        )
     defaults = ElectionConfig()
     return _Target(
         urls=list(nats_url),
@@ -110,7 +109,7 @@ def _read_password(path: Path | None) -> str | None:
     try:
         return path.read_text(encoding="utf-8").strip() or None
     except OSError as exc:
-        raise _fail(f"cannot read the password file {path}: {exc.strerror}") from None
+        raise fail(f"cannot read the password file {path}: {exc.strerror}", EXIT_USAGE) from None
 
 
 async def _read(target: _Target, timeout: float) -> dict[str, Any]:
@@ -139,13 +138,13 @@ async def _read(target: _Target, timeout: float) -> dict[str, Any]:
         nc = await asyncio.wait_for(nats.connect(**options), timeout * (len(target.urls) + 1))
     except Exception as exc:  # nats-py names the server, never the password
         where = ",".join(target.urls)
-        raise _fail(f"cannot connect to {where}: {type(exc).__name__}: {exc}") from None
+        raise fail(f"cannot connect to {where}: {type(exc).__name__}: {exc}", EXIT_FAILED) from None
     try:
         js = nc.jetstream(timeout=timeout)
         info = await asyncio.wait_for(read_leader(js, target.bucket, target.key), timeout)
     except Exception as exc:
-        raise _fail(
-            f"cannot read the election bucket {target.bucket}: {type(exc).__name__}"
+        raise fail(
+            f"cannot read the election bucket {target.bucket}: {type(exc).__name__}", EXIT_FAILED
         ) from None
     finally:
         await nc.close()
@@ -201,4 +200,4 @@ def status(
         typer.echo(f"epoch:  {result['epoch']}")
         typer.echo(f"since:  {when}")
         typer.echo(f"bucket: {result['bucket']} key: {result['key']}")
-    raise typer.Exit(0 if result["leader"] is not None else 1)
+    raise typer.Exit(EXIT_OK if result["leader"] is not None else EXIT_FAILED)

@@ -1,4 +1,8 @@
-"""`provisioner fleet` commands: simulate a fleet of unprovisioned Choria nodes."""
+"""`provisioner fleet` commands: simulate a fleet of unprovisioned Choria nodes.
+
+Exit codes: 0 when the fleet ran (with ``--until-provisioned``: every node reached normal
+mode); 1 when ``--until-provisioned`` timed out first; 2 on bad options.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from testbed.fleet import Fleet
+from provisioner.cli._exit import EXIT_FAILED
+
+if TYPE_CHECKING:
+    from testbed.fleet import Fleet
 
 app = typer.Typer(help="Simulate a fleet of unprovisioned nodes.", no_args_is_help=True)
 
@@ -68,6 +76,9 @@ def simulate(
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run N nodes with synthetic identities and facts; live counts, then a summary."""
+    # The simulator loads only when the command runs: `provisioner --help` stays fast.
+    from testbed.fleet import Fleet
+
     logging.basicConfig(level=logging.WARNING)
     if key_type not in ("rsa", "ec"):
         raise typer.BadParameter("use rsa or ec", param_hint="--key-type")
@@ -91,7 +102,7 @@ def simulate(
     )
     ok = asyncio.run(_run(fleet, until_provisioned, timeout, json_summary))
     if not ok:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 async def _run(fleet: Fleet, until_provisioned: bool, timeout: float, as_json: bool) -> bool:

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from helpers.models import CSRInput, HelperInput, HelperOutput, decision
+from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE
 from provisioner.helper_runner import (
     ExecHelper,
     HelperError,
@@ -37,8 +38,11 @@ from provisioner.helper_runner import (
 
 app = typer.Typer(help="Helper tools (dry runs).", no_args_is_help=True)
 
-EXIT_HELPER_ERROR = 1
-EXIT_REFUSED = 2
+#: The helper failed (crashed, timed out, bad exit code): the operation failed.
+EXIT_HELPER_ERROR = EXIT_FAILED
+#: The helper answered, but the provisioner would refuse the answer: the helper (or its
+#: configuration) needs fixing, which counts as bad configuration.
+EXIT_REFUSED = EXIT_USAGE
 
 
 def synthetic_csr(identity: str, ssldir: str = "/etc/choria/ssl") -> CSRInput:

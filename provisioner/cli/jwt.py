@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from choria_core.durations import parse_duration
 from jwt_tools import (
     TokenError,
     create_provisioning_token,
@@ -28,7 +29,7 @@ from jwt_tools import (
     write_private_file,
     write_public_file,
 )
-from provisioner.config import parse_duration
+from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
 
 app = typer.Typer(
     help="Create, view and verify provisioning tokens.",
@@ -65,19 +66,13 @@ def _console() -> Console:
     return Console(width=160, soft_wrap=True)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    # plain text, never wrapped: operators grep for the reason code
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _read_secret_file(path: Path, what: str) -> str:
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise _fail(f"could not read the {what} file {path}: {exc.strerror}") from None
+        raise fail(f"could not read the {what} file {path}: {exc.strerror}", EXIT_USAGE) from None
     if not value:
-        raise _fail(f"the {what} file {path} is empty")
+        raise fail(f"the {what} file {path} is empty", EXIT_USAGE)
     return value
 
 
@@ -90,10 +85,10 @@ def keys_cmd(
 ) -> None:
     """Generate a signing key pair for provisioning tokens."""
     if key_type not in ("rsa", "ed25519"):
-        raise _fail(f"unknown key type {key_type!r}; use rsa or ed25519", code=2)
+        raise fail(f"unknown key type {key_type!r}; use rsa or ed25519", EXIT_USAGE)
     for p in (out_private, out_public):
         if p.exists() and not force:
-            raise _fail(f"{p} exists; pass --force to overwrite it")
+            raise fail(f"{p} exists; pass --force to overwrite it", EXIT_USAGE)
     priv, pub = generate_keypair("rsa" if key_type == "rsa" else "ed25519")
     write_private_file(out_private, priv)
     write_public_file(out_public, pub)
@@ -149,33 +144,36 @@ def create_cmd(
 ) -> None:
     """Create a signed provisioning token (provisioning.jwt)."""
     if (token is None) == (token_file is None):
-        raise _fail("give exactly one of --token or --token-file", code=2)
+        raise fail("give exactly one of --token or --token-file", EXIT_USAGE)
     secret = token if token_file is None else _read_secret_file(token_file, "token")
     if not secret:
-        raise _fail("the provisioning token secret must not be empty", code=2)
+        raise fail("the provisioning token secret must not be empty", EXIT_USAGE)
     if password is not None and password_file is not None:
-        raise _fail("give at most one of --password or --password-file", code=2)
+        raise fail("give at most one of --password or --password-file", EXIT_USAGE)
     if password_file is not None:
         password = _read_secret_file(password_file, "password")
     if (urls is None) == (srv is None):
-        raise _fail("give exactly one of --urls or --srv", code=2)
+        raise fail("give exactly one of --urls or --srv", EXIT_USAGE)
     try:
         validity_s = parse_duration(validity)
     except ValueError as exc:
-        raise _fail(f"--validity: {exc}", code=2) from None
+        raise fail(f"--validity: {exc}", EXIT_USAGE) from None
     ext: dict[str, Any] | None = None
     if extensions is not None:
         try:
             parsed = json.loads(extensions)
         except ValueError:
-            raise _fail("--extensions must be a JSON object", code=2) from None
+            raise fail("--extensions must be a JSON object", EXIT_USAGE) from None
         if not isinstance(parsed, dict):
-            raise _fail("--extensions must be a JSON object", code=2)
+            raise fail("--extensions must be a JSON object", EXIT_USAGE)
         ext = parsed
     if out.exists() and not force:
-        raise _fail(f"{out} exists; pass --force to overwrite it")
+        raise fail(f"{out} exists; pass --force to overwrite it", EXIT_USAGE)
     try:
         key = load_signing_key(signing_key)
+    except TokenError as exc:
+        raise fail(f"--signing-key: {exc} ({exc.reason})", EXIT_USAGE) from None
+    try:
         jwt_text = create_provisioning_token(
             key,
             token=secret,
@@ -195,7 +193,7 @@ def create_cmd(
             issuer=issuer,
         )
     except TokenError as exc:
-        raise _fail(f"{exc} ({exc.reason})") from None
+        raise fail(f"{exc} ({exc.reason})", EXIT_FAILED) from None
     write_private_file(out, jwt_text.encode())
     _, claims = decode_unverified(jwt_text)
     _console().print(
@@ -222,7 +220,9 @@ def _read_token(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(f"could not read the token file {path}: {exc.__class__.__name__}") from None
+        raise fail(
+            f"could not read the token file {path}: {exc.__class__.__name__}", EXIT_FAILED
+        ) from None
 
 
 @app.command("view")
@@ -234,7 +234,7 @@ def view_cmd(
     try:
         header, claims = decode_unverified(_read_token(token_file))
     except TokenError as exc:
-        raise _fail(f"{token_file}: {exc} ({exc.reason})") from None
+        raise fail(f"{token_file}: {exc} ({exc.reason})", EXIT_FAILED) from None
     shown = redact_claims(claims)
     if as_json:
         typer.echo(json.dumps({"header": header, "claims": shown}, indent=2, sort_keys=True))
@@ -261,15 +261,20 @@ def verify_cmd(
         help="Certificate PEM, public key PEM or ed25519 hex public key (file, or inline hex).",
     ),
 ) -> None:
-    """Verify a provisioning token. Exit 0 when valid, 1 (with the reason) when not."""
+    """Verify a provisioning token. Exit 0 when valid, 1 (with the reason) when not.
+
+    An unusable --verify-key exits 2 (bad usage): nothing was verified.
+    """
     try:
         key = load_verify_key(verify_key)
     except TokenError as exc:
-        raise _fail(f"{exc} ({exc.reason})") from None
+        raise fail(f"--verify-key: {exc} ({exc.reason})", EXIT_USAGE) from None
     try:
         claims = verify_provisioning_token(_read_token(token_file), key)
     except TokenError as exc:
-        raise _fail(f"{token_file}: invalid token: {exc} (reason: {exc.reason})") from None
+        raise fail(
+            f"{token_file}: invalid token: {exc} (reason: {exc.reason})", EXIT_FAILED
+        ) from None
     where = f"chu={claims['chu']}" if claims.get("chu") else f"chsrv={claims.get('chsrv')}"
     expires = _fmt_time(claims["exp"]) if "exp" in claims else "never"
     _console().print(

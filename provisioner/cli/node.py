@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from node_agent.node import NodeAgent, NodeError
+from provisioner.cli._exit import EXIT_USAGE, fail
 
 app = typer.Typer(help="Run a Choria-compatible node agent.", no_args_is_help=True)
 
@@ -62,8 +63,8 @@ def run(
     try:
         asyncio.run(_serve(node))
     except NodeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        # an unusable token or node configuration: bad configuration
+        raise fail(str(exc), EXIT_USAGE) from exc
 
 
 async def _serve(node: NodeAgent) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +26,7 @@ from overlays.ledger import Assignment, LedgerError, MemoryLedger
 from overlays.model import OverlayConfigError
 from overlays.placer import Placer
 from overlays.registry import REGISTRY_BUCKET, OverlayRegistry
+from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
 
 app = typer.Typer(
     help="Overlay registry, placement what-ifs and drain planning.", no_args_is_help=True
@@ -46,16 +48,11 @@ def _console() -> Console:
     return Console(width=160)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
-
-
 def _load(path: Path) -> OverlayRegistry:
     try:
         return OverlayRegistry.from_yaml(path)
     except OverlayConfigError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err), EXIT_USAGE) from None
 
 
 async def _with_ledger(url: str, user: str | None, password: str | None, bucket: str) -> Any:
@@ -72,7 +69,9 @@ async def _with_ledger(url: str, user: str | None, password: str | None, bucket:
         )
     except Exception as err:
         # The exception text never carries the password; the type and text say what failed.
-        raise _fail(f"cannot connect to NATS at {url}: {type(err).__name__}: {err}", 1) from None
+        raise fail(
+            f"cannot connect to NATS at {url}: {type(err).__name__}: {err}", EXIT_FAILED
+        ) from None
     return nc, KVLedger(nc.jetstream(), bucket)
 
 
@@ -84,7 +83,7 @@ async def _ledger_counts(
         counts: dict[str, int] = await ledger.counts()
         return counts
     except LedgerError as err:
-        raise _fail(str(err), 1) from None
+        raise fail(str(err), EXIT_FAILED) from None
     finally:
         await nc.close()
 
@@ -97,7 +96,7 @@ async def _ledger_assignments(
         found: dict[str, Assignment] = await ledger.assignments()
         return found
     except LedgerError as err:
-        raise _fail(str(err), 1) from None
+        raise fail(str(err), EXIT_FAILED) from None
     finally:
         await nc.close()
 
@@ -208,7 +207,7 @@ def simulate(
         try:
             registry = registry.with_state(name, "cordoned")
         except KeyError as err:
-            raise _fail(str(err.args[0])) from None
+            raise fail(str(err.args[0]), EXIT_USAGE) from None
     t0 = time.perf_counter()
     placed, deferred, groups = asyncio.run(_simulate(registry, nodes, facts_seed))
     elapsed = time.perf_counter() - t0
@@ -273,19 +272,17 @@ def plan_drain_cmd(
     """Plan draining overlay NAME: which nodes move where (nothing is changed)."""
     registry = _load(overlays)
     if name not in registry:
-        raise _fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}")
+        raise fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}", EXIT_USAGE)
     if (assignments is None) == (nats_url is None):
-        raise _fail("give exactly one of --assignments FILE or --nats-url URL")
+        raise fail("give exactly one of --assignments FILE or --nats-url URL", EXIT_USAGE)
     if assignments is not None:
-        import yaml
-
         try:
             raw = yaml.safe_load(assignments.read_text(encoding="utf-8"))
             current = normalize_assignments(raw)
         except OSError as err:
-            raise _fail(f"{assignments}: cannot read: {err.strerror or err}") from None
+            raise fail(f"{assignments}: cannot read: {err.strerror or err}", EXIT_USAGE) from None
         except (yaml.YAMLError, ValueError) as err:
-            raise _fail(f"{assignments}: {err}") from None
+            raise fail(f"{assignments}: {err}", EXIT_USAGE) from None
     else:
         assert nats_url is not None
         current = asyncio.run(_ledger_assignments(nats_url, user, password, bucket))

@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from provisioner.cli._exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from provisioner.config import ConfigError, ProvisionerConfig, load_config
 
 log = logging.getLogger("provisioner.run")
@@ -76,10 +77,10 @@ async def serve(cfg: ProvisionerConfig) -> int:
         await prov.start()
     except ProvisionerError as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        return EXIT_FAILED
     except Exception as exc:  # e.g. the election bucket cannot be created
         log.error("cannot start: %s: %s", type(exc).__name__, exc)
-        return 1
+        return EXIT_FAILED
     print(
         f"provisioner {cfg.identity} running"
         + (f", metrics on port {prov.http_port}" if prov.http_port else ""),
@@ -89,7 +90,7 @@ async def serve(cfg: ProvisionerConfig) -> int:
     await stop.wait()
     log.info("signal received, shutting down")
     await prov.stop()
-    return 0
+    return EXIT_OK
 
 
 def register(app: typer.Typer) -> None:
@@ -112,10 +113,8 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_config(config, overrides=overrides or None)
         except ConfigError as exc:
-            typer.echo(f"invalid configuration: {exc}", err=True)
-            raise typer.Exit(1) from None
+            raise fail(f"invalid configuration: {exc}", EXIT_USAGE) from None
         if log_format not in {"json", "text"}:
-            typer.echo("--log-format must be json or text", err=True)
-            raise typer.Exit(2)
+            raise fail("--log-format must be json or text", EXIT_USAGE)
         setup_logging(cfg, log_format)
         raise typer.Exit(asyncio.run(serve(cfg)))

@@ -145,3 +145,67 @@ def test_every_yaml_example_in_the_docs_is_accepted(tmp_path: Path) -> None:
             adapter_from_config(cfg)
         except CAConfigError as exc:
             assert any(m in str(exc) for m in ("cannot read", "cannot load", "does not exist")), exc
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key", "hint"),
+    [
+        (
+            {"type": "vault", "url": "http://x", "token": "t", "namepsace": "n"},
+            "ca.namepsace",
+            "ca.namespace",
+        ),
+        (
+            {"type": "local", "generate": True, "guard": {"rate_per_sec": 1}},
+            "ca.guard.rate_per_sec",
+            "ca.guard.rate_per_s",
+        ),
+        (
+            {"type": "cfssl", "url": "http://x", "profiles": {"node": {"expirey": "1h"}}},
+            "ca.profiles.node.expirey",
+            "ca.profiles.node.expiry",
+        ),
+        (
+            {"type": "vault", "url": "http://x", "approle": {"role_idd": "r"}},
+            "ca.approle.role_idd",
+            "ca.approle.role_id",
+        ),
+    ],
+)
+def test_unknown_key_refused_with_hint_naming_file_and_key(
+    tmp_path: Path, cfg: dict[str, object], key: str, hint: str
+) -> None:
+    source = tmp_path / "reference.yaml"
+    with pytest.raises(CAConfigError) as info:
+        adapter_from_config(cfg, file=source)
+    assert str(info.value) == f"{source}: {key}: unknown key (did you mean '{hint}'?)"
+    assert info.value.key == key and info.value.reason == "config"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"type": "local", "generate": True, "guard": {"burst": True}}, r"ca\.guard\.burst: "),
+        (
+            {"type": "vault", "url": "http://x", "token": "t", "require_eku": "no"},
+            r"ca\.require_eku",
+        ),
+        (
+            {"type": "vault", "url": "http://x", "token": "t", "tls": {"verify": "no"}},
+            r"ca\.tls\.verify",
+        ),
+        ({"type": "vault", "url": "http://x", "token": "t", "ttl": -5}, "must not be negative"),
+        ({"type": "vault", "url": 5, "token": "t"}, r"ca\.url: .*string"),
+    ],
+)
+def test_values_are_checked_strictly(cfg: dict[str, object], match: str) -> None:
+    with pytest.raises(CAConfigError, match=match):
+        adapter_from_config(cfg)
+
+
+async def test_durations_accept_seconds_and_units() -> None:
+    ca = adapter_from_config(
+        {"type": "vault", "url": "http://x", "token": "t", "ttl": 3600, "timeout": "1m"}
+    )
+    assert isinstance(ca, VaultAdapter) and ca.ttl_s == 3600
+    await ca.aclose()

@@ -1,9 +1,9 @@
-"""ECDH key exchange and private-key transport (spec §10) against independent implementations."""
+"""ECDH key exchange and private-key transport against independent implementations."""
 
 from __future__ import annotations
 
+import base64
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from choria_core import ecdh
+from tests.support import require_binary
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,9 @@ def test_legacy_pem_from_cryptography_decrypts(rsa_key: rsa.RSAPrivateKey) -> No
 
 
 def test_legacy_pem_from_openssl_cli_decrypts(tmp_path: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl command line not installed (the cryptography vector still runs)")
+    openssl = require_binary(
+        "openssl", "install the openssl command line (apt-get install openssl)"
+    )
     password = "A" * 16 + "printable-secret"  # the CLI can't pass raw bytes; any bytes work
     key = ec.generate_private_key(ec.SECP256R1())
     plain = tmp_path / "k.pem"
@@ -107,9 +108,9 @@ def test_aead_roundtrip_and_tamper_detection() -> None:
     assert ecdh.aead_decrypt(env, secret) == b"private key material"
     obj = json.loads(env)
     assert obj["alg"] == ecdh.AEAD_ALG
-    ct = bytearray(__import__("base64").b64decode(obj["ct"]))
+    ct = bytearray(base64.b64decode(obj["ct"]))
     ct[3] ^= 0x01
-    obj["ct"] = __import__("base64").b64encode(bytes(ct)).decode()
+    obj["ct"] = base64.b64encode(bytes(ct)).decode()
     with pytest.raises(ecdh.ECDHError, match="authentication failed"):
         ecdh.aead_decrypt(json.dumps(obj), secret)
     with pytest.raises(ecdh.ECDHError, match="authentication failed"):

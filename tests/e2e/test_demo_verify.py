@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import nats
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -11,7 +13,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ca_adapters import LocalCA, SignRequest
-from testbed.demo import Demo, DemoError, DemoOptions, percentile, verify_node_certificate
+from provisioner.cli import demo as demo_cli
+from testbed.demo import (
+    DEFAULT_NODES,
+    Demo,
+    DemoError,
+    DemoOptions,
+    DemoUsageError,
+    percentile,
+    verify_node_certificate,
+)
+from testbed.demo.verify import connz_names
+from testbed.natsserver import start_nats_server
+from testbed.overlay_brokers import overlay_server_config
+from tests.e2e.support import require_nats_server
 
 IDENTITY = "node-00001.fleet.example.net"
 
@@ -92,7 +107,7 @@ def test_percentile() -> None:
 
 
 def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
-    with pytest.raises(DemoError, match="--nodes"):
+    with pytest.raises(DemoUsageError, match="--nodes"):
         Demo(DemoOptions(nodes=0, workdir=tmp_path))
     with pytest.raises(DemoError, match="--start-rate"):
         Demo(DemoOptions(nodes=5, start_rate=10, processes=2, workdir=tmp_path))
@@ -100,23 +115,20 @@ def test_bad_options_are_refused_before_anything_starts(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 async def test_connz_lookup_pages_through_every_connection(tmp_path: Path) -> None:
-    import asyncio
-
-    import nats
-
-    from testbed.demo import _connz_names, overlay_server_config
-    from testbed.natsserver import start_nats_server
-    from tests.e2e.support import require_nats_server
-
     require_nats_server()
     text = overlay_server_config("paging", tls=None, max_connections=100)
     server = start_nats_server(tmp_path, config_text=text, jetstream=False)
     conns = []
     try:
         conns = [await nats.connect(server.url, name=f"node-{i}") for i in range(5)]
-        names = await asyncio.to_thread(_connz_names, server.monitor_port, 2)
+        names = await asyncio.to_thread(connz_names, server.monitor_port, 2)
         assert names == {f"node-{i}" for i in range(5)}
     finally:
         for nc in conns:
             await nc.close()
         server.stop()
+
+
+def test_the_cli_default_fleet_size_is_the_demos() -> None:
+    # provisioner/cli/demo.py repeats it so that `provisioner --help` does not load the demo
+    assert demo_cli.DEFAULT_NODES == DEFAULT_NODES

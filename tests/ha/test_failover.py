@@ -69,7 +69,7 @@ async def test_leader_killed_then_stopped_every_node_provisioned_once(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
     cluster = HACluster(tmp_path / "ha", nats_server, replicas_n=3, nodes=NODES)
-    cluster.prepare()
+    await cluster.prepare()
     try:
         await cluster.start()
         first = await cluster.wait_leader(30)
@@ -138,7 +138,7 @@ async def test_leader_killed_then_stopped_every_node_provisioned_once(
 
 async def test_broker_restart_mid_way_nothing_lost(nats_server: NatsServer, tmp_path: Path) -> None:
     cluster = HACluster(tmp_path / "ha", nats_server, replicas_n=2, nodes=NODES)
-    cluster.prepare()
+    await cluster.prepare()
     try:
         await cluster.start()
         await cluster.wait_normal(int(NODES * 0.3), 120)

@@ -185,6 +185,6 @@ async def test_election_status_cli_reports_a_bad_broker(tmp_path: Path) -> None:
         app,
         ["election", "status", "--nats-url", f"nats://127.0.0.1:{free_port()}", "--timeout", "1"],
     )
-    assert res.exit_code == 2 and "cannot connect" in res.output
+    assert res.exit_code == 1 and "cannot connect" in res.output  # the operation failed
     res = await asyncio.to_thread(CliRunner().invoke, app, ["election", "status"])
     assert res.exit_code == 2 and "--config" in res.output

@@ -1,4 +1,4 @@
-"""Server tokens for the ed25519 feature: claims, direct signing and chain issuance (§11.3/4)."""
+"""Server tokens for the ed25519 feature: claims, direct signing and chain issuance."""
 
 from __future__ import annotations
 

@@ -400,7 +400,8 @@ async def test_restart_refusals(node_env: NodeEnv) -> None:
             "plugin.choria.middleware_hosts": "nats://127.0.0.1:1",
             "plugin.choria.server.provision": "true",
         },
-        # no provision setting: the token's chpd (true here) decides (spec §16.13 footgun)
+        # no provision setting: the token's chpd (true here) decides, so a helper that forgets
+        # provision=false makes the node re-provision forever
         {"identity": env.identity, "plugin.choria.middleware_hosts": "nats://127.0.0.1:1"},
     ):
         r = await c.rpc(

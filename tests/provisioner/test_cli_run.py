@@ -11,9 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from testbed.natsserver import free_port
+from testbed.process import free_port
 from tests.provisioner.e2e.env import TOKEN, ProvEnv, prov_env, stop_nodes
 
 __all__ = ["prov_env", "stop_nodes"]
@@ -22,25 +21,19 @@ pytestmark = pytest.mark.integration
 
 
 def _write_config(env: ProvEnv, path: Path, monitor_port: int) -> None:
-    _, prov_pw = env.server.users["provisioner"]
-    cfg = {
-        "identity": "cli-prov.test.example.net",
-        "site": "cli",
-        "interval": "1m",
-        "broker_urls": ["nats://127.0.0.1:1"],  # replaced by --broker-url
-        "broker_provisioning_password": prov_pw,
-        "token": TOKEN,
-        "jwt_verify_cert": str(env.verify_path),
-        "helper": env.helper_command(),
-        "helper_args": env.helper_args(),
-        "helper_mode": "persistent",
-        "helper_pool_size": 1,
-        "features": {"pki": True},
-        "audit_log": str(env.audit_path),
-        "monitor_port": monitor_port,
-        "loglevel": "info",
-    }
-    path.write_text(yaml.safe_dump(cfg))
+    cfg = env.config(
+        identity="cli-prov.test.example.net",
+        site="cli",
+        interval="1m",
+        broker_urls=["nats://127.0.0.1:1"],  # replaced by --broker-url
+        helper_mode="persistent",
+        helper_pool_size=1,
+        monitor_port=monitor_port,
+        loglevel="info",
+        rpc_timeout=10,
+        helper_timeout=10,
+    )
+    env.stack.write_provisioner_config(cfg, path)
 
 
 async def test_run_command_provisions_and_stops_on_sigterm(
@@ -106,5 +99,5 @@ def test_run_command_rejects_bad_config(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad configuration
     assert b"interval" in proc.stderr

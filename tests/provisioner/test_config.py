@@ -14,7 +14,6 @@ from provisioner.config import (
     ConfigError,
     ProvisionerConfig,
     load_config,
-    parse_duration,
 )
 
 HEXKEY = "e72cba5268b34627b75c5ceae9449ad16d62f15f862c30d4e0e7d2588e2e6259"
@@ -32,40 +31,6 @@ def _error(tmp_path: Path, text: str, **kw: Any) -> ConfigError:
         load_config(path, **kw)
     assert str(path) in str(info.value)  # every error names the file
     return info.value
-
-
-# --- parse_duration -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("10s", 10),
-        ("1m", 60),
-        ("1h", 3600),
-        ("1h30m", 5400),
-        ("8760h", 365 * 86400),
-        ("365d", 365 * 86400),
-        ("1y", 365 * 86400),
-        ("1Y", 365 * 86400),
-        ("2w", 14 * 86400),
-        ("1M", 30 * 86400),
-        ("1.5h", 5400),
-        ("500ms", 0.5),
-        (" 2m ", 120),
-        ("0", 0),
-        (90, 90),
-        (1.5, 1.5),
-    ],
-)
-def test_parse_duration(text: str | int | float, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
-@pytest.mark.parametrize("bad", ["", "10", "1x", "-1m", "m", "1h 30m", "abc", True, float("inf")])
-def test_parse_duration_refuses(bad: Any) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(bad)
 
 
 # --- anchor keys ----------------------------------------------------------------------------

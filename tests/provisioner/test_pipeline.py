@@ -212,13 +212,14 @@ async def test_node_vanishing_mid_pipeline(prov_env: ProvEnv, stop_nodes: None) 
         async def aclose(self) -> None:
             return None
 
-    assert prov._ctx is not None
-    prov._ctx.helper = Wrapper()
+    ctx = prov.dispatcher.ctx
+    assert ctx is not None
+    ctx.helper = Wrapper()
     try:
         await node.start()
         rec = await _expect_failure(prov, identity, "rpc_timeout", stage="configure")
         assert "after 5 tries" in rec["error"]  # the anchor's tries for configure
-        prov._ctx.helper = real
+        ctx.helper = real
         back = prov_env.node(identity)
         await back.start()
         await back.wait_normal(20)

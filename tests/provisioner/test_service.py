@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.checks import csr_fingerprint
+from provisioner.config import ElectionConfig
 from provisioner.metrics import ANCHOR_METRIC_NAMES
-from provisioner.pipeline import csr_fingerprint
 from provisioner.queue import NodeState
 from provisioner.service import Provisioner, ProvisionerError
 from testbed.natsserver import free_port
@@ -109,8 +110,6 @@ async def test_pause_and_resume(prov_env: ProvEnv, stop_nodes: None) -> None:
         node = prov_env.node("paused1.example.net")
         await node.start()
         await prov.discover_now()  # even a sweep does not start work while paused
-        import asyncio
-
         await asyncio.sleep(0.5)
         assert node.mode == "provisioning"
         assert prov.status()["counts"]["provisioned"] == 0
@@ -149,8 +148,6 @@ def test_env_paths_exist(prov_env: ProvEnv) -> None:
 
 
 async def test_leader_election_resumes_the_winner(prov_env: ProvEnv, stop_nodes: None) -> None:
-    from provisioner.config import ElectionConfig
-
     election = ElectionConfig(bucket="PROV_TEST_ELECTION", ttl=2.0, campaign_interval=0.2)
     first = prov_env.provisioner(leader_election=True, election=election)
     second = prov_env.provisioner(leader_election=True, election=election)

@@ -14,11 +14,13 @@ from testbed.bench import (
     RPCS_PER_NODE,
     BenchError,
     BenchOptions,
+    BenchUsageError,
     floor_model,
     histogram_quantiles,
     parse_prometheus,
     stage_percentiles,
 )
+from testbed.bench.options import is_tmpfs_path, simulator_dir
 from testbed.ca_servers import CFSSL_HINT
 from testbed.natsserver import INSTALL_HINT
 from tests.support import require_binary, require_go_example
@@ -107,6 +109,21 @@ def test_example_helpers_need_exec_mode_and_cfssl() -> None:
         BenchOptions(helper="rust").validate()  # type: ignore[arg-type]
 
 
+def test_bad_options_are_usage_errors_exit_2_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(BenchUsageError, match="--tls needs the callout broker"):
+        BenchOptions(tls=True, connections="shared").validate()
+    with pytest.raises(BenchUsageError, match="--callout-mode must be process or task"):
+        BenchOptions(callout_mode="thread").validate()  # type: ignore[arg-type]
+    proc = subprocess.run(
+        [sys.executable, "-m", "provisioner", "bench", "--helper-mode", "bogus",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--helper-mode must be exec, persistent or python" in proc.stderr
+    assert not (tmp_path / "work").exists()
+
+
 def test_floor_model_adds_costs_of_round_trips_and_signatures() -> None:
     # 6 round trips at 6,000/s = 1 ms, 1 signature at 1,000/s = 1 ms: 2 ms per node.
     m = floor_model(6000.0, 1000.0)
@@ -156,25 +173,46 @@ def test_run_scenarios_lists_the_documented_scenarios() -> None:
     assert "--connections shared" in proc.stdout
 
 
-def test_simulator_files_go_to_tmpfs_unless_told_otherwise(tmp_path: Path) -> None:
-    from testbed.bench import _is_tmpfs_path, _simulator_dir
+def _mounts(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / f"mounts-{len(list(tmp_path.glob('mounts-*')))}"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
 
-    path, owned = _simulator_dir("disk", tmp_path)
-    assert (path, owned) == (tmp_path / "fleet", False)
-    path, owned = _simulator_dir(str(tmp_path / "mine"), tmp_path)
-    assert (path, owned) == (tmp_path / "mine", False)
-    path, owned = _simulator_dir("auto", tmp_path)
-    try:
-        if _is_tmpfs_path(Path("/dev/shm")):
-            # a private directory of the bench's own on tmpfs, removed when the run ends
-            assert owned and path.parent == Path("/dev/shm") and _is_tmpfs_path(path)
-            assert path.stat().st_mode & 0o777 == 0o700
-        else:
-            assert (path, owned) == (tmp_path / "fleet", False)
-    finally:
-        if owned:
-            path.rmdir()
-    assert not _is_tmpfs_path(tmp_path) or str(tmp_path).startswith("/dev/shm")
+
+def test_simulator_files_go_to_tmpfs_unless_told_otherwise(tmp_path: Path) -> None:
+    work, shm = tmp_path / "work", tmp_path / "shm"
+    shm.mkdir(mode=0o1777)
+    on_tmpfs = _mounts(tmp_path, "/dev/sda1 / ext4 rw 0 0", f"tmpfs {shm} tmpfs rw 0 0")
+    on_disk = _mounts(tmp_path, "/dev/sda1 / ext4 rw 0 0")
+    # told where: the work directory, or the path given
+    assert simulator_dir("disk", work, shm=shm, mounts=on_tmpfs) == (work / "fleet", False)
+    mine = tmp_path / "mine"
+    assert simulator_dir(str(mine), work, shm=shm, mounts=on_tmpfs) == (mine, False)
+    # auto with a tmpfs: a private directory of the bench's own in it, removed when the run ends
+    path, owned = simulator_dir("auto", work, shm=shm, mounts=on_tmpfs)
+    assert owned and path.parent == shm
+    assert path.stat().st_mode & 0o777 == 0o700
+    # auto without one (not tmpfs, or missing): the work directory
+    assert simulator_dir("auto", work, shm=shm, mounts=on_disk) == (work / "fleet", False)
+    missing = tmp_path / "no-shm"
+    assert simulator_dir("auto", work, shm=missing, mounts=on_tmpfs) == (work / "fleet", False)
+
+
+def test_tmpfs_detection_takes_the_longest_mount_point(tmp_path: Path) -> None:
+    mounts = _mounts(
+        tmp_path,
+        "/dev/sda1 / ext4 rw 0 0",
+        "short",  # malformed lines are skipped
+        f"tmpfs {tmp_path} tmpfs rw 0 0",
+        f"/dev/sdb1 {tmp_path / 'disk'} ext4 rw 0 0",
+    )
+    assert is_tmpfs_path(tmp_path, mounts)
+    assert is_tmpfs_path(tmp_path / "a" / "b", mounts)
+    assert not is_tmpfs_path(tmp_path / "disk" / "x", mounts)
+    assert not is_tmpfs_path(Path("/"), mounts)
+    # a sibling whose name only starts like the mount point is not inside it
+    assert not is_tmpfs_path(Path(f"{tmp_path}-other"), mounts)
+    assert not is_tmpfs_path(tmp_path, tmp_path / "no-such-file")
 
 
 def test_run_scenarios_numbers_new_runs_after_existing_files(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Lifecycle events, CloudEvents and legacy (spec §9)."""
+"""Lifecycle events, CloudEvents and legacy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from choria_core.protocol import ProtocolError, encode_event, new_event, parse_event
 from choria_core.protocol.lifecycle import LifecycleEvent
 
-# Exact layout from go-choria lifecycle/lifecycle_test.go, quoted in spec §9.
+# Exact layout from go-choria lifecycle/lifecycle_test.go.
 SPEC_CLOUDEVENT = (
     b'{"specversion":"1.0","id":"01e72410-d734-4611-9485-8c6a2dd2579b",'
     b'"source":"io.choria.lifecycle","type":"io.choria.lifecycle.v1.startup",'

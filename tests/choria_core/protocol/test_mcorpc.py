@@ -1,4 +1,4 @@
-"""MCORPC bodies and status codes (spec §4)."""
+"""MCORPC bodies and status codes."""
 
 from __future__ import annotations
 

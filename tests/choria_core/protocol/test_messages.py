@@ -1,4 +1,4 @@
-"""Golden layouts of the v1 message layers (spec §2, worked example §2.6a) and node checks."""
+"""Golden layouts of the v1 message layers (worked example of docs/protocol.md), node checks."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ REQID = "3f1d2c9e8b7a4c6d9e0f1a2b3c4d5e6f"
 CALLER = "choria=prov1.example.net"
 SEEN = ("nats://prov.example.net:4222", "prov1.example.net", "nats://prov.example.net:4222")
 NOW = 1718450000
-# From spec §2.6a: the start of the base64 transport data of a secure request.
+# The start of the base64 transport data of a secure request (go-choria's worked example).
 SPEC_DATA_PREFIX = "eyJwcm90b2NvbCI6ImNob3JpYTpzZWN1cmU6cmVxdWVzdDoxIiwibWVzc2FnZSI6Intc"
 
 
@@ -199,7 +199,7 @@ def test_new_reply_copies_request_id_and_agent() -> None:
     )
 
 
-# --------------------------------------------------------------------- payload rule (§2.5)
+# --------------------------------------------------------------------- payload rule
 
 
 def test_decode_payload_base64_or_raw() -> None:

@@ -1,4 +1,4 @@
-"""Subjects and request ids (spec §3)."""
+"""Subjects and request ids."""
 
 from __future__ import annotations
 

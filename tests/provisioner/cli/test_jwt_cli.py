@@ -60,7 +60,7 @@ def test_keys_refuses_to_overwrite(rsa_keys: tuple[Path, Path]) -> None:
     r = runner.invoke(
         jwt_app, ["keys", "--type", "rsa", "--out-private", str(priv), "--out-public", str(pub)]
     )
-    assert r.exit_code == 1 and "--force" in r.output
+    assert r.exit_code == 2 and "--force" in r.output  # bad usage: nothing was written
     assert priv.read_bytes() == before
 
 
@@ -237,7 +237,7 @@ def test_verify_refusals_exit_1_with_reason(rsa_keys: tuple[Path, Path], tmp_pat
 def test_verify_with_bad_key_file(rsa_keys: tuple[Path, Path], tmp_path: Path) -> None:
     good = _create(tmp_path, rsa_keys[0], "--urls", "b:4222")
     r = runner.invoke(jwt_app, ["verify", "--verify-key", str(tmp_path / "nope"), str(good)])
-    assert r.exit_code == 1 and "bad_key" in r.output
+    assert r.exit_code == 2 and "bad_key" in r.output  # an unusable --verify-key is bad usage
 
 
 def test_ed25519_cli_round_trip(tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ def test_config_check_error_names_key_and_file(tmp_path: Path) -> None:
     cfg = tmp_path / "provisioner.yaml"
     cfg.write_text("interval: 5m\nlifecycle_component: a.b\n")
     r = runner.invoke(config_app, ["check", str(cfg)])
-    assert r.exit_code == 1
+    assert r.exit_code == 2  # bad configuration
     assert str(cfg) in r.output and "lifecycle_component" in r.output
 
 

@@ -1,14 +1,15 @@
 """Test environment for provisioner integration tests: real brokers, tokens, CA, helper.
 
-``ProvEnv`` holds the provisioning broker, an overlay nats-server (where provisioned nodes
-go), a token signing key pair, a LocalCA written to disk and the test helper script.
-``env.config(...)`` builds a :class:`ProvisionerConfig` for it and ``env.node(...)`` a
-:class:`NodeAgent` holding a valid provisioning token.
+``ProvEnv`` is a :class:`testbed.stack.Stack` (see :data:`PROV_ENV_SPEC`) seen the way the tests
+use it: the provisioning broker, an overlay nats-server (where provisioned nodes go), a token
+signing key pair, a LocalCA written to disk and the test helper script. ``env.config(...)``
+builds a :class:`ProvisionerConfig` for it and ``env.node(...)`` a :class:`NodeAgent` holding a
+valid provisioning token.
 
 The provisioning broker is, by default, the production layout: an **isolated broker**
-(``provisioner.broker.start_isolated_broker``: nats-server plus the auth callout verifying
-provisioning tokens with the env's verify key), so nodes connect with their JWT as the auth
-token and their identity as the connection name, and each node may only use its own subjects.
+(nats-server plus the auth callout verifying provisioning tokens with the env's verify key), so
+nodes connect with their JWT as the auth token and their identity as the connection name, and
+each node may only use its own subjects.
 
 Tests that need the plain dev server (static ``node`` user, nodes with bad tokens reaching the
 provisioner, rogue responders answering for any identity) opt out with
@@ -35,19 +36,15 @@ from cryptography.hazmat.primitives import serialization
 
 from ca_adapters import LocalCA
 from choria_core.natsconn import sync_flush
-from jwt_tools import create_provisioning_token, generate_keypair, load_signing_key
+from choria_core.protocol import parse_event
+from jwt_tools import generate_keypair, write_private_file
 from node_agent.node import NodeAgent
 from provisioner.audit import read_audit_file
-from provisioner.config import Features, ProvisionerConfig
+from provisioner.config import ProvisionerConfig
 from provisioner.service import Provisioner
-from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
-from testbed.natsserver import (
-    INSTALL_HINT,
-    NatsServer,
-    NatsServerNotFound,
-    find_nats_server,
-    start_nats_server,
-)
+from testbed.isolated_broker import IsolatedBroker
+from testbed.natsserver import INSTALL_HINT, NatsServer, NatsServerNotFound, find_nats_server
+from testbed.stack import CASpec, HelperSpec, ProvisionerSpec, Stack, StackSpec
 from tests.support import missing_dependency
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
@@ -55,24 +52,75 @@ TOKEN = "s3cret-provisioning-token"
 #: Marker opting a test out of the isolated broker (it then gets the plain dev nats-server).
 DEV_BROKER_MARK = "dev_broker"
 
+#: The isolated broker (or the dev server a test opts into), a local CA, one dev-layout overlay
+#: broker, the test helper ``tests/provisioner/helpers/localca_helper.py`` in exec mode.
+PROV_ENV_SPEC = StackSpec(
+    ca=CASpec(common_name="Test Fleet CA"),
+    helper=HelperSpec(
+        kind="command",
+        mode="exec",
+        command=f"{sys.executable} {HELPERS / 'localca_helper.py'}",
+        timeout=5,
+    ),
+    provisioner=ProvisionerSpec(site="test", rpc_timeout=2, concurrency=32),
+    token=TOKEN,
+)
+
 
 @dataclass
 class ProvEnv:
-    #: The provisioning broker's nats-server (the isolated broker's, or the dev server).
-    server: NatsServer
-    overlay: NatsServer
-    workdir: Path
-    ca: LocalCA
-    ca_dir: Path
-    signer_key_path: Path
-    verify_path: Path
-    token_path: Path
+    stack: Stack
     behaviour_file: Path
-    overlay_password_file: Path
-    audit_path: Path
-    #: The isolated broker (default); None when the test opted out (plain dev server).
-    broker: IsolatedBroker | None = None
     nodes: list[NodeAgent] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def server(self) -> NatsServer:
+        """The provisioning broker's nats-server (the isolated broker's, or the dev server)."""
+        return self.stack.server
+
+    @property
+    def broker(self) -> IsolatedBroker | None:
+        """The isolated broker (default); None when the test opted out (plain dev server)."""
+        return self.stack.broker
+
+    @property
+    def overlay(self) -> NatsServer:
+        return self.stack.overlay
+
+    @property
+    def workdir(self) -> Path:
+        return self.stack.workdir
+
+    @property
+    def ca(self) -> LocalCA:
+        assert self.stack.ca is not None
+        return self.stack.ca
+
+    @property
+    def ca_dir(self) -> Path:
+        assert self.stack.ca_cert_path is not None
+        return self.stack.ca_cert_path.parent
+
+    @property
+    def signer_key_path(self) -> Path:
+        return self.stack.signer_key_path
+
+    @property
+    def verify_path(self) -> Path:
+        return self.stack.verify_path
+
+    @property
+    def token_path(self) -> Path:
+        return self.stack.token_path
+
+    @property
+    def overlay_password_file(self) -> Path:
+        return self.stack.overlay_password_file
+
+    @property
+    def audit_path(self) -> Path:
+        return self.stack.audit_path
 
     @property
     def isolated(self) -> bool:
@@ -82,7 +130,7 @@ class ProvEnv:
     @property
     def broker_url(self) -> str:
         """The URL nodes and the provisioner use for the provisioning broker."""
-        return self.broker.url if self.broker is not None else self.server.url
+        return self.stack.broker_url
 
     # ------------------------------------------------------------------ tokens
     def make_token(
@@ -93,37 +141,19 @@ class ProvEnv:
         validity_s: float = 3600,
         now: float | None = None,
     ) -> Path:
-        key = load_signing_key(key_path or self.signer_key_path)
-        node_user: str | None = None
-        node_pw: str | None = None
-        if self.broker is None:
-            # Dev layout: nodes log in as the static node user (go-choria's chusr/chpwd).
-            node_user, node_pw = self.server.users["node"]
-        # Isolated broker: no user; the JWT itself is the credential the callout verifies.
-        token = create_provisioning_token(
-            key,
-            token=TOKEN,
-            urls=[self.broker_url],
-            default=True,
-            validity_s=validity_s,
-            now=now,
-            username=node_user,
-            password=node_pw,
-        )
-        path.write_text(token)
-        path.chmod(0o600)
-        return path
+        """A provisioning token for the broker (dev layout: with the static node user)."""
+        return self.stack.write_token(path, key_path=key_path, validity_s=validity_s, now=now)
 
     def token_with_wrong_key(self) -> Path:
         priv, _pub = generate_keypair("ed25519")
         other = self.workdir / f"other-{uuid.uuid4().hex[:6]}.seed"
-        other.write_bytes(priv)
+        write_private_file(other, priv)
         return self.make_token(self.workdir / "wrong-key.jwt", key_path=other)
 
     def expired_token(self) -> Path:
         return self.make_token(self.workdir / "expired.jwt", validity_s=60, now=time.time() - 3600)
 
-    # ------------------------------------------------------------------ parts
+    # ------------------------------------------------------------------ settings
     def set_behaviour(self, behaviour: str) -> None:
         self.behaviour_file.write_text(behaviour)
 
@@ -146,25 +176,12 @@ class ProvEnv:
         ]
 
     def config(self, **overrides: Any) -> ProvisionerConfig:
-        _, prov_pw = self.server.users["provisioner"]
         values: dict[str, Any] = {
             "identity": f"prov-{uuid.uuid4().hex[:8]}.test.example.net",
-            "site": "test",
-            "broker_urls": [self.broker_url],
-            "broker_provisioning_password": prov_pw,
-            "token": TOKEN,
-            "jwt_verify_cert": str(self.verify_path),
-            "helper": self.helper_command(),
             "helper_args": self.helper_args(),
-            "helper_mode": "exec",
-            "helper_timeout": 5,
-            "features": Features(pki=True),
-            "audit_log": str(self.audit_path),
-            "rpc_timeout": 2,
-            "concurrency": 32,
         }
         values.update(overrides)
-        return ProvisionerConfig(**values)
+        return self.stack.provisioner_config(**values)
 
     def provisioner(self, **overrides: Any) -> Provisioner:
         return Provisioner(self.config(**overrides), discovery_timeout=0.5, rpc_backoff=0.05)
@@ -202,63 +219,25 @@ class ProvEnv:
 async def make_env(tmp: Path, *, dev_server: NatsServer | None = None) -> ProvEnv:
     """Build the environment in ``tmp``; with ``dev_server`` it uses that plain dev broker,
     otherwise it starts an isolated broker (stopped by :func:`close_env`)."""
-    priv, pub = generate_keypair("ed25519")
-    signer = tmp / "signer.seed"
-    signer.write_bytes(priv)
-    signer.chmod(0o600)
-    verify = tmp / "signer.pub"
-    verify.write_bytes(pub)
-    broker: IsolatedBroker | None = None
-    if dev_server is None:
-        broker = await start_isolated_broker(tmp / "prov-broker", [verify])
-        server = broker.server
-    else:
-        server = dev_server
-    overlay: NatsServer | None = None
+    stack = Stack(PROV_ENV_SPEC, tmp, dev_server=dev_server)
     try:
-        overlay = await asyncio.to_thread(start_nats_server, tmp / "overlay-nats")
-        ca = LocalCA.generate(key_type="ec", common_name="Test Fleet CA")
-        ca_dir = tmp / "ca"
-        ca.write(ca_dir)
-        pw_file = tmp / "overlay.pass"
-        pw_file.write_text(overlay.users["choria"][1])
-        pw_file.chmod(0o600)
-        env = ProvEnv(
-            server=server,
-            overlay=overlay,
-            workdir=tmp,
-            ca=ca,
-            ca_dir=ca_dir,
-            signer_key_path=signer,
-            verify_path=verify,
-            token_path=tmp / "provisioning.jwt",
-            behaviour_file=tmp / "behaviour",
-            overlay_password_file=pw_file,
-            audit_path=tmp / "audit" / "audit.jsonl",
-            broker=broker,
-        )
-        env.make_token(env.token_path)
-        if broker is not None:
-            # Wire-level test clients (responder.py) log in like a node: any valid provisioning
-            # token as the password, their identity as the connection name.
-            server.users.setdefault("node", ("node", env.token_path.read_text().strip()))
-        env.set_behaviour("ok")
-        return env
+        await stack.start()
     except BaseException:
-        if overlay is not None:
-            await asyncio.to_thread(overlay.stop)
-        if broker is not None:
-            await broker.stop()
+        await stack.close()
         raise
+    env = ProvEnv(stack=stack, behaviour_file=tmp / "behaviour")
+    env.make_token(env.token_path)
+    if stack.broker is not None:
+        # Wire-level test clients (responder.py) log in like a node: any valid provisioning
+        # token as the password, their identity as the connection name.
+        stack.server.users.setdefault("node", ("node", env.token_path.read_text().strip()))
+    env.set_behaviour("ok")
+    return env
 
 
 async def close_env(env: ProvEnv) -> None:
     """Stop what :func:`make_env` started (the dev server belongs to its fixture)."""
-    try:
-        await asyncio.to_thread(env.overlay.stop)
-    finally:
-        if env.broker is not None:
-            await env.broker.stop()
+    await env.stack.close()
 
 
 def need_nats_server() -> None:
@@ -303,8 +282,6 @@ class OverlayWatcher:
         self.nc = await nats.connect(self.overlay.url, user=user, password=pw)
 
         async def on_event(msg: Any) -> None:
-            from choria_core.protocol import parse_event
-
             ev = parse_event(msg.data)
             self.seen[ev.identity] = self.seen.get(ev.identity, 0) + 1
 

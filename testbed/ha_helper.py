@@ -1,6 +1,6 @@
-"""Python-mode helper for the HA tests and the failover benchmark: a local CA, nothing else.
+"""Python-mode helper for the HA test bed (:mod:`testbed.ha_cluster`): a local CA, nothing else.
 
-Loaded by each ``provisioner run`` process as ``helper: /path/tests/ha/helper.py:handler``
+Loaded by each ``provisioner run`` process as ``helper: testbed.ha_helper:handler``
 (``helper_mode: python``). It signs the node's CSR with the LocalCA in ``$HA_CA_DIR`` and
 points the node at the overlay broker ``$HA_OVERLAY_URL`` (user ``$HA_OVERLAY_USER``, password
 in the file ``$HA_OVERLAY_PASSWORD_FILE``).
@@ -31,7 +31,7 @@ _log_fd: int | None = None
 def _env(name: str) -> str:
     value = os.environ.get(name, "")
     if not value:
-        raise RuntimeError(f"tests/ha/helper.py needs the environment variable {name}")
+        raise RuntimeError(f"testbed.ha_helper needs the environment variable {name}")
     return value
 
 

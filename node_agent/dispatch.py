@@ -1,0 +1,156 @@
+"""A node's request handling: decode, check, hand to an agent, reply.
+
+Requests are checked (collective, TTL window, filter) before anything else, answered to the
+transport header ``reply-to`` (never to a NATS reply subject), and counted in the statistics
+``rpcutil#daemon_stats`` reports. ``discovery`` pings are answered here; every other agent runs
+in its own task so that a slow action does not hold up the subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from functools import lru_cache
+from typing import Any
+
+from choria_core.protocol import (
+    ProtocolError,
+    Request,
+    RPCReply,
+    StatusCode,
+    TransportHeaders,
+    check_request,
+    decode_payload,
+    decode_request,
+    encode_reply,
+    new_reply,
+    parse_rpc_request,
+)
+from node_agent.agents import AgentError, ChoriaUtilAgent, Envelope, RPCUtilAgent
+from node_agent.boot import PROVISIONING_COLLECTIVE
+from node_agent.provision_agent import ProvisionAgent
+from node_agent.transport import Link
+
+__all__ = ["Agent", "RequestDispatcher"]
+
+log = logging.getLogger(__name__)
+
+Agent = RPCUtilAgent | ChoriaUtilAgent | ProvisionAgent
+
+
+@lru_cache(maxsize=64)
+def _decode_cached(data: bytes) -> tuple[Request, TransportHeaders]:
+    # Many simulated nodes in one process receive the very same broadcast bytes: decode once.
+    return decode_request(data)
+
+
+class RequestDispatcher:
+    """Answers the requests of one node.
+
+    The node sets ``collectives``, ``agents`` and ``link`` for the mode it boots into; ``stats``
+    is the node's counter mapping, updated in place.
+    """
+
+    def __init__(self, identity: str, stats: dict[str, int]) -> None:
+        self.identity = identity
+        self.stats = stats
+        self.collectives: list[str] = [PROVISIONING_COLLECTIVE]
+        self.agents: dict[str, Agent] = {}
+        self.link: Link | None = None
+        #: In-flight actions (a restart waits for them so that its own reply goes out).
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def agent_names(self) -> list[str]:
+        """Loaded agents (``discovery`` is always loaded)."""
+        return sorted(["discovery", *self.agents])
+
+    def _count(self, key: str) -> None:
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Let in-flight actions send their replies (the restart reply itself) before closing."""
+        pending = [t for t in self.tasks if t is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    async def on_message(self, subject: str, data: bytes) -> None:
+        """One message from a subscription."""
+        self._count("total")
+        try:
+            req, headers = _decode_cached(data)
+        except ProtocolError as exc:
+            self._count("unvalidated")
+            log.debug("dropped undecodable message on %s: %s", subject, exc)
+            return
+        self._count("validated")
+        try:
+            check_request(
+                req,
+                identity=self.identity,
+                collectives=self.collectives,
+                agents=self.agent_names,
+            )
+        except ProtocolError as exc:
+            self._count("ttlexpired" if str(exc).startswith("ttl") else "filtered")
+            log.debug("dropped request %s: %s", req.requestid, exc)
+            return
+        self._count("passed")
+        if req.agent == "discovery":
+            try:
+                payload = decode_payload(req.message)
+            except ProtocolError:
+                return
+            if b"ping" in payload:
+                await self._reply(req, headers, "pong")
+            return
+        agent = self.agents.get(req.agent)
+        if agent is None:
+            log.debug("no agent %s on %s", req.agent, self.identity)
+            return
+        self._spawn(self._handle_rpc(agent, req, headers))
+
+    async def _handle_rpc(self, agent: Agent, req: Request, headers: TransportHeaders) -> None:
+        try:
+            body = parse_rpc_request(decode_payload(req.message))
+        except ProtocolError as exc:
+            reply = RPCReply("", StatusCode.INVALID_DATA, f"Could not process request: {exc}")
+            await self._reply(req, headers, reply.to_json())
+            return
+        env = Envelope(
+            requestid=req.requestid,
+            senderid=req.senderid,
+            callerid=req.callerid,
+            collective=req.collective,
+            time=req.time,
+        )
+        try:
+            reply = await asyncio.wait_for(
+                agent.dispatch(body.action, body.data, env), agent.timeout
+            )
+        except AgentError as exc:
+            reply = RPCReply(body.action, exc.status, str(exc))
+        except TimeoutError:
+            # go-choria sends no reply when an action exceeds the agent's timeout.
+            log.warning("%s#%s timed out on %s", req.agent, body.action, self.identity)
+            return
+        except Exception:
+            log.exception("%s#%s failed on %s", req.agent, body.action, self.identity)
+            reply = RPCReply(body.action, StatusCode.UNKNOWN_ERROR, "Unknown error in the action")
+        await self._reply(req, headers, reply.to_json())
+
+    async def _reply(self, req: Request, headers: TransportHeaders, message: str) -> None:
+        link = self.link
+        if not headers.reply_to or link is None:
+            return
+        url = link.server_url
+        reply = new_reply(req, senderid=self.identity, message=message)
+        data = encode_reply(reply, mc_sender=self.identity, seen_by=[(url, self.identity, url)])
+        await link.publish(headers.reply_to, data)
+        self._count("replies")

@@ -1,0 +1,199 @@
+"""The provisioner's broker connection: keys, TLS, connect, announce, close.
+
+* :func:`load_verify_keys` / :func:`load_signing_key`: the keys the pipeline needs, checked
+  before anything connects (``jwt_verify_cert``; ``jwt_signing_key`` with the ed25519 feature);
+* :func:`tls_context`: TLS/mTLS from ``tls.*`` when a broker URL is ``tls://`` or files are set;
+* :func:`connect`: one NATS connection as the provisioner user (``broker_user`` /
+  ``broker_provisioning_password``): a few quick tries at start, then reconnecting forever;
+* :func:`announce`: our own ``startup`` lifecycle event (component ``provisioner``, legacy
+  format, as the anchor does);
+* :func:`close`: drain and close, bounded in time; a stray ``CancelledError`` from nats-py's
+  own tasks is swallowed, a cancellation of the caller is not.
+
+Everything that keeps the service from starting raises :class:`ProvisionerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from choria_core.errors import FleetError
+from choria_core.natsconn import being_cancelled
+from choria_core.protocol import encode_event, lifecycle_subject, new_event
+from jwt_tools import TokenError, VerifyKey, load_verify_key
+from jwt_tools import load_signing_key as _load_key
+from provisioner.config import ProvisionerConfig
+
+log = logging.getLogger(__name__)
+
+#: The provisioner's version, as announced in its startup event and reported in its status.
+VERSION = "0.1.0"
+
+#: How long draining, then closing, the connection may each take at stop before it is abandoned.
+CLOSE_TIMEOUT = 10.0
+
+
+class ProvisionerError(FleetError, RuntimeError, reason="provisioner"):
+    """The service cannot start (missing key, bad TLS files, broker unreachable)."""
+
+
+def load_verify_keys(config: ProvisionerConfig) -> list[VerifyKey]:
+    """The key every node's provisioning token is verified with (``jwt_verify_cert``)."""
+    source = config.jwt_verify_cert
+    if not source:
+        raise ProvisionerError(
+            "jwt_verify_cert is not set: the provisioner verifies every node's provisioning "
+            "token and needs the signer's certificate, public key or ed25519 hex key"
+        )
+    try:
+        return [load_verify_key(source)]
+    except TokenError as exc:
+        raise ProvisionerError(f"jwt_verify_cert: {exc}") from None
+
+
+def load_signing_key(config: ProvisionerConfig) -> Ed25519PrivateKey | None:
+    """The ed25519 key server tokens are signed with (ed25519 feature only)."""
+    if not config.features.ed25519:
+        return None
+    if not config.jwt_signing_key:
+        raise ProvisionerError(
+            "the ed25519 feature needs jwt_signing_key (a file holding a 64-hex ed25519 seed)"
+        )
+    try:
+        key = _load_key(config.jwt_signing_key)
+    except TokenError as exc:
+        raise ProvisionerError(f"jwt_signing_key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ProvisionerError("jwt_signing_key must be an ed25519 seed for server tokens")
+    return key
+
+
+def tls_context(config: ProvisionerConfig) -> ssl.SSLContext | None:
+    """TLS for the broker connection, or None (plain, or ``choria_insecure``)."""
+    wants_tls = any(u.startswith("tls://") for u in config.broker_urls) or bool(
+        config.tls.ca or config.tls.cert
+    )
+    if config.choria_insecure or not wants_tls:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=config.tls.ca or None)
+        if config.tls.cert and config.tls.key:
+            ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ProvisionerError(f"tls: could not load TLS files: {exc}") from None
+    if not config.tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _options(
+    config: ProvisionerConfig,
+    name: str,
+    is_running: Callable[[], bool],
+    on_reconnect: Callable[[], None],
+) -> dict[str, Any]:
+    async def on_error(exc: Exception) -> None:
+        log.warning("broker connection error: %s", exc)
+
+    async def on_disconnect() -> None:
+        if is_running():
+            log.warning("disconnected from the broker, reconnecting")
+
+    async def on_reconnected() -> None:
+        log.info("reconnected to the broker")
+        on_reconnect()
+
+    callbacks: dict[str, Callable[..., Awaitable[None]]] = {
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnect,
+        "reconnected_cb": on_reconnected,
+    }
+    options: dict[str, Any] = {
+        "servers": list(config.broker_urls),
+        "name": name,
+        "user": config.broker_user,
+        "allow_reconnect": True,
+        # nats-py applies these to the *initial* connect too, where -1 would retry an
+        # unreachable broker forever: a few quick tries at start, then (see connect) forever.
+        "max_reconnect_attempts": 3,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+        **callbacks,
+        # Configure requests for thousands of nodes can be buffered at once.
+        "pending_size": 256 * 1024 * 1024,
+        "flusher_queue_size": 65536,
+    }
+    if config.broker_provisioning_password:
+        options["password"] = config.broker_provisioning_password
+    tls = tls_context(config)
+    if tls is not None:
+        options["tls"] = tls
+    return options
+
+
+async def connect(
+    config: ProvisionerConfig,
+    *,
+    name: str,
+    is_running: Callable[[], bool],
+    on_reconnect: Callable[[], None],
+) -> Any:
+    """Connect as the provisioner user; ``on_reconnect`` runs after every reconnection."""
+    options = _options(config, name, is_running, on_reconnect)
+    try:
+        nc = await nats.connect(**options)
+    except Exception as exc:
+        # nats-py errors name the server, never the password.
+        raise ProvisionerError(
+            f"could not connect to the broker {','.join(config.broker_urls)} as "
+            f"{config.broker_user}: {type(exc).__name__}: {exc}"
+        ) from None
+    # Connected: from now on survive broker restarts by reconnecting forever.
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 2
+    return nc
+
+
+async def announce(nc: Any, identity: str) -> None:
+    """Publish our ``startup`` lifecycle event (failures are logged, as the anchor does)."""
+    event = new_event("startup", identity=identity, component="provisioner", version=VERSION)
+    try:
+        await nc.publish(
+            lifecycle_subject("startup", "provisioner"), encode_event(event, format="legacy")
+        )
+    except Exception as exc:  # the anchor only logs this too
+        log.error("could not publish startup event: %s", exc)
+
+
+async def close(nc: Any, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Drain, then close the connection; each bounded by ``timeout``, neither ever raises.
+
+    nats-py's close cancels its own reader, flusher and reconnect tasks; caught mid-reconnect
+    (a broker restart), one of those cancellations can escape into the caller. Nobody
+    cancelled us then, so it is ignored and the caller's stop carries on. A cancellation of the
+    caller itself propagates.
+    """
+    for step in ("drain", "close"):
+        try:
+            await asyncio.wait_for(getattr(nc, step)(), timeout)
+        except TimeoutError:
+            log.warning("%s of the broker connection took over %gs; abandoning it", step, timeout)
+        except asyncio.CancelledError:
+            if being_cancelled():
+                raise
+            log.warning("%s of the broker connection raised a stray CancelledError; ignored", step)
+        except Exception as exc:  # a connection that is already closed or broken
+            log.debug("%s of the broker connection failed: %s", step, exc)
+    if not getattr(nc, "is_closed", True):
+        # The close stalled: drop the socket so the broker sees us go.
+        transport = getattr(nc, "_transport", None)
+        if transport is not None:
+            transport.close()

@@ -1,0 +1,151 @@
+"""What happens when an attempt ends: node record, metrics, audit, hooks, retry or defer.
+
+:meth:`Outcomes.finish` takes the :class:`~provisioner.attempt.Outcome` of one attempt and
+dispatches on its :class:`~provisioner.reasons.Decision`:
+
+=============  ==========================  ==================================================
+decision       node state                  also
+=============  ==========================  ==================================================
+provisioned    ``provisioned``             ``choria_provisioner_provisioned``, overlay count,
+                                           ``on_provisioned`` hooks
+deferred       ``deferred``                retried after the helper's ``retry_after``, if any
+shutdown       ``shut_down``
+aborted        ``failed``                  not an error of the node: another leader owns it
+failed         ``failed``                  ``choria_provisioner_provision_errors``; a
+                                           transient reason is retried a few seconds later
+=============  ==========================  ==================================================
+
+Every attempt is counted in ``choria_provisioner_outcomes_total{decision}``, audited (with
+``provisioner`` and ``site``) and passed to the ``on_outcome`` hooks with its audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from provisioner.attempt import Attempt, Outcome, audit_fields
+from provisioner.audit import AuditLog
+from provisioner.metrics import Metrics
+from provisioner.queue import NodeRecord, NodeState, WorkQueue
+from provisioner.reasons import Decision
+
+log = logging.getLogger(__name__)
+
+#: How many attempts of a node get a quick retry after a transient failure, and how soon
+#: (the delay grows with the attempt number).
+QUICK_RETRIES = 3
+QUICK_RETRY_DELAY = 2.0
+
+ProvisionedHook = Callable[[NodeRecord], None]
+OutcomeHook = Callable[[NodeRecord, dict[str, Any]], None]
+
+
+class Outcomes:
+    """Records how each attempt ended (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        identity: str,
+        site: str,
+        queue: WorkQueue,
+        metrics: Metrics,
+        audit: AuditLog,
+        retry: Callable[[str], None],
+    ) -> None:
+        self.identity = identity
+        self.site = site
+        self.queue = queue
+        self.metrics = metrics
+        self.audit = audit
+        #: Queues a node again (called a few seconds after a transient failure).
+        self.retry = retry
+        #: Called with the node record after each successful provisioning.
+        self.on_provisioned: list[ProvisionedHook] = []
+        #: Called after every attempt with the record and its audit entry.
+        self.on_outcome: list[OutcomeHook] = []
+        self.provisioned_total = 0
+        self._by_decision: dict[Decision, Callable[[NodeRecord, Outcome, Attempt], None]] = {
+            Decision.PROVISIONED: self._provisioned,
+            Decision.DEFERRED: self._deferred,
+            Decision.SHUTDOWN: self._shut_down,
+            Decision.ABORTED: self._aborted,
+            Decision.FAILED: self._failed,
+        }
+
+    def finish(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        """Update the node's record, count, audit and call the hooks for one ended attempt."""
+        rec.stage_times = att.timings
+        if outcome.overlay:
+            rec.overlay = outcome.overlay
+        self._by_decision[outcome.decision](rec, outcome, att)
+        self.metrics.outcomes.labels(self.site, outcome.decision).inc()
+        entry = audit_fields(att, outcome)
+        entry["provisioner"] = self.identity
+        entry["site"] = self.site
+        written = self.audit.record(entry)
+        for hook in self.on_outcome:
+            try:
+                hook(rec, written)
+            except Exception:
+                log.exception("on_outcome hook failed")
+        if outcome.decision is Decision.PROVISIONED:
+            for phook in self.on_provisioned:
+                try:
+                    phook(rec)
+                except Exception:
+                    log.exception("on_provisioned hook failed")
+
+    def _provisioned(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        self.queue.finish(rec, NodeState.PROVISIONED)
+        self.provisioned_total += 1
+        self.metrics.provisioned.labels(self.site).inc()
+        if outcome.overlay:
+            self.metrics.overlay_provisioned.labels(self.site, outcome.overlay).inc()
+        log.info(
+            "provisioned %s in %.3fs overlay=%s",
+            rec.identity,
+            sum(att.timings.values()),
+            outcome.overlay or "-",
+        )
+
+    def _deferred(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        self.queue.finish(
+            rec,
+            NodeState.DEFERRED,
+            error=f"deferred by helper: {outcome.msg}" if outcome.msg else "deferred by helper",
+            retry_after=outcome.retry_after,
+        )
+        log.info("deferred %s: %s", rec.identity, outcome.msg or "-")
+
+    def _shut_down(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        self.queue.finish(rec, NodeState.SHUT_DOWN, error=outcome.msg or None)
+        log.info("shut down %s: %s", rec.identity, outcome.msg or "-")
+
+    def _aborted(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        # Not an error of the node: another leader owns it (or we lost leadership).
+        self.queue.finish(rec, NodeState.FAILED, error=outcome.error)
+        log.info("stopped working on %s at %s: %s", rec.identity, outcome.stage, outcome.reason)
+
+    def _failed(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        self.queue.finish(rec, NodeState.FAILED, error=outcome.error)
+        self.metrics.provision_errors.labels(self.site).inc()
+        log.warning(
+            "could not provision %s at %s (%s): %s",
+            rec.identity,
+            outcome.stage,
+            outcome.reason,
+            outcome.error,
+        )
+        if outcome.retry_soon and rec.attempts <= QUICK_RETRIES:
+            asyncio.get_running_loop().call_later(
+                QUICK_RETRY_DELAY * rec.attempts, self.retry, rec.identity
+            )
+
+    def internal_error(self, rec: NodeRecord) -> None:
+        """An attempt ended in a bug (logged by the caller): keep the node, count the error."""
+        self.queue.finish(rec, NodeState.FAILED, error="internal error (see the logs)")
+        self.metrics.provision_errors.labels(self.site).inc()

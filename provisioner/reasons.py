@@ -1,0 +1,81 @@
+"""How a provisioning attempt ends: the decision and the reason codes, as enums.
+
+Both are :class:`enum.StrEnum`, so their values are exactly the strings the audit log, the
+metrics labels and the admin API have always carried (``"failed"``, ``"rpc_timeout"``, ...).
+
+A :class:`Reason` is chosen where the failure happens (a pipeline step, the RPC client, the
+claims) and carried unchanged to the outcome, where :attr:`Reason.transient` decides whether
+the node gets a quick retry. Codes passed through from another component (``token_<code>`` of
+a refused token, ``helper_<code>`` of a failed helper, ``server_token_<code>``) are plain
+strings: they are never transient.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TypeAlias
+
+
+class Decision(enum.StrEnum):
+    """How an attempt ended."""
+
+    PROVISIONED = "provisioned"
+    DEFERRED = "deferred"  # the helper said "not now"
+    SHUTDOWN = "shutdown"  # the helper asked for the node to be shut down
+    FAILED = "failed"  # a step failed: the node stays provisionable
+    ABORTED = "aborted"  # HA: another leader owns the node now (or we lost leadership)
+
+
+class Reason(enum.StrEnum):
+    """Why an attempt failed or was aborted, as chosen by the provisioner itself."""
+
+    # The RPC client (the node did not answer usefully).
+    RPC_TIMEOUT = "rpc_timeout"
+    RPC_WRONG_SENDER = "rpc_wrong_sender"
+    RPC_STATUS = "rpc_status"
+    RPC_PROTOCOL = "rpc_protocol"
+    # What the node sent.
+    BAD_REPLY = "bad_reply"
+    BAD_NONCE_SIGNATURE = "bad_nonce_signature"
+    CSR_INVALID = "csr_invalid"
+    CSR_CN_MISMATCH = "csr_cn_mismatch"
+    CSR_DENIED = "csr_denied"
+    NO_ECDH = "no_ecdh"
+    # What the helper returned, or how it failed.
+    HELPER_CRASHED = "helper_crashed"
+    HELPER_REFUSED = "helper_refused"
+    # The provisioner's own configuration.
+    NO_VERIFY_KEY = "no_verify_key"
+    NO_SIGNING_KEY = "no_signing_key"
+    KEY_ENCRYPTION = "key_encryption"
+    # High availability: election and claims.
+    NOT_LEADER = "not_leader"
+    FENCED = "fenced"
+    CLAIMS_UNAVAILABLE = "claims_unavailable"
+    CLAIM_INVALID = "claim_invalid"
+    STORED_OUTCOME_UNUSABLE = "stored_outcome_unusable"
+
+    @property
+    def transient(self) -> bool:
+        """A broker hiccup rather than a problem of the node: worth a retry in a few seconds."""
+        return self in TRANSIENT
+
+    @property
+    def aborts(self) -> bool:
+        """Ends the attempt as ``aborted``: another leader owns the node now."""
+        return self in ABORTING
+
+
+#: Failures worth a quick retry: the broker (or JetStream) was briefly unavailable.
+TRANSIENT: frozenset[Reason] = frozenset({Reason.RPC_TIMEOUT, Reason.CLAIMS_UNAVAILABLE})
+
+#: Reasons that end an attempt as ``aborted`` rather than ``failed``.
+ABORTING: frozenset[Reason] = frozenset({Reason.NOT_LEADER, Reason.FENCED})
+
+#: A reason code: one of ours, or another component's code passed through (``token_expired``).
+ReasonCode: TypeAlias = Reason | str
+
+
+def is_transient(reason: ReasonCode | None) -> bool:
+    """Whether ``reason`` is one of our transient reasons (a passed-through code never is)."""
+    return isinstance(reason, Reason) and reason.transient

@@ -1,0 +1,154 @@
+"""CPU time and peak RSS of every process of a run, by role, sampled with psutil."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+
+import psutil
+
+__all__ = ["ProcSampler", "children_matching", "pid_finder", "safe_children"]
+
+log = logging.getLogger(__name__)
+
+
+class ProcSampler:
+    """Samples CPU time and RSS of the run's processes by role, in a thread (psutil)."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self._roles: dict[str, Callable[[], list[psutil.Process]]] = {}
+        self._last: dict[tuple[str, int], float] = {}
+        self._base: dict[tuple[str, int], float] = {}
+        self._peak_rss: dict[str, int] = {}
+        self._rss_now: dict[str, int] = {}
+        self._reaped_base: float | None = None
+        self._reaped_last = 0.0
+        self._provisioner: psutil.Process | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._baseline_taken = False
+        self._procs: dict[int, psutil.Process] = {}
+
+    def add_role(self, role: str, finder: Callable[[], list[psutil.Process]]) -> None:
+        with self._lock:
+            self._roles[role] = finder
+
+    def set_provisioner(self, proc: psutil.Process) -> None:
+        self._provisioner = proc
+
+    def _proc(self, pid: int) -> psutil.Process | None:
+        # Keep one psutil.Process per pid: cpu_percent state and pid-reuse checks live there.
+        p = self._procs.get(pid)
+        if p is None:
+            try:
+                p = psutil.Process(pid)
+            except psutil.Error:
+                return None
+            self._procs[pid] = p
+        return p
+
+    def sample(self) -> None:
+        with self._lock:
+            roles = dict(self._roles)
+        for role, finder in roles.items():
+            try:
+                procs = finder()
+            except psutil.Error:
+                continue
+            rss_total = 0
+            for proc in procs:
+                try:
+                    with proc.oneshot():
+                        t = proc.cpu_times()
+                        rss = proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                key = (role, proc.pid)
+                self._last[key] = t.user + t.system
+                rss_total += rss
+            self._rss_now[role] = rss_total
+            self._peak_rss[role] = max(self._peak_rss.get(role, 0), rss_total)
+        prov = self._provisioner
+        if prov is not None:
+            with contextlib.suppress(psutil.Error):
+                t = prov.cpu_times()
+                reaped = t.children_user + t.children_system
+                self._reaped_last = reaped
+                if self._reaped_base is None:
+                    self._reaped_base = reaped
+
+    def baseline(self) -> None:
+        """Start of the measured window: CPU from here on counts."""
+        self.sample()
+        self._base = dict(self._last)
+        self._reaped_base = self._reaped_last
+        self._peak_rss = dict(self._rss_now)
+        self._baseline_taken = True
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (role, pid), value in self._last.items():
+            base = self._base.get((role, pid), 0.0)
+            out[role] = out.get(role, 0.0) + max(0.0, value - base)
+        # Children the provisioner reaped (exec-mode helper processes) are helper CPU.
+        reaped = max(0.0, self._reaped_last - (self._reaped_base or 0.0))
+        if reaped:
+            out["helpers"] = out.get("helpers", 0.0) + reaped
+        return {k: round(v, 2) for k, v in sorted(out.items())}
+
+    def peak_rss_mb(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in sorted(self._peak_rss.items())}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception as exc:  # a sampling hiccup must not end the benchmark
+                log.debug("sampling failed: %s", exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with contextlib.suppress(Exception):
+            self.sample()
+
+
+def children_matching(parent: psutil.Process, *needles: str) -> list[psutil.Process]:
+    out = []
+    with contextlib.suppress(psutil.Error):
+        for child in parent.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmd = " ".join(child.cmdline())
+                if any(n in cmd for n in needles):
+                    out.append(child)
+    return out
+
+
+def pid_finder(pid: int | None) -> Callable[[], list[psutil.Process]]:
+    cache: list[psutil.Process] = []
+
+    def find() -> list[psutil.Process]:
+        if pid is None:
+            return []
+        if not cache:
+            with contextlib.suppress(psutil.Error):
+                cache.append(psutil.Process(pid))
+        return [p for p in cache if p.is_running()]
+
+    return find
+
+
+def safe_children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return list(proc.children(recursive=True))
+    except psutil.Error:
+        return []
