@@ -87,8 +87,9 @@ def http_error(
 ) -> CAError:
     """The error for an HTTP failure, classified by status, with the server's text."""
     kind = "temporarily failed" if is_retryable_status(status) else "refused"
+    shown = redact(detail, secrets, limit=500) or "no error text"
     return CAError(
-        f"{ca}: {action} {kind} (HTTP {status}): {redact(detail, secrets, limit=500) or 'no error text'}",
+        f"{ca}: {action} {kind} (HTTP {status}): {shown}",
         ca=ca,
         retryable=is_retryable_status(status),
         status=status,

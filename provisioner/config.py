@@ -27,8 +27,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from choria_core.durations import parse_duration
-from choria_core.strictmodel import StrictConfigError, StrictModel, unknown_keys, validate_strict
+from choria_core.strictmodel import (
+    Duration,
+    StrictConfigError,
+    StrictModel,
+    unknown_keys,
+    validate_strict,
+)
 
 __all__ = [
     "DEFAULT_CERT_DENY_LIST",
@@ -60,16 +65,6 @@ class ConfigError(StrictConfigError):
     """
 
     default_where = "<config>"
-
-
-# ---------------------------------------------------------------------------------------------
-# durations (text like 10s, 1h30m, 1y, or seconds: see choria_core.durations)
-
-
-def _duration_field(value: Any) -> Any:
-    if isinstance(value, str | int | float) and not isinstance(value, bool):
-        return parse_duration(value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,13 +110,8 @@ class ElectionConfig(StrictModel):
     bucket: str = "CHORIA_LEADER_ELECTION"
     key: str = "provisioner"
     # Failover takes about ttl + 0.5 s (docs/high-availability.md); the election allows 1 s..1 h.
-    ttl: float = Field(default=3.0, ge=1.0, le=3600.0)
-    campaign_interval: float | None = Field(default=None, gt=0)
-
-    @field_validator("ttl", "campaign_interval", mode="before")
-    @classmethod
-    def _durations(cls, v: Any) -> Any:
-        return _duration_field(v)
+    ttl: Duration = Field(default=3.0, ge=1.0, le=3600.0)
+    campaign_interval: Duration | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> ElectionConfig:
@@ -143,7 +133,7 @@ class ProvisionerConfig(StrictModel):
 
     # --- anchor keys (choria-io/provisioner config/config.go) ---
     workers: int = Field(default_factory=_default_workers, ge=0)
-    interval: float = 60.0
+    interval: Duration = 60.0
     logfile: str | None = None
     loglevel: str = "info"
     helper: str = ""
@@ -158,7 +148,7 @@ class ProvisionerConfig(StrictModel):
     jwt_verify_cert: str = ""
     jwt_signing_key: str = ""
     jwt_signing_token: str = ""
-    server_jwt_validity: float = ONE_YEAR_S
+    server_jwt_validity: Duration = ONE_YEAR_S
     rego_policy: str = ""
     leader_election: bool = False
     upgrades_repository: str = ""
@@ -172,12 +162,12 @@ class ProvisionerConfig(StrictModel):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     helper_mode: Literal["exec", "persistent", "python"] = "exec"
     helper_args: list[str] = Field(default_factory=list)
-    helper_timeout: float = Field(default=10.0, gt=0)
+    helper_timeout: Duration = Field(default=10.0, gt=0)
     helper_max_output: int = Field(default=1024 * 1024, gt=0)
     helper_pool_size: int = Field(default=4, ge=1)
     concurrency: int = Field(default=256, ge=1)
     queue_size: int = Field(default=200_000, ge=1)
-    rpc_timeout: float = Field(default=10.0, gt=0)
+    rpc_timeout: Duration = Field(default=10.0, gt=0)
     audit_log: str | None = None
     admin: AdminConfig = Field(default_factory=AdminConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
@@ -204,11 +194,12 @@ class ProvisionerConfig(StrictModel):
         "interval", "server_jwt_validity", "helper_timeout", "rpc_timeout", mode="before"
     )
     @classmethod
-    def _durations(cls, v: Any, info: Any) -> Any:
+    def _empty_durations(cls, v: Any, info: Any) -> Any:
+        # Durations are seconds or text like 10s, 1h30m, 1y (choria_core.durations).
         if v is None or v == "":
             # anchor: an empty server_jwt_validity means 1y; an empty interval the default 1m
             return ONE_YEAR_S if info.field_name == "server_jwt_validity" else 60.0
-        return _duration_field(v)
+        return v
 
     @field_validator("interval")
     @classmethod

@@ -75,7 +75,8 @@ class IsolatedBroker:
 
     def tls_context(self, *, verify: bool = True) -> ssl.SSLContext | None:
         """Client TLS context (None without TLS). ``verify=False`` is how go-choria nodes
-        connect in provisioning mode (spec §6.3)."""
+        connect in provisioning mode: they hold no CA yet, so they cannot verify the
+        broker's certificate."""
         if self.files.tls_ca is None:
             return None
         if not verify:

@@ -42,6 +42,7 @@ _PASSWORD_OPT = typer.Option(
     envvar="PROVISIONER_NATS_PASSWORD",
 )
 _BUCKET_OPT = typer.Option(DEFAULT_BUCKET, "--bucket", help="Ledger KV bucket.")
+_CONNECT_TIMEOUT_S = 5.0
 
 
 def _console() -> Console:
@@ -55,18 +56,41 @@ def _load(path: Path) -> OverlayRegistry:
         raise fail(str(err), EXIT_USAGE) from None
 
 
-async def _with_ledger(url: str, user: str | None, password: str | None, bucket: str) -> Any:
+async def _connect(url: str, user: str | None, password: str | None) -> Any:
+    """Connect once; fail on the first error instead of nats-py's endless first-connect retry."""
     import nats
 
-    try:
-        nc = await nats.connect(
+    first_error: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    async def on_error(exc: Exception) -> None:
+        if not first_error.done():
+            first_error.set_result(exc)
+
+    connect = asyncio.ensure_future(
+        nats.connect(
             url,
             user=user,
             password=password,
-            connect_timeout=5,
+            connect_timeout=_CONNECT_TIMEOUT_S,
             allow_reconnect=False,
             max_reconnect_attempts=0,
+            error_cb=on_error,
         )
+    )
+    waiters: set[asyncio.Future[Any]] = {connect, first_error}
+    await asyncio.wait(waiters, timeout=2 * _CONNECT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    if connect.done():
+        return connect.result()
+    connect.cancel()
+    await asyncio.gather(connect, return_exceptions=True)
+    if first_error.done():
+        raise first_error.result()
+    raise TimeoutError(f"no answer within {2 * _CONNECT_TIMEOUT_S:g}s")
+
+
+async def _with_ledger(url: str, user: str | None, password: str | None, bucket: str) -> Any:
+    try:
+        nc = await _connect(url, user, password)
     except Exception as err:
         # The exception text never carries the password; the type and text say what failed.
         raise fail(

@@ -17,7 +17,7 @@ from helpers.models import (
     provisioning_left_enabled,
 )
 
-# The example input of the anchor's documentation (helper-contract.md), abbreviated keys.
+# The example input of the anchor's documentation (choria-io/provisioner), abbreviated keys.
 ANCHOR_EXAMPLE = (
     '{"identity":"24bd22cdb279.choria.local","csr":null,'
     '"ed25519_pubkey":{"public_key":"2ddc594c","directory":"/etc/choria","signature":"34c55a0a"},'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from jwt_tools.tokens import create_provisioning_token
 from testbed.natsserver import INSTALL_HINT
-from tests.support import require_binary
+from tests.support import async_wait_for, require_binary
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +77,19 @@ async def refused(**opts: Any) -> str:
         return str(exc).lower()
     await conn.close()
     raise AssertionError("the connection was admitted but should have been refused")
+
+
+async def wait_for_log(path: Path, text: str, timeout: float = 5.0) -> str:
+    """Wait until the server log at ``path`` holds ``text`` and return the log.
+
+    nats-server writes a refusal to its log shortly after the client saw it, not before, so a
+    check right after a refusal must poll (bounded) rather than read once.
+    """
+    try:
+        await async_wait_for(lambda: text in path.read_text(errors="replace"), timeout=timeout)
+    except AssertionError:
+        tail = path.read_text(errors="replace")[-2000:]
+        raise AssertionError(
+            f"{text!r} not in {path} within {timeout}s; log tail:\n{tail}"
+        ) from None
+    return path.read_text(errors="replace")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import nats.errors
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -14,7 +14,7 @@ from choria_core.natsconn import sync_flush
 from choria_core.protocol.lifecycle import encode_event, new_event
 from jwt_tools.nats_jwt import PREFIX_USER, NKey
 from testbed.isolated_broker import start_isolated_broker
-from tests.provisioner.broker.conftest import connect, refused
+from tests.provisioner.broker.conftest import connect, refused, wait_for_log
 from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration
@@ -80,7 +80,7 @@ async def test_pinning_over_tls_with_callout_process(
         try:
             # another key claiming the same identity is refused, and so is a node with no key
             assert "authorization violation" in await refused(**opts, nkeys_seed_str=key_b.seed)
-            assert "refused: identity_pinned" in log.read_text()
+            await wait_for_log(log, "refused: identity_pinned")
             assert "authorization violation" in await refused(**opts)
             # the pin holder may reconnect (second connection with the same key)
             again = await connect(**opts, nkeys_seed_str=key_a.seed)
@@ -95,14 +95,27 @@ async def test_pinning_over_tls_with_callout_process(
         finally:
             await node_a.close()
 
+        # Until the release is processed key B is still refused; any other failure (TLS, a
+        # connection error, a client timeout) is raised at once, not retried into a timeout.
+        refusals: list[nats.errors.Error] = []
+
         async def b_admitted() -> bool:
             try:
                 conn = await connect(**opts, nkeys_seed_str=key_b.seed)
-            except Exception:
-                await asyncio.sleep(0.2)
+            except nats.errors.Error as exc:
+                if "authorization violation" not in str(exc).lower():
+                    raise
+                refusals.append(exc)
                 return False
             await conn.close()
             return True
 
-        await async_wait_for(b_admitted, timeout=10)
+        try:
+            await async_wait_for(b_admitted, timeout=10, interval=0.2)
+        except AssertionError:
+            last = refusals[-1] if refusals else None
+            raise AssertionError(
+                f"key B still refused 10 s after the pin's release ({len(refusals)} tries, "
+                f"last: {last!r})"
+            ) from last
         assert node_a.errors == []
