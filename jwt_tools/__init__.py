@@ -11,6 +11,7 @@ from jwt_tools.keys import (
     generate_keypair,
     load_signing_key,
     load_verify_key,
+    load_verify_keys,
     public_key_hex,
     write_private_file,
     write_public_file,
@@ -24,6 +25,8 @@ from jwt_tools.server_tokens import (
 )
 from jwt_tools.tokens import (
     ALLOWED_ALGORITHMS,
+    DEFAULT_LEEWAY_S,
+    DEFAULT_MAX_LIFETIME_S,
     PROVISIONING_PURPOSE,
     SECRET_CLAIMS,
     SERVER_PURPOSE,
@@ -39,6 +42,8 @@ from jwt_tools.tokens import (
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "DEFAULT_LEEWAY_S",
+    "DEFAULT_MAX_LIFETIME_S",
     "PROVISIONING_PURPOSE",
     "SECRET_CLAIMS",
     "SERVER_PERMISSIONS",
@@ -54,6 +59,7 @@ __all__ = [
     "ksuid_timestamp",
     "load_signing_key",
     "load_verify_key",
+    "load_verify_keys",
     "new_ksuid",
     "parse_provisioning_token_unverified",
     "parse_server_token_unverified",

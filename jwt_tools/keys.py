@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ __all__ = [
     "generate_keypair",
     "load_signing_key",
     "load_verify_key",
+    "load_verify_keys",
     "public_key_hex",
     "write_private_file",
     "write_public_file",
@@ -41,6 +43,9 @@ VerifyKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _MIN_RSA_BITS = 2048
+#: At most this many keys from one directory, and no key file larger than this.
+MAX_DIR_KEYS = 64
+MAX_KEY_FILE = 64 * 1024
 
 
 class KeyFileError(TokenError):
@@ -144,6 +149,70 @@ def load_verify_key(source: str | Path) -> VerifyKey:
     return _verify_key_from_bytes(
         _read(Path(source), "verification key"), f"verification key {source}"
     )
+
+
+def _dir_key_files(directory: Path) -> list[Path]:
+    """The key files of a directory: every regular, non-hidden file, in name order."""
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise KeyFileError(
+            f"verification key directory {directory} could not be read: {exc.strerror}"
+        ) from None
+    files = [p for p in entries if not p.name.startswith(".") and p.is_file()]
+    if not files:
+        raise KeyFileError(f"verification key directory {directory} holds no key files")
+    if len(files) > MAX_DIR_KEYS:
+        raise KeyFileError(
+            f"verification key directory {directory} holds {len(files)} files; at most "
+            f"{MAX_DIR_KEYS} keys are allowed"
+        )
+    return files
+
+
+def load_verify_keys(sources: str | Path | Sequence[str | Path]) -> list[VerifyKey]:
+    """Load every verification key of ``sources``, for signer rotation without downtime.
+
+    Each source is what :func:`load_verify_key` takes (a file, or a key inline) or a
+    directory, whose regular non-hidden files are each one key (in name order; a file that
+    is not a key is an error, not skipped, so a typo cannot silently drop a signer). A token
+    verifies when any key matches. Duplicate keys are loaded once.
+    """
+    items = [sources] if isinstance(sources, str | Path) else list(sources)
+    keys: list[VerifyKey] = []
+    seen: set[bytes] = set()
+    for source in items:
+        path = Path(source) if isinstance(source, Path) else None
+        if path is None and isinstance(source, str):
+            text = source.strip()
+            if not (_HEX64.fullmatch(text) or text.startswith("-----BEGIN")):
+                path = Path(text)
+        if path is not None and path.is_dir():
+            loaded = [_load_key_file(f) for f in _dir_key_files(path)]
+        else:
+            loaded = [load_verify_key(source)]
+        for key in loaded:
+            der = key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            if der not in seen:
+                seen.add(der)
+                keys.append(key)
+    if not keys:
+        raise KeyFileError("no verification keys were given")
+    return keys
+
+
+def _load_key_file(path: Path) -> VerifyKey:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise KeyFileError(
+            f"verification key file {path} could not be read: {exc.strerror}"
+        ) from None
+    if size > MAX_KEY_FILE:
+        raise KeyFileError(f"verification key file {path} is larger than {MAX_KEY_FILE} bytes")
+    return load_verify_key(path)
 
 
 def public_key_hex(key: ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey) -> str:

@@ -31,6 +31,9 @@ from jwt_tools.base64url import b64url_decode
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
+    "DEFAULT_LEEWAY_S",
+    "DEFAULT_MAX_LIFETIME_S",
+    "MAX_NUMERIC_DATE",
     "PROVISIONING_PURPOSE",
     "SECRET_CLAIMS",
     "SERVER_PURPOSE",
@@ -53,6 +56,12 @@ _RSA_ALGS = frozenset({"RS256", "RS384", "RS512"})
 _STRING_CLAIMS = ("cht", "chu", "chsrv", "chrd", "chf", "chusr", "chpwd", "ou", "iss", "jti")
 _BOOL_CLAIMS = ("chs", "chpd", "v2", "update")
 _KSUID_EPOCH = 1_400_000_000
+#: The largest NumericDate accepted: 9999-12-31T23:59:59Z (what every clock and formatter
+#: handles); anything larger, negative or not a finite number is refused.
+MAX_NUMERIC_DATE = 253_402_300_799
+#: Defaults of the provisioner's token policy (``tokens.*`` in its configuration).
+DEFAULT_MAX_LIFETIME_S = 10 * 365 * 86400.0
+DEFAULT_LEEWAY_S = 30.0
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
@@ -61,7 +70,9 @@ class TokenError(FleetError, reason="token"):
 
     ``reason`` is a short machine code: ``malformed``, ``alg_none``, ``alg_not_allowed``,
     ``bad_signature``, ``expired``, ``not_yet_valid``, ``wrong_purpose``, ``missing_cht``,
-    ``both_chu_chsrv``, ``no_chu_chsrv``, ``wrong_key_type``, ``invalid_claims``, ``bad_key``.
+    ``both_chu_chsrv``, ``no_chu_chsrv``, ``wrong_key_type``, ``invalid_claims``, ``bad_key``,
+    ``no_expiry`` (no ``exp``), ``lifetime_too_long`` (valid for longer than allowed),
+    ``invalid_time`` (``exp``/``nbf``/``iat``/``issexp`` outside the NumericDate range).
     ``str(err)`` is a sentence for an operator with no secret in it.
     """
 
@@ -208,12 +219,30 @@ def _check_content(claims: dict[str, Any]) -> None:
 
 
 def _numeric(claims: Mapping[str, Any], key: str) -> float | None:
+    """A NumericDate claim as seconds, ``None`` when absent; refused when out of range.
+
+    A bool, a string or any other non-number is ``malformed``; a number that is not finite,
+    negative or past year 9999 (``10**20``, ``1e308``, a 400-digit integer) is
+    ``invalid_time``. The range check runs on the JSON value itself, so no conversion or
+    date formatting can overflow later.
+    """
     value = claims.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError(f"claim {key!r} must be a NumericDate (seconds)", reason="malformed")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TokenError(f"claim {key!r} is not a finite number", reason="invalid_time")
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise TokenError(
+            f"claim {key!r} is outside the NumericDate range 0..{MAX_NUMERIC_DATE} (year 9999)",
+            reason="invalid_time",
+        )
     return float(value)
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,21 +355,35 @@ def create_provisioning_token(
 # verify
 
 
-def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
+def _check_times(
+    claims: Mapping[str, Any],
+    now: float,
+    leeway: float,
+    *,
+    require_exp: bool = False,
+    max_lifetime: float | None = None,
+) -> None:
     exp = _numeric(claims, "exp")
     nbf = _numeric(claims, "nbf")
-    _numeric(claims, "iat")
+    iat = _numeric(claims, "iat")
+    if exp is None and require_exp:
+        raise TokenError(
+            "the token has no expiry ('exp'); tokens that never expire are refused",
+            reason="no_expiry",
+        )
     if exp is not None and now - leeway >= exp:
-        raise TokenError(
-            f"the token expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(exp))}",
-            reason="expired",
-        )
+        raise TokenError(f"the token expired at {_utc(exp)}", reason="expired")
     if nbf is not None and now + leeway < nbf:
-        raise TokenError(
-            "the token is not valid before "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(nbf))}",
-            reason="not_yet_valid",
-        )
+        raise TokenError(f"the token is not valid before {_utc(nbf)}", reason="not_yet_valid")
+    if exp is not None and max_lifetime is not None:
+        # exp - iat as issued; exp - now bounds a token whose iat is missing or in the future
+        lifetime = max(exp - iat, exp - now) if iat is not None else exp - now
+        if lifetime > max_lifetime + leeway:
+            raise TokenError(
+                f"the token is valid until {_utc(exp)}, {lifetime / 86400:.0f} days; at most "
+                f"{max_lifetime / 86400:.0f} days are allowed",
+                reason="lifetime_too_long",
+            )
     # Chain-issued tokens (tcs present) must carry a live issuer expiry (tokens:provisioning.go).
     if claims.get("tcs"):
         iss = claims.get("iss")
@@ -362,13 +405,17 @@ def verify_provisioning_token(
     *,
     now: float | None = None,
     leeway_s: float = 0,
+    require_exp: bool = True,
+    max_lifetime_s: float | None = DEFAULT_MAX_LIFETIME_S,
 ) -> dict[str, Any]:
     """Verify a provisioning token and return its claims, or raise :class:`TokenError`.
 
     Checks, in order: JWT shape, algorithm (RS256/RS384/RS512/EdDSA only), key type, signature
-    against any of ``keys``, ``exp``/``nbf`` (a missing ``exp`` is accepted, as in Go), purpose,
-    and the provisioning claims (``cht`` set, exactly one of ``chu``/``chsrv``). ``ou``
-    defaults to ``choria`` in the returned claims.
+    against any of ``keys``, the time claims (every NumericDate in range; ``exp`` present
+    unless ``require_exp`` is false; not expired, not before ``nbf``, each with ``leeway_s``
+    of clock skew; valid for at most ``max_lifetime_s``, ``None`` for no limit), purpose, and
+    the provisioning claims (``cht`` set, exactly one of ``chu``/``chsrv``). ``ou`` defaults
+    to ``choria`` in the returned claims.
     """
     text = _normalise(token)
     header, _ = decode_unverified(text)
@@ -430,7 +477,13 @@ def verify_provisioning_token(
             "the token signature does not match the verification key", reason="bad_signature"
         )
 
-    _check_times(claims, time.time() if now is None else now, leeway_s)
+    _check_times(
+        claims,
+        time.time() if now is None else now,
+        max(0.0, leeway_s),
+        require_exp=require_exp,
+        max_lifetime=max_lifetime_s,
+    )
     _check_purpose(claims)
     _check_content(claims)
     return claims

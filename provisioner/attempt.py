@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from choria_core.errors import FleetError
 from helpers.models import HelperOutput
 from jwt_tools import VerifyKey
+from provisioner.audit import AuditLog
 from provisioner.claims import Claim, ClaimStore, FencedError
 from provisioner.config import ProvisionerConfig
 from provisioner.helper_runner import HelperRunner
@@ -68,6 +69,8 @@ class PipelineContext:
     is_leader: Callable[[], bool] = lambda: True
     #: How long to keep retrying the write that records an issued certificate (broker outage).
     record_retry_s: float = 15.0
+    #: The audit log: an issued certificate is recorded before it is delivered.
+    audit: AuditLog | None = None
 
 
 @dataclass(slots=True)

@@ -1,19 +1,25 @@
-"""Certificate and key checks of the pipeline: nothing unusable reaches a node.
+"""Certificate and key checks of the pipeline: nothing unusable or over-privileged reaches a node.
 
 * :func:`validate_csr` (step ``csr_check``, pki feature): the node's CSR is well formed,
-  self-signed, for CN = identity and names nothing on ``cert_deny_list``;
+  self-signed, for CN = identity, names nothing on ``cert_deny_list`` (matched without regard
+  to case: identities are DNS names) and satisfies the ``pki_policy``
+  (:func:`provisioner.pki_policy.check_csr`); a refused CSR never reaches the helper;
 * :func:`check_output` (step ``check_output``): the helper's configuration turns provisioning
-  off, and its certificate parses and is for the key the node will hold.
+  off, and its certificate parses, is for the key the node will hold and satisfies the
+  ``pki_policy`` (:func:`provisioner.pki_policy.check_certificate`).
 
-Each check fails the attempt with a :class:`~provisioner.reasons.Reason` (``csr_invalid``,
-``csr_cn_mismatch``, ``csr_denied``, ``helper_refused``) and a message an operator can act on.
+The checks sit in the pipeline, so they hold whichever helper mode (python, exec, persistent)
+produced the output. Each check fails the attempt with a :class:`~provisioner.reasons.Reason`
+(``csr_invalid``, ``csr_cn_mismatch``, ``csr_denied``, ``csr_policy``, ``helper_refused``,
+``certificate_policy``) and a bounded message naming the rule; policy refusals are also
+counted by reason and rule (``choria_provisioner_pki_policy_refusals_total``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -22,17 +28,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from helpers.models import HelperOutput, provisioning_left_enabled
-from provisioner.attempt import Attempt, PipelineContext, fail
+from provisioner.attempt import Attempt, PipelineContext, PipelineError, fail
+from provisioner.pki_policy import PolicyRefusal, check_certificate, check_csr, render_sans, show
+from provisioner.pki_policy import spki as _spki
 from provisioner.reasons import Reason
+
+#: A PEM CSR longer than this is refused unparsed (an RSA-16384 CSR is about 5 KiB).
+MAX_CSR_PEM = 64 * 1024
 
 
 def compile_deny_list(patterns: Sequence[str]) -> list[re.Pattern[str]]:
-    """Anchor semantics: ``/re/`` or ``re``, both searched (unanchored) in each name."""
+    """Anchor semantics: ``/re/`` or ``re``, both searched (unanchored) in each name.
+
+    Matching ignores case (identities are DNS names): ``hx.Privileged.Choria`` is denied by
+    ``\\.privileged.choria$``. A pattern may opt back in with an inline ``(?-i:...)`` group.
+    """
     out = []
     for p in patterns:
         if len(p) > 2 and p.startswith("/") and p.endswith("/"):
             p = p[1:-1]
-        out.append(re.compile(p))
+        out.append(re.compile(p, re.IGNORECASE))
     return out
 
 
@@ -49,19 +64,30 @@ def csr_fingerprint(csr_pem: str) -> str:
     return hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-def _spki(public_key: Any) -> bytes:
-    """The DER SubjectPublicKeyInfo of a public key (to compare keys of any type)."""
-    der: bytes = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return der
+def _refused(
+    ctx: PipelineContext, att: Attempt, reason: Reason, exc: PolicyRefusal
+) -> PipelineError:
+    ctx.metrics.pki_policy_refusals.labels(ctx.metrics.site, str(reason), exc.rule).inc()
+    return fail(att, reason, str(exc))
+
+
+def _denied(ctx: PipelineContext, names: Iterable[str]) -> str | None:
+    """Why one of ``names`` is denied by ``cert_deny_list`` (None when none is)."""
+    for name in names:
+        pattern = _deny_match(name, ctx.deny_list)
+        if pattern is not None:
+            return f"deny_list: name {show(name)} matches denied pattern {pattern.pattern!r}"
+    return None
 
 
 def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
-    """The CSR must be well formed, self-signed, for CN = identity and no denied name."""
+    """The CSR must be well formed, self-signed, for CN = identity, no denied name, policy."""
     assert att.csr is not None
+    pem = att.csr["csr"]
     try:
-        csr = x509.load_pem_x509_csr(att.csr["csr"].encode("utf-8"))
+        if len(pem) > MAX_CSR_PEM:
+            raise ValueError("too long")
+        csr = x509.load_pem_x509_csr(pem.encode("utf-8"))
     except ValueError:
         raise fail(
             att, Reason.CSR_INVALID, f"CSR from {att.identity} could not be parsed"
@@ -75,7 +101,7 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
         raise fail(
             att,
             Reason.CSR_CN_MISMATCH,
-            f"CSR common name {cn[:80]!r} does not match identity {att.identity}",
+            f"CSR common name {show(cn)} does not match identity {att.identity}",
         )
     names = [cn]
     try:
@@ -83,14 +109,15 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
         names.extend(san.value.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         pass
-    for name in names:
-        pattern = _deny_match(name, ctx.deny_list)
-        if pattern is not None:
-            raise fail(
-                att,
-                Reason.CSR_DENIED,
-                f"CSR name {name[:80]!r} matches denied certificate pattern {pattern.pattern!r}",
-            )
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        pass  # the policy below refuses extensions that do not parse
+    denied = _denied(ctx, names)
+    if denied:
+        raise fail(att, Reason.CSR_DENIED, denied)
+    try:
+        check_csr(csr, att.identity, ctx.config.pki_policy)
+    except PolicyRefusal as exc:
+        raise _refused(ctx, att, Reason.CSR_POLICY, exc) from None
 
 
 def check_output(ctx: PipelineContext, att: Attempt) -> None:
@@ -112,11 +139,11 @@ def check_output(ctx: PipelineContext, att: Attempt) -> None:
             "the node would re-provision forever",
         )
     if out.certificate:
-        check_certificate(att, out)
+        _check_helper_certificate(ctx, att, out)
 
 
-def check_certificate(att: Attempt, out: HelperOutput) -> None:
-    """The certificate must parse and belong to the key the node will hold."""
+def _check_helper_certificate(ctx: PipelineContext, att: Attempt, out: HelperOutput) -> None:
+    """The certificate must parse, belong to the key the node will hold and obey the policy."""
     try:
         cert = x509.load_pem_x509_certificate(out.certificate.encode("utf-8"))
     except ValueError:
@@ -126,19 +153,29 @@ def check_certificate(att: Attempt, out: HelperOutput) -> None:
     att.cert_serial = format(cert.serial_number, "x")
     att.cert_not_after = cert.not_valid_after_utc.astimezone(UTC).isoformat()
     expected = _expected_key(att, out)
-    if expected is not None and _spki(cert.public_key()) != expected:
-        raise fail(
-            att,
-            Reason.HELPER_REFUSED,
-            f"the helper's certificate for {att.identity} is not for the node's key",
+    policy = ctx.config.pki_policy
+    allowed = render_sans(policy, att.identity, ctx.config.site, out.overlay)
+    try:
+        denied = _denied(ctx, sorted(allowed))
+        if denied:
+            raise PolicyRefusal("deny_list", denied.removeprefix("deny_list: "))
+        check_certificate(
+            cert,
+            out.ca or "",
+            identity=att.identity,
+            expected_key=expected,
+            policy=policy,
+            allowed_sans=allowed,
         )
+    except PolicyRefusal as exc:
+        raise _refused(ctx, att, Reason.CERTIFICATE_POLICY, exc) from None
 
 
 def _expected_key(att: Attempt, out: HelperOutput) -> bytes | None:
     """The key the node will hold: the helper's private key if it sent one, else the CSR's."""
     if out.key:
         try:
-            key = serialization.load_pem_private_key(out.key.encode("utf-8"), password=None)
+            key: Any = serialization.load_pem_private_key(out.key.encode("utf-8"), password=None)
         except (ValueError, TypeError):
             raise fail(
                 att, Reason.HELPER_REFUSED, "helper returned a private key that does not parse"

@@ -10,8 +10,9 @@ does not compile is a :class:`ConfigError` naming the key and the file, never a 
 Relative file paths in the file resolve against the directory of the config file, so a
 deployment can ship its config, keys and helper together.
 
-The helper program is started with the provisioner's own environment (it inherits
-``os.environ``); keep credentials the helper must not see out of that environment.
+The helper program does not inherit the provisioner's environment: it gets PATH, HOME and
+the locale, plus the variables ``helper_env`` names (``NAME`` passes the provisioner's value
+on, ``NAME=value`` sets one).
 """
 
 from __future__ import annotations
@@ -34,15 +35,20 @@ from choria_core.strictmodel import (
     unknown_keys,
     validate_strict,
 )
+from provisioner.pki_policy import PkiPolicyConfig
 
 __all__ = [
     "DEFAULT_CERT_DENY_LIST",
     "AdminConfig",
+    "AuditConfig",
+    "CAProtectionConfig",
     "ConfigError",
     "ElectionConfig",
     "Features",
+    "PkiPolicyConfig",
     "ProvisionerConfig",
     "TLSConfig",
+    "TokensConfig",
     "load_config",
 ]
 
@@ -124,6 +130,49 @@ class ElectionConfig(StrictModel):
         return self
 
 
+class TokensConfig(StrictModel):
+    """Provisioning token policy (ours): expiry, lifetime, clock skew, extra verification keys.
+
+    ``verify_keys`` are added to ``jwt_verify_cert``: files, directories (each regular,
+    non-hidden file is one key) or keys inline, so a new signer can be trusted beside the old
+    one while tokens are re-issued.
+    """
+
+    verify_keys: list[str] = Field(default_factory=list)
+    require_exp: bool = True
+    max_lifetime: Duration = Field(default=10 * 365 * 86400.0, gt=0)
+    leeway: Duration = Field(default=30.0, ge=0, le=3600.0)
+
+
+class AuditConfig(StrictModel):
+    """The audit log's policy (ours; the file itself is ``audit_log``).
+
+    ``required: true``: when records cannot be written, provisioning stops (dispatch paused,
+    not ready) until they can; the default only logs and counts the failure.
+    """
+
+    required: bool = False
+
+
+class CAProtectionConfig(StrictModel):
+    """How the provisioner protects the CA behind its helper, across every helper process.
+
+    ``max_concurrency`` caps helper runs in flight (0: only the mode's own bound); ``rate``
+    (runs per second, 0: unlimited) and ``burst`` (0: ``rate`` rounded up) pace them, and a node
+    that would wait longer than ``max_wait`` for its turn is deferred instead. After
+    ``breaker_failures`` consecutive "CA unavailable" deferrals from the helper (0: never)
+    the circuit opens: nodes are deferred without running the helper until, after
+    ``breaker_reset``, one probe run shows whether the CA is back.
+    """
+
+    max_concurrency: int = Field(default=0, ge=0)
+    rate: float = Field(default=0.0, ge=0)
+    burst: int = Field(default=0, ge=0)
+    max_wait: Duration = Field(default=30.0, gt=0)
+    breaker_failures: int = Field(default=5, ge=0)
+    breaker_reset: Duration = Field(default=30.0, gt=0)
+
+
 def _default_workers() -> int:
     return os.cpu_count() or 1
 
@@ -165,13 +214,23 @@ class ProvisionerConfig(StrictModel):
     helper_timeout: Duration = Field(default=10.0, gt=0)
     helper_max_output: int = Field(default=1024 * 1024, gt=0)
     helper_pool_size: int = Field(default=4, ge=1)
+    helper_env: list[str] = Field(default_factory=list)
+    ca_protection: CAProtectionConfig = Field(default_factory=CAProtectionConfig)
+    defer_backoff_max: Duration = Field(default=600.0, gt=0)
     concurrency: int = Field(default=256, ge=1)
     queue_size: int = Field(default=200_000, ge=1)
     rpc_timeout: Duration = Field(default=10.0, gt=0)
+    # Remote text (a node's statusmsg, a helper's msg, error text quoting either or a CA) is
+    # escaped and cut to this many characters before logs, audit records and the admin API.
+    remote_text_limit: int = Field(default=1024, ge=64, le=65536)
     audit_log: str | None = None
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
     overlays: str | None = None
+    # what CSRs and helper certificates must look like (provisioner/pki_policy.py)
+    pki_policy: PkiPolicyConfig = Field(default_factory=PkiPolicyConfig)
 
     _source_file: Path | None = PrivateAttr(default=None)
 
@@ -181,6 +240,19 @@ class ProvisionerConfig(StrictModel):
         return self._source_file
 
     # --- field checks ---
+
+    @field_validator("helper_env")
+    @classmethod
+    def _helper_env(cls, v: list[str]) -> list[str]:
+        # NAME (pass the provisioner's value on) or NAME=value (set it).
+        for entry in v:
+            name = entry.partition("=")[0]
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(
+                    f"helper_env entry {name!r} is not a variable name: write NAME to pass "
+                    "the provisioner's value on, or NAME=value to set one"
+                )
+        return v
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -360,6 +432,19 @@ def _resolve_paths(raw: dict[str, Any], base: Path, *, helper_mode: Any) -> None
     vc = raw.get("jwt_verify_cert")
     if isinstance(vc, str) and vc and not _HEX_KEY.fullmatch(vc):
         raw["jwt_verify_cert"] = _resolve(vc, base)
+    tokens = raw.get("tokens")
+    if isinstance(tokens, dict) and isinstance(tokens.get("verify_keys"), list):
+        tokens["verify_keys"] = [
+            v
+            if isinstance(v, str) and (_HEX_KEY.fullmatch(v) or v.lstrip().startswith("-----"))
+            else _resolve(v, base)
+            for v in tokens["verify_keys"]
+        ]
+    pki: Any = raw.get("pki_policy")
+    anchors = pki.get("trust_anchors") if isinstance(pki, dict) else None
+    if isinstance(anchors, str | list):  # PEM files, relative to the config file
+        listed = [anchors] if isinstance(anchors, str) else anchors
+        pki["trust_anchors"] = [_resolve(a, base) for a in listed]
     if "helper" in raw and helper_mode in (None, "exec", "persistent"):
         raw["helper"] = _resolve_helper(raw["helper"], base)
 

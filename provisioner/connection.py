@@ -4,7 +4,11 @@
   before anything connects (``jwt_verify_cert``; ``jwt_signing_key`` with the ed25519 feature);
 * :func:`tls_context`: TLS/mTLS from ``tls.*`` when a broker URL is ``tls://`` or files are set;
 * :func:`connect`: one NATS connection as the provisioner user (``broker_user`` /
-  ``broker_provisioning_password``): a few quick tries at start, then reconnecting forever;
+  ``broker_provisioning_password``): a few quick tries at start, then reconnecting forever
+  after a disconnect. A connection the client *closes* (the server sent ``-ERR``, e.g. a
+  control line over its limit, or an authorization violation) never comes back: ``on_closed``
+  tells the service, which reports itself unhealthy and makes ``provisioner run`` exit 1 so
+  that the service manager restarts it;
 * :func:`announce`: our own ``startup`` lifecycle event (component ``provisioner``, legacy
   format, as the anchor does);
 * :func:`close`: drain and close, bounded in time; a stray ``CancelledError`` from nats-py's
@@ -27,8 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from choria_core.errors import FleetError
 from choria_core.natsconn import being_cancelled
 from choria_core.protocol import encode_event, lifecycle_subject, new_event
-from jwt_tools import TokenError, VerifyKey, load_verify_key
+from choria_core.remote_text import clean_remote_text
+from jwt_tools import TokenError, VerifyKey
 from jwt_tools import load_signing_key as _load_key
+from jwt_tools import load_verify_keys as load_verify_keys_from
 from provisioner.config import ProvisionerConfig
 
 log = logging.getLogger(__name__)
@@ -45,17 +51,25 @@ class ProvisionerError(FleetError, RuntimeError, reason="provisioner"):
 
 
 def load_verify_keys(config: ProvisionerConfig) -> list[VerifyKey]:
-    """The key every node's provisioning token is verified with (``jwt_verify_cert``)."""
+    """The keys node tokens are verified with: ``jwt_verify_cert`` and ``tokens.verify_keys``."""
     source = config.jwt_verify_cert
-    if not source:
+    if not source and not config.tokens.verify_keys:
         raise ProvisionerError(
             "jwt_verify_cert is not set: the provisioner verifies every node's provisioning "
             "token and needs the signer's certificate, public key or ed25519 hex key"
         )
+    keys: list[VerifyKey] = []
     try:
-        return [load_verify_key(source)]
+        if source:
+            keys += load_verify_keys_from([source])
     except TokenError as exc:
         raise ProvisionerError(f"jwt_verify_cert: {exc}") from None
+    try:
+        if config.tokens.verify_keys:
+            keys += load_verify_keys_from(config.tokens.verify_keys)
+    except TokenError as exc:
+        raise ProvisionerError(f"tokens.verify_keys: {exc}") from None
+    return keys
 
 
 def load_signing_key(config: ProvisionerConfig) -> Ed25519PrivateKey | None:
@@ -99,22 +113,35 @@ def _options(
     name: str,
     is_running: Callable[[], bool],
     on_reconnect: Callable[[], None],
+    on_state: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    def state(value: str) -> None:
+        if on_state is not None:
+            on_state(value)
+
     async def on_error(exc: Exception) -> None:
-        log.warning("broker connection error: %s", exc)
+        log.warning("broker connection error: %s", clean_remote_text(str(exc), 300))
 
     async def on_disconnect() -> None:
         if is_running():
+            state("disconnected")
             log.warning("disconnected from the broker, reconnecting")
 
     async def on_reconnected() -> None:
         log.info("reconnected to the broker")
+        state("connected")
         on_reconnect()
+
+    async def on_closed() -> None:
+        # Reached after our own close at stop, and when the client gives up for good.
+        if is_running():
+            state("closed")
 
     callbacks: dict[str, Callable[..., Awaitable[None]]] = {
         "error_cb": on_error,
         "disconnected_cb": on_disconnect,
         "reconnected_cb": on_reconnected,
+        "closed_cb": on_closed,
     }
     options: dict[str, Any] = {
         "servers": list(config.broker_urls),
@@ -145,9 +172,14 @@ async def connect(
     name: str,
     is_running: Callable[[], bool],
     on_reconnect: Callable[[], None],
+    on_state: Callable[[str], None] | None = None,
 ) -> Any:
-    """Connect as the provisioner user; ``on_reconnect`` runs after every reconnection."""
-    options = _options(config, name, is_running, on_reconnect)
+    """Connect as the provisioner user; ``on_reconnect`` runs after every reconnection.
+
+    ``on_state`` is told ``"disconnected"``, ``"connected"`` (again) and ``"closed"`` (for
+    good, while ``is_running()``: the connection will not come back).
+    """
+    options = _options(config, name, is_running, on_reconnect, on_state)
     try:
         nc = await nats.connect(**options)
     except Exception as exc:

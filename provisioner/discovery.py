@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from choria_core.natsconn import sync_flush
-from choria_core.protocol import ProtocolError, is_valid_identity, lifecycle_subject, parse_event
+from choria_core.protocol import ProtocolError, identity_problem, lifecycle_subject, parse_event
+from choria_core.remote_text import clean_remote_text
 from provisioner.metrics import Metrics
 from provisioner.queue import AddResult
 from provisioner.rpc import RPCClient
@@ -35,6 +37,41 @@ log = logging.getLogger(__name__)
 EVENT_QUEUE_GROUP = "choria_provisioner"
 
 AddFn = Callable[[str, str], AddResult]
+
+#: Refused identities are logged at most once per this many seconds (with the count since).
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+def refuse_identity(
+    metrics: Metrics, source: str, identity: object, *, state: dict[str, float] | None = None
+) -> bool:
+    """True (and counted, and logged bounded) when ``identity`` is not a valid node identity.
+
+    Every refusal is counted in ``choria_provisioner_identity_refused_total{source,reason}``;
+    the log line shows at most 80 escaped characters of the identity, and with ``state`` (a
+    caller's own dict) at most one line per :data:`REFUSAL_LOG_INTERVAL` seconds is written.
+    """
+    problem = identity_problem(identity)
+    if problem is None:
+        return False
+    metrics.identity_refused.labels(metrics.site, source, problem).inc()
+    now = time.monotonic()
+    if state is not None:
+        state["suppressed"] = state.get("suppressed", 0.0) + 1
+        if now - state.get("last", float("-inf")) < REFUSAL_LOG_INTERVAL:
+            return True
+        state["last"] = now
+    suppressed = int(state.pop("suppressed", 1)) - 1 if state is not None else 0
+    length = len(identity) if isinstance(identity, str) else 0
+    log.warning(
+        "refused node identity from %s (%s, %d characters): %s%s",
+        source,
+        problem,
+        length,
+        clean_remote_text(identity, 80),
+        f" ({suppressed} more refused since the last report)" if suppressed else "",
+    )
+    return True
 
 
 class Discovery:
@@ -68,6 +105,7 @@ class Discovery:
         self.last_sweep_found = 0
         self.last_sweep_answered = 0
         self._sweeps_started = 0
+        self._refusals: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, active: bool = True) -> None:
@@ -121,13 +159,16 @@ class Discovery:
             event = parse_event(msg.data)
         except ProtocolError as exc:
             self.metrics.discovery_errors.labels(self.metrics.site).inc()
-            log.warning("ignoring undecodable lifecycle event on %s: %s", msg.subject, exc)
+            log.warning(
+                "ignoring undecodable lifecycle event on %s: %s",
+                msg.subject,
+                clean_remote_text(str(exc), 200),
+            )
             return
         if event.type != "startup":
             return
-        if not is_valid_identity(event.identity):
+        if refuse_identity(self.metrics, "event", event.identity, state=self._refusals):
             self.metrics.discovery_errors.labels(self.metrics.site).inc()
-            log.warning("ignoring startup event with invalid identity %r", event.identity[:100])
             return
         if not self._active:
             return
@@ -155,10 +196,12 @@ class Discovery:
                 nodes = await self.rpc.discover(timeout=self.timeout, window=self.window)
             except Exception as exc:
                 self.metrics.discovery_errors.labels(self.metrics.site).inc()
-                log.error("could not discover nodes: %s", exc)
+                log.error("could not discover nodes: %s", clean_remote_text(str(exc)))
                 return 0
             added = 0
             for identity in nodes:
+                if refuse_identity(self.metrics, "discovery", identity, state=self._refusals):
+                    continue
                 if self._add(identity, "discovery") is AddResult.ADDED:
                     added += 1
                     self.metrics.discovered.labels(self.metrics.site).inc()

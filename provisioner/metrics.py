@@ -240,6 +240,38 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self.replies_dropped = Counter(
+            "choria_provisioner_rpc_replies_dropped",
+            "Replies dropped because the bounded reply buffer was full (slow consumer)",
+            ["site"],
+            registry=r,
+        )
+        self.identity_refused = Counter(
+            "choria_provisioner_identity_refused",
+            "Node identities refused at entry (source: event, discovery, queue; reason: "
+            "too_long, label_too_long, syntax, empty, not_string)",
+            ["site", "source", "reason"],
+            registry=r,
+        )
+        self.connection_up = Gauge(
+            "choria_provisioner_broker_connected",
+            "1 while the broker connection is up, 0 while reconnecting or closed",
+            ["site"],
+            registry=r,
+        )
+        self.pki_policy_refusals = Counter(
+            "choria_provisioner_pki_policy_refusals",
+            "CSRs (csr_policy) and helper certificates (certificate_policy) refused, by rule",
+            ["site", "reason", "rule"],
+            registry=r,
+        )
+        self.ca_protection_deferrals = Counter(
+            "choria_provisioner_ca_protection_deferrals",
+            "Nodes deferred by the CA protection (reason: ca_unavailable reported by the "
+            "helper, ca_circuit_open, ca_rate_limited)",
+            ["site", "reason"],
+            registry=r,
+        )
         self.queue_full = Counter(
             "choria_provisioner_queue_full",
             "Nodes that could not be queued because the work queue was full",
@@ -262,6 +294,18 @@ class Metrics:
             "choria_provisioner_overlay_provisioned",
             "Nodes provisioned into each overlay (as reported by the helper)",
             ["site", "overlay"],
+            registry=r,
+        )
+        self.audit_write_errors = Counter(
+            "choria_provisioner_audit_write_errors",
+            "Failed writes (or opens) of the audit log; records stay queued and are retried",
+            ["site"],
+            registry=r,
+        )
+        self.audit_ok = Gauge(
+            "choria_provisioner_audit_ok",
+            "1 while the audit log can be written, 0 while writes fail",
+            ["site"],
             registry=r,
         )
         self.leader = Gauge(
@@ -287,7 +331,10 @@ class Metrics:
         self.busy_workers.labels(site).set(0)
         self.work_queue_entries.labels(site).set(0)
         self.wrong_sender.labels(site)
+        self.replies_dropped.labels(site)
         self.queue_full.labels(site)
+        self.audit_write_errors.labels(site)
+        self.audit_ok.labels(site).set(1)
 
     # Small typed helpers so call sites stay short and never forget the site label. The
     # labelled children are cached: ``.labels()`` costs a lock and a dict lookup per call, and

@@ -22,17 +22,26 @@ Every attempt is counted in ``choria_provisioner_outcomes_total{decision}``, aud
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
+from choria_core.remote_text import DEFAULT_LIMIT, clean_optional
 from provisioner.attempt import Attempt, Outcome, audit_fields
 from provisioner.audit import AuditLog
+from provisioner.helper_runner.guard import deferral_reason
 from provisioner.metrics import Metrics
 from provisioner.queue import NodeRecord, NodeState, WorkQueue
 from provisioner.reasons import Decision
 
 log = logging.getLogger(__name__)
+
+#: Deferral retries back off exponentially per node, with jitter, up to this (seconds).
+DEFER_BACKOFF_MAX = 600.0
+#: How many nodes' consecutive-deferral counts are remembered (oldest forgotten first).
+DEFER_MEMORY = 200_000
 
 #: How many attempts of a node get a quick retry after a transient failure, and how soon
 #: (the delay grows with the attempt number).
@@ -55,8 +64,18 @@ class Outcomes:
         metrics: Metrics,
         audit: AuditLog,
         retry: Callable[[str], None],
+        text_limit: int = DEFAULT_LIMIT,
+        defer_backoff_max: float = DEFER_BACKOFF_MAX,
+        rng: random.Random | None = None,
     ) -> None:
         self.identity = identity
+        #: Upper bound of a deferred node's jittered retry delay (see :meth:`defer_delay`).
+        self.defer_backoff_max = defer_backoff_max
+        self._rng = rng or random.Random()
+        self._deferrals: dict[str, int] = {}
+        #: Remote text (errors quoting a node or a CA, the helper's ``msg``, the overlay name)
+        #: is escaped and cut to this many characters before the record, audit, log or metric.
+        self.text_limit = text_limit
         self.site = site
         self.queue = queue
         self.metrics = metrics
@@ -78,6 +97,8 @@ class Outcomes:
 
     def finish(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         """Update the node's record, count, audit and call the hooks for one ended attempt."""
+        outcome = self._cleaned(outcome)
+        outcome = self._with_deferral_reason(rec, outcome, att)
         rec.stage_times = att.timings
         if outcome.overlay:
             rec.overlay = outcome.overlay
@@ -99,6 +120,16 @@ class Outcomes:
                 except Exception:
                     log.exception("on_provisioned hook failed")
 
+    def _cleaned(self, outcome: Outcome) -> Outcome:
+        """``outcome`` with its remote text escaped and bounded (one place for all records)."""
+        limit = self.text_limit
+        return dataclasses.replace(
+            outcome,
+            error=clean_optional(outcome.error, limit),
+            msg=clean_optional(outcome.msg, limit),
+            overlay=clean_optional(outcome.overlay, min(limit, 253)),
+        )
+
     def _provisioned(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         self.queue.finish(rec, NodeState.PROVISIONED)
         self.provisioned_total += 1
@@ -112,12 +143,41 @@ class Outcomes:
             outcome.overlay or "-",
         )
 
+    def _with_deferral_reason(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> Outcome:
+        """A deferral the CA protection decided or recognised carries its reason code; the
+        node's consecutive-deferral count is kept for the backoff and reset otherwise."""
+        if outcome.decision is not Decision.DEFERRED:
+            self._deferrals.pop(rec.identity, None)
+            return outcome
+        reason = deferral_reason(att.output)
+        if reason is None or outcome.reason is not None:
+            return outcome
+        self.metrics.ca_protection_deferrals.labels(self.site, reason).inc()
+        return dataclasses.replace(outcome, reason=reason)
+
+    def defer_delay(self, identity: str, retry_after: float | None) -> float | None:
+        """The jittered delay before a deferred node is retried, never before `retry_after`.
+
+        A node's n-th consecutive deferral waits a uniformly random time between the
+        helper's ``retry_after`` and ``retry_after * 2**n`` (capped at ``defer_backoff_max``,
+        but always spread over at least half of ``retry_after``), so nodes deferred together
+        (a CA outage) do not all come back in the same second. No ``retry_after``: no timer.
+        """
+        if not retry_after or retry_after <= 0:
+            return None
+        n = self._deferrals.pop(identity, 0) + 1
+        self._deferrals[identity] = n
+        while len(self._deferrals) > DEFER_MEMORY:
+            del self._deferrals[next(iter(self._deferrals))]
+        upper = min(retry_after * 2.0 ** min(n, 32), max(self.defer_backoff_max, retry_after * 1.5))
+        return self._rng.uniform(retry_after, upper)
+
     def _deferred(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         self.queue.finish(
             rec,
             NodeState.DEFERRED,
             error=f"deferred by helper: {outcome.msg}" if outcome.msg else "deferred by helper",
-            retry_after=outcome.retry_after,
+            retry_after=self.defer_delay(rec.identity, outcome.retry_after),
         )
         log.info("deferred %s: %s", rec.identity, outcome.msg or "-")
 

@@ -49,6 +49,7 @@ from provisioner.attempt import (
     run_step,
     str_field,
 )
+from provisioner.audit import AuditWriteError, issued_fields
 from provisioner.checks import check_output, compile_deny_list, csr_fingerprint, validate_csr
 from provisioner.fencing import (
     fence_helper,
@@ -136,6 +137,8 @@ async def decide(ctx: PipelineContext, att: Attempt) -> None:
     else:
         safe_point(ctx, att, "helper")
     await run_step(ctx, att, "helper", run_helper, NodeState.DECIDED)
+    if att.output is not None and att.output.certificate and ctx.audit is not None:
+        await run_step(ctx, att, "audit_issued", record_issued)
 
 
 async def deliver(ctx: PipelineContext, att: Attempt) -> None:
@@ -173,7 +176,14 @@ def validate_jwt(ctx: PipelineContext, att: Attempt) -> None:
             att, Reason.NO_VERIFY_KEY, "no JWT verification key configured (jwt_verify_cert)"
         )
     try:
-        att.claims = verify_provisioning_token(att.raw_jwt.strip(), list(ctx.verify_keys))
+        policy = ctx.config.tokens
+        att.claims = verify_provisioning_token(
+            att.raw_jwt.strip(),
+            list(ctx.verify_keys),
+            leeway_s=policy.leeway,
+            require_exp=policy.require_exp,
+            max_lifetime_s=policy.max_lifetime,
+        )
     except TokenError as exc:
         raise fail(
             att, f"token_{exc.reason}", f"provisioning token of {att.identity} refused: {exc}"
@@ -241,6 +251,24 @@ async def run_helper(ctx: PipelineContext, att: Attempt) -> None:
         raise fail(att, Reason.HELPER_CRASHED, f"helper failed: {type(exc).__name__}") from None
     finally:
         ctx.metrics.helper_time.labels(ctx.metrics.site).observe(time.monotonic() - started)
+
+
+async def record_issued(ctx: PipelineContext, att: Attempt) -> None:
+    """Record the certificate the helper obtained, on disk, before anything reaches the node."""
+    audit = ctx.audit
+    assert audit is not None
+    if not audit.healthy and not audit.required:
+        audit.record(issued_fields(att))  # queued; the failure is already logged and counted
+        return
+    try:
+        await audit.commit(issued_fields(att))
+    except AuditWriteError as exc:
+        if audit.required:
+            raise fail(
+                att,
+                Reason.AUDIT_UNAVAILABLE,
+                f"the certificate for {att.identity} is not delivered: {exc}",
+            ) from None
 
 
 def sign_server_jwt(ctx: PipelineContext, att: Attempt) -> None:

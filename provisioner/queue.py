@@ -35,6 +35,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from choria_core.protocol import is_valid_identity
+from choria_core.remote_text import DEFAULT_LIMIT, clean_optional
+
 log = logging.getLogger(__name__)
 
 
@@ -81,6 +84,7 @@ class AddResult(enum.Enum):
     RECENTLY_PROVISIONED = "recently_provisioned"
     NOT_YET = "not_yet"  # deferred with a retry_after that has not passed
     FULL = "full"
+    INVALID = "invalid"  # not a valid node identity (never queued, never recorded)
 
 
 class NodeRecord:
@@ -153,10 +157,15 @@ class WorkQueue:
         suppress_s: float = 60.0,
         history_s: float = 3600.0,
         max_records: int | None = None,
+        text_limit: int = DEFAULT_LIMIT,
     ) -> None:
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
         self.max_waiting = max_waiting
+        #: Length of ``last_error`` once cleaned (remote text: escaped and cut).
+        self.text_limit = text_limit
+        #: Identities refused by :meth:`add` (not valid node identities).
+        self.invalid = 0
         self.suppress_s = suppress_s
         self.history_s = history_s
         # Finished records are kept for status/history but never more than this many.
@@ -218,6 +227,10 @@ class WorkQueue:
         self, identity: str, source: str = "discovery", *, now: float | None = None
     ) -> AddResult:
         """Queue ``identity`` for provisioning (idempotent)."""
+        if not is_valid_identity(identity):
+            # The entry points refuse (and count) these first; this is the last line.
+            self.invalid += 1
+            return AddResult.INVALID
         now = time.time() if now is None else now
         rec = self._records.get(identity)
         if rec is not None:
@@ -318,7 +331,8 @@ class WorkQueue:
             rec.in_flight = False
             self._in_flight -= 1
         rec.finished_at = now
-        rec.last_error = error
+        # Errors quote nodes, helpers and CAs: escaped and bounded before anyone reads them.
+        rec.last_error = clean_optional(error, self.text_limit)
         rec.not_before = now + retry_after if retry_after else None
         self._set_state(rec, state, now)
 

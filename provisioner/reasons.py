@@ -15,6 +15,11 @@ from __future__ import annotations
 import enum
 from typing import TypeAlias
 
+# Why a node identity is refused at entry (lifecycle events, discovery replies, the admin API,
+# CLI arguments, the auth callout): counted in choria_provisioner_identity_refused_total{reason};
+# such a node is never queued nor recorded. Defined beside the identity check in layer 0.
+from choria_core.protocol.subjects import IdentityProblem as IdentityProblem
+
 
 class Decision(enum.StrEnum):
     """How an attempt ended."""
@@ -40,14 +45,22 @@ class Reason(enum.StrEnum):
     CSR_INVALID = "csr_invalid"
     CSR_CN_MISMATCH = "csr_cn_mismatch"
     CSR_DENIED = "csr_denied"
+    CSR_POLICY = "csr_policy"  # the CSR breaks pki_policy (subject, extensions, key)
     NO_ECDH = "no_ecdh"
     # What the helper returned, or how it failed.
     HELPER_CRASHED = "helper_crashed"
     HELPER_REFUSED = "helper_refused"
+    CERTIFICATE_POLICY = "certificate_policy"  # the helper's certificate breaks pki_policy
+    # Why a node was deferred by the provisioner's CA protection (ca_protection).
+    CA_UNAVAILABLE = "ca_unavailable"  # the helper deferred it: its CA is unavailable
+    CA_CIRCUIT_OPEN = "ca_circuit_open"  # deferred without running the helper: circuit open
+    CA_RATE_LIMITED = "ca_rate_limited"  # deferred: its turn was further off than max_wait
     # The provisioner's own configuration.
     NO_VERIFY_KEY = "no_verify_key"
     NO_SIGNING_KEY = "no_signing_key"
     KEY_ENCRYPTION = "key_encryption"
+    #: ``audit.required`` and the record of an issued certificate could not be written.
+    AUDIT_UNAVAILABLE = "audit_unavailable"
     # High availability: election and claims.
     NOT_LEADER = "not_leader"
     FENCED = "fenced"

@@ -2,9 +2,18 @@
 
 Every request goes out as a Choria v1 transport directly to
 ``provisioning.node.<identity>`` with ``headers.reply-to`` set to
-``provisioning.reply.<md5(callerid)>.<requestid>``. The client holds a single wildcard
-subscription on ``provisioning.reply.<md5(callerid)>.>`` and matches replies to waiting
-requests by request id, so no subscribe/unsubscribe happens per request.
+``provisioning.reply.<md5(callerid)>.<requestid>`` and the NATS reply subject set to the very
+same subject, as go-choria publishes its requests. That makes a node's reply a *response*: the
+broker lets a provisioning node publish on the reply space only as the one answer to a request
+it received (``allow_responses`` / the user JWT's ``resp``), never unsolicited. The client holds
+a single wildcard subscription on ``provisioning.reply.<md5(callerid)>.>`` and matches replies
+to waiting requests by request id, so no subscribe/unsubscribe happens per request.
+
+That subscription's buffer is bounded (:data:`REPLY_PENDING_MSGS`, :data:`REPLY_PENDING_BYTES`):
+when replies arrive faster than they are handled, nats-py drops them (slow consumer) rather than
+growing memory; each drop is counted (``choria_provisioner_rpc_replies_dropped_total``) and
+logged at most once per :data:`DROP_LOG_INTERVAL` seconds. A dropped reply costs that request a
+retry, never the process its memory.
 
 Per action it uses the anchor's number of tries (``jwt`` 3, ``gen25519`` 5, ``inventory`` 5,
 ``gencsr`` 1, ``configure`` 5, ``restart`` 3, ``shutdown`` 3, ``release_update`` 3) with a
@@ -13,10 +22,11 @@ one try is the anchor's (agent timeout + 2 s discovery allowance: 22 s for ``cho
 4 s for ``rpcutil``), capped by the configured ``rpc_timeout``.
 
 A reply whose sender (transport ``mc_sender`` and reply ``senderid``) is not the node the
-request was sent to is discarded and counted (``choria_provisioner_rpc_wrong_sender_total``): in
-the provisioning account any node may publish replies, and we must not take a neighbour's
-``ecdh_public`` or CSR for the target's. The reply hash is verified by the wire layer. A reply
-with ``statuscode != 0`` raises :class:`RPCStatusError` carrying the node's ``statusmsg``.
+request was sent to is discarded and counted (``choria_provisioner_rpc_wrong_sender_total``): we
+must not take a neighbour's ``ecdh_public`` or CSR for the target's. (The generated broker lets a
+node answer only requests it received; a broker granting ``provisioning.reply.>`` outright, as
+go-choria's does, does not, so the check stays.) The reply hash is verified by the wire layer.
+A reply with ``statuscode != 0`` raises :class:`RPCStatusError` carrying the node's ``statusmsg``.
 """
 
 from __future__ import annotations
@@ -26,9 +36,11 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import nats.errors
 
 from choria_core.errors import FleetError
 from choria_core.protocol import (
@@ -45,12 +57,20 @@ from choria_core.protocol import (
     reply_prefix,
     reply_subject,
 )
+from choria_core.remote_text import clean_remote_text
 from provisioner.metrics import Metrics
 from provisioner.reasons import Reason
 
 log = logging.getLogger(__name__)
 
 COLLECTIVE = "provisioning"
+
+#: Reply subscription bounds: thousands of nodes answering a broadcast fit easily (a pong is a
+#: few hundred bytes, a CSR reply a few KB), a flood does not grow the process.
+REPLY_PENDING_MSGS = 65_536
+REPLY_PENDING_BYTES = 64 * 1024 * 1024
+#: Dropped replies are logged at most once per this many seconds (with the count since).
+DROP_LOG_INTERVAL = 10.0
 
 
 class RPCFailure(enum.StrEnum):
@@ -163,7 +183,11 @@ class RPCClient:
         backoff_base: float = 0.5,
         backoff_max: float = 5.0,
         ttl: int = 60,
+        pending_msgs_limit: int = REPLY_PENDING_MSGS,
+        pending_bytes_limit: int = REPLY_PENDING_BYTES,
     ) -> None:
+        if pending_msgs_limit <= 0 or pending_bytes_limit <= 0:
+            raise ValueError("the reply buffer must be bounded (limits > 0)")
         self.nc = nc
         self.identity = identity
         self.callerid = f"choria={identity}"
@@ -179,18 +203,65 @@ class RPCClient:
         self.wrong_sender = 0
         self.bad_replies = 0
         self.late_replies = 0
+        self.dropped_replies = 0
+        self.no_responders = 0
+        self.pending_msgs_limit = pending_msgs_limit
+        self.pending_bytes_limit = pending_bytes_limit
+        self._drops_unlogged = 0
+        self._drop_logged_at = float("-inf")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Subscribe to the reply prefix (once)."""
         if self._sub is None:
+            self._watch_slow_consumer()
             self._sub = await self.nc.subscribe(
                 f"{self._prefix}.>",
                 cb=self._on_reply,
-                # Thousands of nodes may answer at once: never drop replies as a slow consumer.
-                pending_msgs_limit=1_000_000,
-                pending_bytes_limit=512 * 1024 * 1024,
+                # Bounded: a flood is dropped (and counted), it never grows the process.
+                pending_msgs_limit=self.pending_msgs_limit,
+                pending_bytes_limit=self.pending_bytes_limit,
             )
+
+    def _watch_slow_consumer(self) -> None:
+        """Count the reply subscription's drops instead of logging each one.
+
+        nats-py reports every dropped message to the connection's error callback; for our reply
+        subscription that would be one log line per flooded message, so those are counted here
+        (metric, a periodic summary line) and everything else goes to the callback as before.
+        """
+        inner: Callable[[Exception], Awaitable[None]] | None = getattr(self.nc, "_error_cb", None)
+        if inner is None:
+            return
+
+        async def on_error(exc: Exception) -> None:
+            if (
+                isinstance(exc, nats.errors.SlowConsumerError)
+                and self._sub is not None
+                and exc.sub is self._sub
+            ):
+                self.reply_dropped()
+                return
+            await inner(exc)
+
+        self.nc._error_cb = on_error
+
+    def reply_dropped(self) -> None:
+        """One reply dropped because the reply buffer was full."""
+        self.dropped_replies += 1
+        self._drops_unlogged += 1
+        if self.metrics is not None:
+            self.metrics.replies_dropped.labels(self.metrics.site).inc()
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL:
+            log.warning(
+                "reply buffer full (%d messages / %d bytes): dropped %d replies",
+                self.pending_msgs_limit,
+                self.pending_bytes_limit,
+                self._drops_unlogged,
+            )
+            self._drops_unlogged = 0
+            self._drop_logged_at = now
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -210,6 +281,11 @@ class RPCClient:
 
     # ------------------------------------------------------------------ replies
     async def _on_reply(self, msg: Any) -> None:
+        if not msg.data and (getattr(msg, "headers", None) or {}).get("Status") == "503":
+            # The server's "no responders" status: the request has a NATS reply subject and
+            # nobody was subscribed (a node restarting, a discovery of nobody). Not a reply.
+            self.no_responders += 1
+            return
         try:
             reply, headers = decode_reply(msg.data)
         except ProtocolError as exc:
@@ -228,10 +304,10 @@ class RPCClient:
                 if self.metrics is not None:
                     self.metrics.wrong_sender.labels(self.metrics.site).inc()
                 log.warning(
-                    "discarding reply to a request for %s from wrong sender %r (senderid %r)",
+                    "discarding reply to a request for %s from wrong sender %s (senderid %s)",
                     pending.target,
-                    sender,
-                    reply.senderid,
+                    clean_remote_text(repr(sender), 128),
+                    clean_remote_text(repr(reply.senderid), 128),
                 )
                 return
             if pending.future is not None and not pending.future.done():
@@ -266,12 +342,12 @@ class RPCClient:
         pending = _Pending(identity, loop.create_future())
         self._pending[req.requestid] = pending
         try:
-            payload = encode_request(
-                req,
-                reply_to=reply_subject(self.collective, self.callerid, req.requestid),
-                mc_sender=self.identity,
+            reply_to = reply_subject(self.collective, self.callerid, req.requestid)
+            payload = encode_request(req, reply_to=reply_to, mc_sender=self.identity)
+            # The NATS reply subject is the Choria reply-to: the node's answer is a response.
+            await self.nc.publish(
+                directed_subject(self.collective, identity), payload, reply=reply_to
             )
-            await self.nc.publish(directed_subject(self.collective, identity), payload)
             assert pending.future is not None
             try:
                 text = await asyncio.wait_for(pending.future, timeout)
@@ -388,14 +464,12 @@ class RPCClient:
         self._pending[req.requestid] = _Pending(None, None, on_reply)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        reply_to = reply_subject(self.collective, self.callerid, req.requestid)
         try:
             await self.nc.publish(
                 broadcast_subject(self.collective, "discovery"),
-                encode_request(
-                    req,
-                    reply_to=reply_subject(self.collective, self.callerid, req.requestid),
-                    mc_sender=self.identity,
-                ),
+                encode_request(req, reply_to=reply_to, mc_sender=self.identity),
+                reply=reply_to,
             )
             while True:
                 remaining = deadline - loop.time()

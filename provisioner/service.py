@@ -50,7 +50,7 @@ from provisioner.checks import compile_deny_list
 from provisioner.claims import ClaimStore
 from provisioner.config import ProvisionerConfig
 from provisioner.connection import VERSION, ProvisionerError
-from provisioner.discovery import Discovery
+from provisioner.discovery import Discovery, refuse_identity
 from provisioner.dispatch import Dispatcher
 from provisioner.election import Election
 from provisioner.helper_runner import HelperRunner, runner_from_config
@@ -58,7 +58,7 @@ from provisioner.leadership import Leadership, caller_identity, claims_bucket_na
 from provisioner.metrics import Metrics
 from provisioner.monitor import MonitorEndpoint, serve_monitor
 from provisioner.outcomes import OutcomeHook, Outcomes, ProvisionedHook
-from provisioner.queue import WorkQueue
+from provisioner.queue import AddResult, WorkQueue
 from provisioner.rpc import RPCClient
 
 __all__ = [
@@ -91,11 +91,19 @@ class Provisioner:
         self.identity = config.identity
         self.metrics = Metrics(site=config.site)
         self.registry = self.metrics.registry
-        self.queue = WorkQueue(max_waiting=config.queue_size, suppress_s=suppress_s)
+        self.queue = WorkQueue(
+            max_waiting=config.queue_size,
+            suppress_s=suppress_s,
+            text_limit=config.remote_text_limit,
+        )
         self.audit = AuditLog(
             config.audit_log,
             secrets=[config.token, config.broker_provisioning_password],
+            required=config.audit.required,
+            on_failure=self._audit_failed,
+            on_recovery=self._audit_recovered,
         )
+        self._audit_paused = False
         self.outcomes = Outcomes(
             identity=self.identity,
             site=config.site,
@@ -103,6 +111,8 @@ class Provisioner:
             metrics=self.metrics,
             audit=self.audit,
             retry=self._retry_soon,
+            text_limit=config.remote_text_limit,
+            defer_backoff_max=config.defer_backoff_max,
         )
         #: Called with the node record after each successful provisioning (timings in
         #: ``record.stage_times``). Exceptions are logged, never propagated.
@@ -128,6 +138,11 @@ class Provisioner:
         self._monitor: MonitorEndpoint | None = None
         self._started_at: float | None = None
         self._running = False
+        #: The broker connection: ``connecting``, ``connected``, ``disconnected`` (nats-py is
+        #: reconnecting) or ``closed`` (for good: the service cannot work any more).
+        self.broker_state = "connecting"
+        #: Set when the broker connection closed for good while running (see ``run``).
+        self.connection_lost = asyncio.Event()
 
     # ================================================================== parts, as attributes
     @property
@@ -170,8 +185,13 @@ class Provisioner:
         if self._helper is None:
             self._helper = runner_from_config(cfg)
         self.nc = await connection.connect(
-            cfg, name=self.identity, is_running=lambda: self._running, on_reconnect=self._sweep
+            cfg,
+            name=self.identity,
+            is_running=lambda: self._running,
+            on_reconnect=self._sweep,
+            on_state=self._broker_state_changed,
         )
+        self._broker_state_changed("connected")
         await connection.announce(self.nc, self.identity)
         self.rpc = RPCClient(
             self.nc,
@@ -226,6 +246,7 @@ class Provisioner:
             leader=self.identity,
             epoch=self.leadership.epoch,
             is_leader=self.leadership.still_leader,
+            audit=self.audit,
         )
 
     async def _start_working(self) -> None:
@@ -302,6 +323,18 @@ class Provisioner:
         if self._running and not self.paused and self.discovery is not None:
             self.dispatcher.track(asyncio.create_task(self.discovery.discover_now()))
 
+    def _broker_state_changed(self, state: str) -> None:
+        """Follow the broker connection; a connection closed for good is fatal."""
+        self.broker_state = state
+        self.metrics.connection_up.labels(self.config.site).set(1 if state == "connected" else 0)
+        if state == "closed" and not self.connection_lost.is_set():
+            log.error(
+                "the broker connection closed for good and will not come back: "
+                "nothing can be provisioned any more; the service must be restarted"
+            )
+            self.connection_lost.set()
+            self.dispatcher.set_paused(True)
+
     def _retry_soon(self, identity: str) -> None:
         """Queue a node again after a transient failure (if still working and not standby)."""
         if self._running and not self.paused and self.leader:
@@ -318,6 +351,8 @@ class Provisioner:
 
     def add_node(self, identity: str, source: str = "manual") -> str:
         """Queue a node by hand (admin API, tests); returns what the queue did."""
+        if refuse_identity(self.metrics, source, identity):
+            return AddResult.INVALID.value
         return self.dispatcher.add(identity, source).value
 
     def pause(self) -> None:
@@ -336,10 +371,32 @@ class Provisioner:
         if self.config.leader_election and not self.leader:
             log.warning("not resuming: this replica is not the elected leader")
             return
+        if self.connection_lost.is_set():
+            log.error("not resuming: the broker connection closed for good; restart the service")
+            return
+        if self.audit.blocking:
+            log.error("not resuming (reason=audit_unavailable): %s", self.audit.error)
+            self._audit_paused = True
+            return
         self.dispatcher.set_paused(False)
         log.warning("provisioning resumed")
         if self.discovery is not None and self._running:
             self.dispatcher.track(asyncio.create_task(self.discovery.activate(sweep=True)))
+
+    def _audit_failed(self, error: str) -> None:
+        """A failed audit write: counted; with ``audit.required``, provisioning stops."""
+        self.metrics.audit_write_errors.labels(self.config.site).inc()
+        self.metrics.audit_ok.labels(self.config.site).set(0)
+        if self.audit.required and not self.paused:
+            log.error("pausing provisioning (reason=audit_unavailable): %s", error)
+            self._audit_paused = True
+            self.pause()
+
+    def _audit_recovered(self) -> None:
+        self.metrics.audit_ok.labels(self.config.site).set(1)
+        if self._audit_paused:
+            self._audit_paused = False
+            self.resume()
 
     async def discover_now(self) -> int:
         """Run a broadcast discovery sweep now; returns how many nodes answered."""
@@ -350,7 +407,32 @@ class Provisioner:
     # ================================================================== views
     def ready(self) -> bool:
         """Connected to the broker and running (leader or standby)."""
-        return bool(self._running and self.nc is not None and self.nc.is_connected)
+        return bool(
+            self._running
+            and self.nc is not None
+            and self.nc.is_connected
+            and not self.audit.blocking
+        )
+
+    def health(self) -> str:
+        """``ok`` while this replica can do its part, else why not (the ``/healthz`` status).
+
+        ``ok`` before start, and while running connected, as the leader or as a standby (a
+        standby is healthy: restarting it would not help). ``disconnected`` while nats-py
+        reconnects, ``closed`` once the connection is gone for good, ``election_stopped`` when
+        the election loop of a running replica ended.
+        """
+        if not self._running:
+            return "ok" if self._started_at is None else "stopped"
+        if self.broker_state in {"disconnected", "closed"}:
+            return self.broker_state
+        if self.nc is not None and self.nc.is_closed:
+            return "closed"
+        election = self.election
+        task = getattr(election, "_task", None) if election is not None else None
+        if task is not None and task.done():
+            return "election_stopped"
+        return "ok"
 
     def status(self) -> dict[str, Any]:
         return self.view.status()

@@ -355,17 +355,22 @@ def certificate_report(
 ) -> dict[str, Any]:
     """Compare every certificate seen per node: audit logs, node disks, the CA's own log.
 
-    ``conflicts``: nodes whose audit records name a serial other than the one on disk (a node
-    handed two certificates) — must be empty. ``orphans``: serials the CA issued but no node
-    holds and no audit record names (issued in the instant before a SIGKILL, never delivered).
+    ``conflicts``: nodes whose attempt records (those with a ``decision``) name a serial other
+    than the one on disk (a node handed two certificates) — must be empty. An ``issued`` record
+    is written before delivery, so a leader killed right after it leaves a serial that was
+    recorded but never delivered: that is not a conflict. ``orphans``: serials the CA issued
+    but no node holds and no audit record names (issued in the instant before a SIGKILL).
     """
     audit: dict[str, set[str]] = defaultdict(set)
+    delivered: dict[str, set[str]] = defaultdict(set)
     for rec in records:
         if rec.get("identity") and rec.get("cert_serial"):
             audit[rec["identity"]].add(rec["cert_serial"])
+            if "decision" in rec:
+                delivered[rec["identity"]].add(rec["cert_serial"])
     conflicts = {
         ident: sorted(serials | {disk.get(ident, "-")})
-        for ident, serials in audit.items()
+        for ident, serials in delivered.items()
         if serials - {disk.get(ident)}
     }
     orphans = {

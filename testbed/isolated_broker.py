@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,11 +235,16 @@ async def start_isolated_broker(
     callout_mode: Literal["task", "process"] = "task",
     user_jwt_ttl_s: float = 3600.0,
     pin_ttl_s: float = 3600.0,
+    admission: Mapping[str, float] | None = None,
 ) -> IsolatedBroker:
     """Generate the config into ``workdir``, start nats-server and the callout replicas.
 
     ``verify_keys``: provisioning-token verification keys (paths, inline hex or public key
     objects). Use as ``async with await start_isolated_broker(...) as broker:``.
+
+    ``admission`` overrides the callout's ``max_pending``, ``workers``, ``source_rate`` and
+    ``source_burst``. The per-source rate limit is off here unless asked for: every node of a
+    test bed connects from 127.0.0.1, so one address stands for the whole fleet.
     """
     workdir = Path(workdir)
     port, monitor_port = free_port(), free_port()
@@ -256,6 +261,7 @@ async def start_isolated_broker(
         pin_ttl_s=pin_ttl_s,
         user_jwt_ttl_s=user_jwt_ttl_s,
         server_name=f"prov_broker_{port}",
+        admission={"source_rate": 0.0, **(admission or {})},
     )
     settings = files.settings
     server = await asyncio.to_thread(

@@ -493,6 +493,8 @@ class Stack:
             "helper_args": list(h.args),
             "helper_mode": h.mode,
             "audit_log": str(self.audit_path),
+            # Helpers get a minimal environment: pass on what this stack's helper reads.
+            "helper_env": sorted(self.helper_env()),
         }
         optional = {
             "helper_timeout": h.timeout,

@@ -33,8 +33,10 @@ from choria_core.protocol.messages import (
     new_request,
 )
 from choria_core.protocol.subjects import (
+    IdentityProblem,
     broadcast_subject,
     directed_subject,
+    identity_problem,
     is_valid_identity,
     lifecycle_subject,
     new_request_id,
@@ -44,6 +46,7 @@ from choria_core.protocol.subjects import (
 
 __all__ = [
     "Filter",
+    "IdentityProblem",
     "LifecycleEvent",
     "ProtocolError",
     "RPCReply",
@@ -62,6 +65,7 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "encode_rpc_request",
+    "identity_problem",
     "is_valid_identity",
     "lifecycle_subject",
     "new_event",

@@ -8,11 +8,13 @@ wildcard publish.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 import uuid
 
 from choria_core.protocol.errors import ProtocolError
+from choria_core.remote_text import clean_remote_text
 
 # go-choria's identity regex (its DDL and flatfile discovery use the same).
 IDENTITY_RE = re.compile(
@@ -25,14 +27,43 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 LIFECYCLE_PREFIX = "choria.lifecycle.event"
 
 
-def is_valid_identity(identity: str) -> bool:
-    """True if ``identity`` matches go-choria's identity regex (rejects ``*``, ``>``, spaces)."""
+#: The longest identity accepted: a DNS name (253 characters), labels of at most 63.
+#: Longer names would push a directed subject (``provisioning.node.<identity>``) or a KV key
+#: past nats-server's 4096-byte control line, and the server would close the connection.
+MAX_IDENTITY_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+
+
+class IdentityProblem(enum.StrEnum):
+    """Why a string is not a node identity (a reason code: metric label, log, API)."""
+
+    NOT_STRING = "not_string"
+    EMPTY = "empty"
+    TOO_LONG = "too_long"  # over MAX_IDENTITY_LENGTH characters
+    LABEL_TOO_LONG = "label_too_long"  # a dot-separated label over MAX_LABEL_LENGTH
+    SYNTAX = "syntax"  # not go-choria's identity regex: ``*``, ``>``, spaces, controls...
+
+
+def identity_problem(identity: object) -> IdentityProblem | None:
+    """Why ``identity`` is not a valid node identity, or None when it is."""
+    if not isinstance(identity, str):
+        return IdentityProblem.NOT_STRING
+    if not identity:
+        return IdentityProblem.EMPTY
+    if len(identity) > MAX_IDENTITY_LENGTH:
+        return IdentityProblem.TOO_LONG
     # fullmatch-like: the regex is anchored, but ``$`` also matches before a final "\n".
-    return (
-        isinstance(identity, str)
-        and not identity.endswith("\n")
-        and IDENTITY_RE.match(identity) is not None
-    )
+    if identity.endswith("\n") or IDENTITY_RE.match(identity) is None:
+        return IdentityProblem.SYNTAX
+    if any(len(label) > MAX_LABEL_LENGTH for label in identity.split(".")):
+        return IdentityProblem.LABEL_TOO_LONG
+    return None
+
+
+def is_valid_identity(identity: object) -> bool:
+    """True if ``identity`` is a DNS name go-choria accepts: its identity regex (no ``*``,
+    ``>``, spaces), at most 253 characters, labels of at most 63."""
+    return identity_problem(identity) is None
 
 
 def _token(kind: str, value: str) -> str:
@@ -42,8 +73,10 @@ def _token(kind: str, value: str) -> str:
 
 
 def _identity(identity: str) -> str:
-    if not is_valid_identity(identity):
-        raise ProtocolError(f"invalid node identity {identity!r} for a NATS subject")
+    problem = identity_problem(identity)
+    if problem is not None:
+        shown = clean_remote_text(identity, 80)
+        raise ProtocolError(f"invalid node identity ({problem}) {shown!r} for a NATS subject")
     return identity
 
 

@@ -7,7 +7,7 @@ starts one helper process per node, and interpreter start-up plus imports domina
 (the full reference helper imports pydantic, httpx and cryptography: ~250 ms of CPU per node).
 Run it with ``python3 -S -E`` to skip site initialisation too.
 
-Settings come from the environment (the provisioner passes its environment to helpers):
+Settings come from the environment (list these names in the provisioner's ``helper_env``):
 
 =========================  ==============================================================
 ``CFSSL_URL``              e.g. ``http://127.0.0.1:8888`` (required; ``https://`` works too)

@@ -24,6 +24,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from choria_core.errors import FleetError
+from choria_core.protocol import is_valid_identity
+from choria_core.protocol.subjects import MAX_IDENTITY_LENGTH
 from provisioner.admin.models import (
     AuditEntry,
     AuditTail,
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 _STATIC = ("admin.js", "admin.css")
+# A node identity (choria_core.protocol.is_valid_identity) as a schema pattern: DNS labels of
+# at most 63 characters; the 253 total is the path parameter's max_length.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_IDENTITY_PATTERN = rf"^{_LABEL}(?:\.{_LABEL})*$"
 _STATIC_TYPES = {"js": "text/javascript; charset=utf-8", "css": "text/css; charset=utf-8"}
 # The page loads only its own files and talks only to this origin.
 _PAGE_HEADERS = {
@@ -138,9 +144,19 @@ def _token_check(token: str | None) -> Callable[..., Awaitable[None]]:
 def _add_probes(app: FastAPI, provider: AdminProvider, metrics_registry: CollectorRegistry) -> None:
     """Open routes for probes and Prometheus: ``/healthz``, ``/readyz``, ``/metrics``."""
 
-    @app.get("/healthz", response_model=Health, tags=["probes"])
-    async def healthz() -> Health:
-        """Liveness: the process serves HTTP."""
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["probes"],
+        responses={503: {"model": Health, "description": "The replica cannot do its part."}},
+    )
+    async def healthz() -> Any:
+        """Liveness: 200 ``ok`` while the replica can do its part (leader or standby); 503
+        with the reason (``disconnected``, ``closed``, ...) when it cannot."""
+        health = getattr(provider, "health", None)
+        status = str(health()) if callable(health) else "ok"
+        if status != "ok":
+            return JSONResponse({"status": status}, status_code=503)
         return Health(status="ok")
 
     @app.get(
@@ -202,8 +218,19 @@ def _add_status_routes(api: APIRouter, provider: AdminProvider) -> None:
         tags=["nodes"],
         responses={404: {"model": ErrorBody, "description": "Unknown identity."}},
     )
-    async def node(identity: Annotated[str, Path(max_length=255)]) -> NodeInfo:
-        """One node's record."""
+    async def node(
+        identity: Annotated[
+            str,
+            Path(
+                max_length=MAX_IDENTITY_LENGTH,
+                pattern=_IDENTITY_PATTERN,
+                description="A node identity: a DNS name (≤ 253 characters, labels ≤ 63).",
+            ),
+        ],
+    ) -> NodeInfo:
+        """One node's record (422 for what is not a node identity)."""
+        if not is_valid_identity(identity):  # the pattern says the same; never a lookup
+            raise HTTPException(status_code=404, detail="no such node")
         record = provider.node(identity)
         if record is None:
             raise HTTPException(status_code=404, detail="no such node")

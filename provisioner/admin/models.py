@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Health(BaseModel):
-    status: str = Field(description="Always 'ok' while the process serves requests.")
+    status: str = Field(
+        description="'ok' while the replica can work (leader or standby); otherwise, with a "
+        "503, why not: 'disconnected', 'closed', 'election_stopped', 'stopped'."
+    )
 
 
 class Readiness(BaseModel):

@@ -5,6 +5,10 @@
 Everything is called on the event loop thread (the endpoints are ``async def``), so
 implementations need no locking. Return plain JSON-friendly dicts; the API validates them into
 its response models.
+
+Optionally a provider has ``health() -> str``: ``"ok"``, or why the replica cannot do its part
+(``"disconnected"``, ``"closed"``, ...); ``/healthz`` answers 503 with it. Without it
+``/healthz`` is always ``ok``.
 """
 
 from __future__ import annotations

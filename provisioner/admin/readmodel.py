@@ -60,7 +60,12 @@ class ServiceView(Protocol):
     @property
     def rpc(self) -> RPCClient | None: ...
 
+    @property
+    def broker_state(self) -> str: ...
+
     def ready(self) -> bool: ...
+
+    def health(self) -> str: ...
 
     def election_status(self) -> dict[str, Any]: ...
 
@@ -118,6 +123,8 @@ class ReadModel:
             "leader": s.leader,
             "paused": s.paused,
             "ready": s.ready(),
+            "health": s.health(),
+            "broker": s.broker_state,
             "started_at": started_at,
             "uptime": time.time() - started_at if started_at else 0.0,
             "queue": {
@@ -129,6 +136,7 @@ class ReadModel:
             },
             "counts": s.queue.counts(),
             "provisioned_total": s.provisioned_total,
+            "audit": s.audit.status(),
             "discovery": self._discovery_status(),
             "rpc": {
                 "in_flight": s.rpc.in_flight if s.rpc else 0,

@@ -14,8 +14,16 @@ service:
    shared by all replicas) until the node's ``provisioned`` event or the pin's TTL;
 5. answers with a user JWT for the ``PROVISIONING`` account that allows exactly: subscribe
    ``provisioning.node.<identity>`` and the four agent broadcasts; publish
-   ``provisioning.reply.>``, ``choria.lifecycle.event.*.provision_mode_server`` and
-   ``provisioning.registration.<identity>``; one response per request received.
+   ``choria.lifecycle.event.*.provision_mode_server`` and
+   ``provisioning.registration.<identity>``; and one response per request received (``resp``:
+   max 1, expiring after ``response_ttl``). Replies are responses only: the node may publish on
+   a ``provisioning.reply.*`` subject only as the answer to a request it was sent, never
+   unsolicited.
+
+Before any of that, admission control (:mod:`provisioner.broker.admission`): a bounded queue of
+requests waiting for the ``workers`` (over ``max_pending``: refused ``overloaded`` at once) and
+a per-source-address rate limit (``source_rate``/``source_burst``: refused ``rate_limited``
+before the token is looked at).
 
 It never fails open: any error becomes a refusal (or no answer, which the server treats as a
 refusal after its auth timeout). Refusal texts reach the server log, so they carry a reason code
@@ -27,35 +35,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import json
 import logging
 import os
 import ssl
-import stat
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nats
 import nats.errors
-import nats.js.errors
-import yaml
-from pydantic import Field, field_validator
 
 from choria_core.errors import FleetError
 from choria_core.natsconn import sync_flush
 from choria_core.protocol.subjects import is_valid_identity
-from choria_core.strictmodel import (
-    Duration,
-    StrictConfigError,
-    StrictModel,
-    unknown_keys,
-    validate_strict,
-)
-from jwt_tools.keys import VerifyKey, load_verify_key
+from jwt_tools.keys import VerifyKey, load_verify_keys
 from jwt_tools.nats_jwt import (
     PREFIX_ACCOUNT,
     PREFIX_SERVER,
@@ -72,7 +67,15 @@ from jwt_tools.nats_jwt import (
 )
 from jwt_tools.tokens import TokenError, verify_provisioning_token
 from provisioner.broker import metrics
-from provisioner.broker.config import AGENT_BROADCASTS, DEFAULT_PIN_BUCKET, PROVISIONED_EVENT
+from provisioner.broker.admission import OVERLOADED, RATE_LIMITED, QuietRefusals, SourceRateLimiter
+from provisioner.broker.callout_config import (
+    CalloutConfig,
+    CalloutConfigError,
+    PinningConfig,
+    load_callout_config,
+)
+from provisioner.broker.config import AGENT_BROADCASTS, PROVISIONED_EVENT
+from provisioner.broker.pins import PinStore
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ __all__ = [
     "CalloutService",
     "CalloutStats",
     "PinStore",
+    "PinningConfig",
     "Refused",
     "load_callout_config",
     "node_permissions",
@@ -93,10 +97,6 @@ XKEY_HEADER = "Nats-Server-Xkey"
 _MAX_IDENTITY = 253
 
 
-class CalloutConfigError(StrictConfigError):
-    """The callout config file is missing, unreadable or invalid (message names the key)."""
-
-
 class Refused(FleetError, reason="refused"):
     """A connection the callout refuses; ``reason`` is a metric label, the text has no secret."""
 
@@ -105,74 +105,10 @@ class Refused(FleetError, reason="refused"):
         self.reason = reason
 
 
-class PinningConfig(StrictModel):
-    """``pinning:``: trust-on-first-use identity pins (off by default)."""
-
-    enabled: bool = False
-    bucket: str = DEFAULT_PIN_BUCKET
-    ttl: Duration = 3600.0
-    require_nkey: bool = False
-    release_on_provisioned: bool = True
-
-
-class CalloutConfig(StrictModel):
-    """The callout service's settings (``broker-auth.yaml``); seeds are secrets."""
-
-    servers: list[str]
-    auth_user_seed: str = Field(repr=False)
-    issuer_seed: str = Field(repr=False)
-    xkey_seed: str = Field(repr=False)
-    verify_keys: list[str]
-    tls_ca: str | None = None
-    target_account: str = "PROVISIONING"
-    queue_group: str = "broker-auth"
-    user_jwt_ttl: Duration = 3600.0
-    response_ttl: Duration = 60.0
-    token_leeway: Duration = 0.0
-    pinning: PinningConfig = Field(default_factory=PinningConfig)
-
-    @field_validator("tls_ca", mode="before")
-    @classmethod
-    def _no_tls_ca(cls, v: Any) -> Any:
-        return None if v == "" else v
-
-    @field_validator("pinning", mode="before")
-    @classmethod
-    def _no_pinning(cls, v: Any) -> Any:
-        return PinningConfig() if v is None else v
-
-
-_REQUIRED = ("servers", "auth_user_seed", "issuer_seed", "xkey_seed", "verify_keys")
-
-
-def load_callout_config(path: str | Path) -> CalloutConfig:
-    """Read ``broker-auth.yaml``; warn when it is readable by group or others.
-
-    Unknown keys are refused (with the closest known key as a hint), like every config file.
-    """
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-        mode = stat.S_IMODE(p.stat().st_mode)
-    except (OSError, yaml.YAMLError) as exc:
-        raise CalloutConfigError(f"cannot read the callout config: {exc}", file=str(p)) from exc
-    if mode & 0o077:
-        log.warning("callout config %s is mode %o; it holds seeds, use 0600", p, mode)
-    if isinstance(raw, dict):
-        unknown = unknown_keys(raw, CalloutConfig)
-        if unknown:
-            k, msg = unknown[0]
-            raise CalloutConfigError(msg, key=k, file=str(p), problems=unknown)
-        for key in _REQUIRED:
-            if not raw.get(key):
-                raise CalloutConfigError(f"'{key}' is required", file=str(p))
-    return validate_strict(CalloutConfig, raw, file=str(p), error=CalloutConfigError)
-
-
 def node_permissions(identity: str) -> tuple[list[str], list[str]]:
     """(publish allow, subscribe allow) for an unprovisioned node with this identity."""
+    # No provisioning.reply.>: replies go out through the ``resp`` permission only.
     pub = [
-        "provisioning.reply.>",
         "choria.lifecycle.event.*.provision_mode_server",
         f"provisioning.registration.{identity}",
     ]
@@ -213,56 +149,6 @@ class CalloutStats:
         return out
 
 
-class PinStore:
-    """Identity → node nkey pins in a JetStream KV bucket (trust on first use).
-
-    The bucket's ``max_age`` is the pin TTL, so a pin whose node vanished frees itself. All
-    replicas share the bucket; ``create`` is atomic, so two nodes racing for one identity on two
-    replicas still end with one winner.
-    """
-
-    def __init__(self, kv: Any) -> None:
-        self._kv = kv
-
-    @classmethod
-    async def open(cls, js: Any, bucket: str, ttl: float) -> PinStore:
-        try:
-            kv = await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(bucket=bucket, ttl=ttl, history=1)
-        return cls(kv)
-
-    async def holder(self, identity: str) -> str | None:
-        try:
-            entry = await self._kv.get(identity)
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return entry.value.decode() if entry.value else None
-
-    async def claim(self, identity: str, nkey: str) -> bool:
-        """True if ``nkey`` now holds ``identity`` (new pin, or already its own: TTL refreshed)."""
-        for _ in range(3):
-            try:
-                await self._kv.create(identity, nkey.encode())
-                return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass
-            try:
-                entry = await self._kv.get(identity)
-            except nats.js.errors.KeyNotFoundError:
-                continue  # expired or released between our two calls: try to create again
-            if not hmac.compare_digest(entry.value or b"", nkey.encode()):
-                return False
-            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                await self._kv.update(identity, nkey.encode(), last=entry.revision)
-            return True
-        return False
-
-    async def release(self, identity: str) -> None:
-        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self._kv.delete(identity)
-
-
 def _tls_context(ca: str | None) -> ssl.SSLContext | None:
     if ca is None:
         return None
@@ -295,13 +181,16 @@ class CalloutService:
             raise CalloutConfigError("issuer_seed must be an account seed (SA...)")
         self._xkey = CurveKey.from_seed(config.xkey_seed)
         self._keys: list[VerifyKey] = (
-            list(verify_keys)
-            if verify_keys is not None
-            else [load_verify_key(k) for k in config.verify_keys]
+            list(verify_keys) if verify_keys is not None else load_verify_keys(config.verify_keys)
         )
         self._nc: Any = None
         self._pins: PinStore | None = None
         self._ready = False
+        self._limiter = SourceRateLimiter(config.source_rate, config.source_burst)
+        self._quiet = QuietRefusals(log)
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=config.max_pending)
+        self._workers: list[asyncio.Task[None]] = []
+        self.dropped = 0
 
     @property
     def ready(self) -> bool:
@@ -321,6 +210,7 @@ class CalloutService:
             error_cb=self._on_error,
             pending_size=64 * 1024 * 1024,
         )
+        self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.config.workers)]
         if self.config.pinning.enabled:
             p = self.config.pinning
             self._pins = await PinStore.open(self._nc.jetstream(), p.bucket, p.ttl)
@@ -328,8 +218,14 @@ class CalloutService:
                 await self._nc.subscribe(
                     PROVISIONED_EVENT, queue=self.config.queue_group, cb=self._on_provisioned
                 )
+        # The callback only queues (or refuses ``overloaded``), so this buffer stays short; if
+        # even that falls behind, nats-py drops requests (no answer: the server refuses them).
         await self._nc.subscribe(
-            AUTH_SUBJECT, queue=self.config.queue_group, cb=self._on_request, pending_msgs_limit=-1
+            AUTH_SUBJECT,
+            queue=self.config.queue_group,
+            cb=self._on_request,
+            pending_msgs_limit=max(4 * self.config.max_pending, 4096),
+            pending_bytes_limit=64 * 1024 * 1024,
         )
         # nats-py's flush() can overtake queued SUBs; ready must mean the server has them.
         await sync_flush(self._nc)
@@ -347,6 +243,12 @@ class CalloutService:
                 await nc.drain()
             with contextlib.suppress(Exception):
                 await nc.close()
+        workers, self._workers = self._workers, []
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def __aenter__(self) -> CalloutService:
         await self.start()
@@ -356,17 +258,75 @@ class CalloutService:
         await self.stop()
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.dropped += 1
+            metrics.DROPPED.inc()
+            self._quiet.add("dropped")
+            return
         log.warning("auth callout %s connection error: %s", self.name, type(exc).__name__)
 
     # ------------------------------------------------------------------ requests
 
+    @property
+    def pending(self) -> int:
+        """Authorization requests waiting for a worker."""
+        return self._queue.qsize()
+
     async def _on_request(self, msg: Any) -> None:
-        response = await self.handle(msg.data, msg.headers)
+        try:
+            self._queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            await self._respond(msg, self.refuse(msg.data, msg.headers, OVERLOADED))
+            return
+        metrics.PENDING.inc()
+
+    async def _work(self) -> None:
+        while True:
+            msg = await self._queue.get()
+            metrics.PENDING.dec()
+            try:
+                await self._respond(msg, await self.handle(msg.data, msg.headers))
+            except Exception as exc:  # a worker never dies; the server times the request out
+                log.error("auth callout worker error (%s)", type(exc).__name__)
+
+    async def _respond(self, msg: Any, response: bytes | None) -> None:
         if response is not None and msg.reply:
             try:
                 await msg.respond(response)
             except nats.errors.Error as exc:
                 log.warning("auth callout %s could not respond: %s", self.name, type(exc).__name__)
+
+    def refuse(self, data: bytes, headers: Mapping[str, str] | None, reason: str) -> bytes | None:
+        """The cheapest answer: refuse the request with ``reason`` without deciding it."""
+        server_xkey = (headers or {}).get(XKEY_HEADER)
+        try:
+            request = self._open_request(data, server_xkey)
+        except Refused as exc:
+            self._refused(exc.reason, str(exc), None)
+            return None
+        self._count_refusal(reason)
+        return self._seal(self._error_response(request, reason), server_xkey)
+
+    def _count_refusal(self, reason: str) -> None:
+        self.stats.refused[reason] += 1
+        metrics.REFUSED.labels(reason=reason).inc()
+        self._quiet.add(reason)
+
+    def _error_response(self, request: Mapping[str, Any], reason: str) -> dict[str, Any]:
+        nats_claims = request["nats"]
+        text = {
+            OVERLOADED: "the auth callout is overloaded, try again later",
+            RATE_LIMITED: "too many connection attempts from this address",
+        }.get(reason, reason)
+        return authorization_response_claims(
+            user_nkey=str(nats_claims.get("user_nkey", "")),
+            server_id=str(request["iss"]),
+            error=f"refused: {reason}: {text}",
+        )
+
+    def _seal(self, body: dict[str, Any], server_xkey: str | None) -> bytes:
+        token = encode_jwt(body, self._issuer).encode()
+        return xkey_seal(self._xkey, server_xkey, token) if server_xkey else token
 
     async def handle(self, data: bytes, headers: Mapping[str, str] | None) -> bytes | None:
         """Decide one authorization request; returns the (sealed) response or None.
@@ -382,6 +342,10 @@ class CalloutService:
             self._refused(exc.reason, str(exc), started)
             return None
         nats_claims = request["nats"]
+        client = nats_claims.get("client_info")
+        if not self._limiter.allow(client.get("host") if isinstance(client, dict) else None):
+            self._count_refusal(RATE_LIMITED)
+            return self._seal(self._error_response(request, RATE_LIMITED), server_xkey)
         user_nkey = str(nats_claims.get("user_nkey", ""))
         server_id = str(request["iss"])
         try:
@@ -403,13 +367,11 @@ class CalloutService:
                 user_nkey=user_nkey, server_id=server_id, error="refused: internal_error"
             )
             self._refused("internal_error", "internal error", None)
-        token = encode_jwt(body, self._issuer).encode()
+        sealed = self._seal(body, server_xkey)
         elapsed = time.perf_counter() - started
         self.stats.latencies.append(elapsed)
         metrics.LATENCY.observe(elapsed)
-        if server_xkey:
-            return xkey_seal(self._xkey, server_xkey, token)
-        return token
+        return sealed
 
     def _refused(self, reason: str, detail: str, started: float | None) -> None:
         self.stats.refused[reason] += 1
@@ -530,7 +492,7 @@ class CalloutService:
 
 async def run_replicas(config: CalloutConfig, replicas: int = 1) -> list[CalloutService]:
     """Start ``replicas`` services sharing the key material (one process, one queue group)."""
-    keys = [load_verify_key(k) for k in config.verify_keys]
+    keys = load_verify_keys(config.verify_keys)
     services = [
         CalloutService(config, name=f"broker-auth-{os.getpid()}-{i}", verify_keys=keys)
         for i in range(replicas)

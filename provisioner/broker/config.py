@@ -6,11 +6,17 @@ One call writes everything an operator needs into one directory:
   (unprovisioned nodes, admitted one by one by the callout, and the provisioner user),
   ``CHORIA`` (read-only observers of provisioning lifecycle events) and ``SYS``; JetStream
   (store under ``DIR/jetstream``) for the provisioner's KV buckets and the callout's pin bucket;
-  TLS when asked; the ``auth_callout`` block with ``xkey`` so credentials never cross the
-  broker in clear.
+  TLS for every listener that is not loopback-only (see below); the ``auth_callout`` block
+  with ``xkey`` so credentials never cross the broker in clear.
 - ``broker-auth.yaml``: the callout service's config, including its nkey, issuer and xkey seeds.
 - ``provisioner.password``, ``choria.password``, ``sys.password``.
-- ``tls/`` (with ``--tls``): a local CA (``ca.pem``, ``ca-key.pem``) and the server certificate.
+- ``tls/`` (generated TLS): a local CA (``ca.pem``, ``ca-key.pem``) and the server certificate.
+
+TLS is the default: node tokens, passwords and the ECDH public keys the provisioner encrypts
+central keys to travel over this listener, so a listener reachable from the network gets TLS
+(a generated CA and certificate, or the operator's ``tls_cert``/``tls_key``). A plain-text
+config is written only for a loopback listener (the test bed, the demo) or with ``insecure``;
+otherwise :class:`BrokerConfigError` is raised before anything is written.
 
 Every file holding a secret is written 0600 via a temp file and ``os.replace``.
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,7 @@ from cryptography.x509.oid import NameOID
 
 from ca_adapters.base import SignRequest
 from ca_adapters.local import LocalCA
+from choria_core.errors import FleetError
 from choria_core.securefile import write_atomic
 from jwt_tools.nats_jwt import PREFIX_ACCOUNT, PREFIX_USER, CurveKey, NKey
 
@@ -43,6 +50,7 @@ __all__ = [
     "DEFAULT_PIN_BUCKET",
     "PROVISIONING_ACCOUNT",
     "SYS_ACCOUNT",
+    "BrokerConfigError",
     "BrokerFiles",
     "BrokerSettings",
     "generate_broker_config",
@@ -62,6 +70,20 @@ NODE_LIFECYCLE = "choria.lifecycle.event.*.provision_mode_server"
 PROVISIONED_EVENT = "choria.lifecycle.event.provisioned.provision_mode_server"
 # Buckets the provisioner creates in PROVISIONING's JetStream (documented in the config).
 PROVISIONER_BUCKETS = ("CHORIA_LEADER_ELECTION", "OVERLAY_LEDGER")
+
+
+class BrokerConfigError(FleetError, reason="broker_config"):
+    """The broker config cannot be written as asked (a plain-text network listener, bad TLS)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` listens on the loopback interface only (``0.0.0.0``/``::`` do not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def write_secret_file(path: Path, data: str | bytes, mode: int = 0o600) -> Path:
@@ -238,6 +260,76 @@ def _write_tls(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]
     return ca_cert, cert_path, key_path
 
 
+_AUTH_HEADER = (
+    "# Auth callout config for `provisioner broker auth --config <this file>`.\n"
+    "# Holds the callout's nkey, issuer and xkey seeds: keep it 0600.\n"
+)
+_ADMISSION_DEFAULTS: dict[str, float] = {
+    "max_pending": 1000,
+    "workers": 8,
+    "source_rate": 10.0,
+    "source_burst": 50,
+}
+
+
+def _admission_settings(overrides: Mapping[str, float] | None) -> dict[str, float]:
+    out = dict(_ADMISSION_DEFAULTS)
+    for key, value in (overrides or {}).items():
+        if key not in out:
+            raise BrokerConfigError(f"unknown admission setting {key!r}")
+        out[key] = value
+    return out
+
+
+def _cert_hosts(tls_hosts: Sequence[str], listen_host: str) -> list[str]:
+    """The generated certificate's names: as asked, plus loopback (the callout's URL) and a
+    specific listen address."""
+    hosts = list(dict.fromkeys([*tls_hosts, "localhost", "127.0.0.1"]))
+    if not is_loopback(listen_host) and listen_host not in ("0.0.0.0", "::", ""):
+        hosts.append(listen_host)
+    return hosts
+
+
+def _tls_wanted(tls: bool | None, own_tls: bool, listen_host: str, insecure: bool) -> bool:
+    """Whether to generate TLS; refuses plain text on a network listener unless ``insecure``."""
+    if tls is None:
+        tls = not own_tls and not is_loopback(listen_host)
+    if not (tls or own_tls or insecure or is_loopback(listen_host)):
+        raise BrokerConfigError(
+            f"refusing a plain-text listener on {listen_host}: provisioning tokens, passwords and "
+            "ECDH public keys would cross the network in clear"
+        )
+    return tls
+
+
+def _check_tls_files(
+    cert: Path | None, key: Path | None, ca: Path | None, tls: bool | None
+) -> bool:
+    """True when the operator gave a certificate and key (checked: they parse and match)."""
+    if cert is None and key is None:
+        if ca is not None:
+            raise BrokerConfigError("a TLS CA was given without a certificate and key")
+        return False
+    if cert is None or key is None:
+        raise BrokerConfigError("a TLS certificate and its key go together: give both")
+    if tls is False:
+        raise BrokerConfigError("a TLS certificate and key were given but TLS was turned off")
+    try:
+        cert_obj = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        key_obj = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+        if ca is not None:
+            x509.load_pem_x509_certificates(Path(ca).read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise BrokerConfigError(f"cannot use the TLS files: {type(exc).__name__}: {exc}") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    pem = serialization.Encoding.PEM
+    if cert_obj.public_key().public_bytes(pem, spki) != key_obj.public_key().public_bytes(
+        pem, spki
+    ):
+        raise BrokerConfigError("the TLS key does not belong to the TLS certificate")
+    return True
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -274,21 +366,32 @@ def generate_broker_config(
     port: int = 4222,
     monitor_port: int = 8222,
     listen_host: str = "0.0.0.0",
-    tls: bool = False,
+    tls: bool | None = None,
     tls_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+    insecure: bool = False,
     connect_url: str | None = None,
     pinning: bool = False,
     require_nkey: bool = False,
     pin_ttl_s: float = 3600.0,
     user_jwt_ttl_s: float = 3600.0,
     server_name: str = "provisioning_broker",
+    admission: Mapping[str, float] | None = None,
 ) -> BrokerFiles:
     """Write the broker's config, the callout config and the secrets into ``out_dir``.
 
     ``verify_keys`` are the provisioning-token verification keys: paths (certificate, public key
     PEM or hex file), inline hex ed25519 keys, or public key objects (written as PEM files).
-    Fresh secrets are generated on every call.
+    Fresh secrets are generated on every call. TLS: ``tls_cert``/``tls_key`` (+ ``tls_ca``)
+    are the operator's; ``tls=True`` generates a CA and certificate; ``tls=None`` generates them
+    unless ``listen_host`` is loopback-only; plain text on a network listener raises
+    :class:`BrokerConfigError` unless ``insecure``. ``admission``: the callout's
+    ``max_pending``, ``workers``, ``source_rate``, ``source_burst``.
     """
+    own_tls = _check_tls_files(tls_cert, tls_key, tls_ca, tls)
+    tls = _tls_wanted(tls, own_tls, listen_host, insecure)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(out_dir, 0o700)
@@ -308,15 +411,19 @@ def generate_broker_config(
         issuer_public=issuer.public_key,
         xkey_public=xkey.public_key,
     )
-    tls_ca: Path | None = None
-    if tls:
-        tls_ca, settings.tls_cert, settings.tls_key = _write_tls(out_dir / "tls", tls_hosts)
+    if own_tls:
+        assert tls_cert is not None and tls_key is not None
+        settings.tls_cert, settings.tls_key = Path(tls_cert).resolve(), Path(tls_key).resolve()
+        tls_ca = tls_ca.resolve() if tls_ca else None
+    elif tls:
+        tls_ca, settings.tls_cert, settings.tls_key = _write_tls(
+            out_dir / "tls", _cert_hosts(tls_hosts, listen_host)
+        )
 
     sources = _verify_key_sources(out_dir, verify_keys)
-    scheme = "tls" if tls else "nats"
-    url = connect_url or f"{scheme}://127.0.0.1:{port}"
+    scheme = "tls" if tls or own_tls else "nats"
     auth_cfg: dict[str, Any] = {
-        "servers": [url],
+        "servers": [connect_url or f"{scheme}://127.0.0.1:{port}"],
         "tls_ca": str(tls_ca) if tls_ca else None,
         "auth_user_seed": auth_user.seed,
         "issuer_seed": issuer.seed,
@@ -327,6 +434,7 @@ def generate_broker_config(
         "user_jwt_ttl": user_jwt_ttl_s,
         "response_ttl": 60,
         "token_leeway": 0,
+        **_admission_settings(admission),
         "pinning": {
             "enabled": pinning,
             "bucket": DEFAULT_PIN_BUCKET,
@@ -336,16 +444,12 @@ def generate_broker_config(
         },
     }
     server_config = write_secret_file(out_dir / "nats-server.conf", render_server_config(settings))
-    header = (
-        "# Auth callout config for `provisioner broker auth --config <this file>`.\n"
-        "# Holds the callout's nkey, issuer and xkey seeds: keep it 0600.\n"
-    )
     auth_config = write_secret_file(
-        out_dir / "broker-auth.yaml", header + yaml.safe_dump(auth_cfg, sort_keys=False)
+        out_dir / "broker-auth.yaml", _AUTH_HEADER + yaml.safe_dump(auth_cfg, sort_keys=False)
     )
     pw_file = write_secret_file(out_dir / "provisioner.password", settings.provisioner_password)
-    write_secret_file(out_dir / "choria.password", settings.choria_password)
-    write_secret_file(out_dir / "sys.password", settings.sys_password)
+    for name, secret in (("choria", settings.choria_password), ("sys", settings.sys_password)):
+        write_secret_file(out_dir / f"{name}.password", secret)
     return BrokerFiles(
         directory=out_dir,
         server_config=server_config,

@@ -30,3 +30,11 @@ READY = Gauge(
     "provisioner_broker_callout_ready",
     "Callout replicas in this process subscribed and serving authorization requests",
 )
+PENDING = Gauge(
+    "provisioner_broker_auth_pending",
+    "Authorization requests queued for a callout worker (bounded by max_pending)",
+)
+DROPPED = Counter(
+    "provisioner_broker_auth_dropped_total",
+    "Authorization requests dropped unanswered because the callout's buffer was full",
+)

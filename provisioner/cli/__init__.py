@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from provisioner.cli import (
+    audit,
     bench,
     broker,
     config,
@@ -16,6 +17,7 @@ from provisioner.cli import (
     node,
     overlays,
     run,
+    status,
 )
 
 app = typer.Typer(
@@ -33,7 +35,9 @@ app.add_typer(broker.app, name="broker", help="Broker isolation: config and auth
 app.add_typer(overlays.app, name="overlays", help="Overlay registry, placement and drain planning.")
 app.add_typer(helper.app, name="helper", help="Helper tools (dry runs).")
 app.add_typer(election.app, name="election", help="Leader election status.")
+app.add_typer(audit.app, name="audit", help="Audit log tools: verify the hash chain.")
 run.register(app)
+status.register(app)
 demo.register(app)
 bench.register(app)
 

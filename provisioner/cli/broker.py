@@ -32,9 +32,26 @@ def config_cmd(
     port: int = typer.Option(4222, "--port", help="Client port."),
     monitor_port: int = typer.Option(8222, "--monitor-port", help="HTTP monitoring port."),
     listen: str = typer.Option("0.0.0.0", "--listen", help="Client listen address."),
-    tls: bool = typer.Option(False, "--tls", help="Generate a local CA and a server certificate."),
+    tls: bool | None = typer.Option(
+        None,
+        "--tls/--no-tls",
+        help="Generate a local CA and a server certificate (default: on unless --listen is "
+        "loopback-only).",
+    ),
     tls_host: list[str] = typer.Option(
         ["localhost", "127.0.0.1"], "--tls-host", help="Names/IPs for the server certificate."
+    ),
+    tls_cert: Path | None = typer.Option(
+        None, "--tls-cert", help="Your own server certificate (PEM) instead of a generated one."
+    ),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="The key of --tls-cert (PEM)."),
+    tls_ca: Path | None = typer.Option(
+        None, "--tls-ca", help="CA the callout verifies --tls-cert with (default: system CAs)."
+    ),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Allow a plain-text listener on a non-loopback address (tokens travel in clear).",
     ),
     connect_url: str | None = typer.Option(
         None, "--callout-url", help="URL the callout uses to reach this broker."
@@ -50,7 +67,7 @@ def config_cmd(
     """Write DIR/nats-server.conf, DIR/broker-auth.yaml and DIR/provisioner.password (0600)."""
     from jwt_tools.keys import load_verify_key
     from jwt_tools.tokens import TokenError
-    from provisioner.broker.config import generate_broker_config
+    from provisioner.broker.config import BrokerConfigError, generate_broker_config, is_loopback
 
     existing = [name for name in _GENERATED if (out / name).exists()]
     if existing and not force:
@@ -64,23 +81,38 @@ def config_cmd(
             load_verify_key(source)
         except TokenError as exc:
             raise fail(f"--verify-key {source}: {exc}", EXIT_USAGE) from None
-    files = generate_broker_config(
-        out,
-        verify_key,
-        port=port,
-        monitor_port=monitor_port,
-        listen_host=listen,
-        tls=tls,
-        tls_hosts=tls_host,
-        connect_url=connect_url,
-        pinning=pinning,
-        require_nkey=require_nkey,
-    )
+    try:
+        files = generate_broker_config(
+            out,
+            verify_key,
+            port=port,
+            monitor_port=monitor_port,
+            listen_host=listen,
+            tls=tls,
+            tls_hosts=tls_host,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            insecure=insecure,
+            connect_url=connect_url,
+            pinning=pinning,
+            require_nkey=require_nkey,
+        )
+    except BrokerConfigError as exc:
+        hint = (
+            " Add --tls (generate a CA and certificate), --tls-cert/--tls-key (your own), "
+            "--listen 127.0.0.1 (loopback only), or --insecure to accept plain text."
+            if "plain-text" in str(exc)
+            else ""
+        )
+        raise fail(f"{exc}.{hint}", EXIT_USAGE) from None
     typer.echo(f"wrote {files.server_config}")
     typer.echo(f"wrote {files.auth_config}")
     typer.echo(f"wrote {files.provisioner_password_file}")
     if files.tls_ca:
         typer.echo(f"wrote {files.tls_ca} (CA for clients that verify the broker)")
+    elif files.settings.tls_cert is None and not is_loopback(listen):
+        typer.echo(f"warning: plain text on {listen}:{port}; tokens and keys travel in clear")
     typer.echo(f"start: nats-server -c {files.server_config}")
     typer.echo(f"       provisioner broker auth --config {files.auth_config}")
 

@@ -1,4 +1,4 @@
-"""`provisioner config` commands: check a configuration file before deploying it."""
+"""`provisioner config` commands: write a sample configuration, check one before deploying it."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from provisioner.cli._exit import EXIT_USAGE
+from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
 from provisioner.config import ConfigError, ProvisionerConfig, load_config
+from provisioner.sample_config import PLACEHOLDER, placeholders, render_sample
 
-app = typer.Typer(help="Check provisioner configuration files.", no_args_is_help=True)
+app = typer.Typer(
+    help="Write a sample provisioner configuration, check one, show the effective one.",
+    no_args_is_help=True,
+)
 
 _SECRET_KEYS = ("token", "broker_provisioning_password")
 
 
 @app.callback()
 def _group() -> None:
-    """Check provisioner configuration files."""
-    # a callback keeps `check` a sub-command even while it is the group's only command
+    """Write, check and show provisioner configuration files."""
 
 
 def _load_or_exit(file: Path) -> ProvisionerConfig:
@@ -57,6 +60,41 @@ def check_cmd(file: Path = typer.Argument(..., help="The provisioner YAML file."
     ]
     for name, value in lines:
         out.print(f"  {name:<16} {value}", highlight=False, markup=False)
+    for key in placeholders(cfg):
+        typer.echo(
+            f"warning: {key} is still a placeholder ({PLACEHOLDER}...): replace it before "
+            "deploying",
+            err=True,
+        )
+
+
+@app.command("init")
+def init_cmd(
+    out: Path = typer.Option(..., "--out", help="Where to write the sample ('-': stdout)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite FILE if it exists."),
+) -> None:
+    """Write a commented sample configuration that `config check` accepts as written.
+
+    Every key is listed with a safe default or a commented example. Secrets to be matched with
+    the nodes' tokens and the broker are CHANGE-ME placeholders (`config check` warns about
+    each one left); the admin API token is generated at random. The file is written with
+    mode 0600.
+    """
+    from choria_core.securefile import write_atomic
+
+    text = render_sample()
+    if str(out) == "-":
+        typer.echo(text, nl=False)
+        return
+    if (out.exists() or out.is_symlink()) and not force:
+        raise fail(f"{out} exists; pass --force to overwrite it", EXIT_USAGE)
+    try:
+        write_atomic(out, text.encode("utf-8"), 0o600)
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror or exc}", EXIT_FAILED) from None
+    typer.echo(
+        f"wrote {out}; fill in the {PLACEHOLDER} values, then: provisioner config check {out}"
+    )
 
 
 @app.command("show")

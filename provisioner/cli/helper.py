@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from rich.console import Console
 from rich.table import Table
 
+from choria_core.protocol import identity_problem
 from helpers.models import CSRInput, HelperInput, HelperOutput, decision
 from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE
 from provisioner.helper_runner import (
@@ -34,6 +35,7 @@ from provisioner.helper_runner import (
     HelperRunner,
     PersistentHelper,
     PythonHelper,
+    helper_environment,
 )
 
 app = typer.Typer(help="Helper tools (dry runs).", no_args_is_help=True)
@@ -81,11 +83,14 @@ def _load_input(path: Path) -> HelperInput:
         raise typer.BadParameter(f"{path} is not a helper input JSON object: {exc}") from None
 
 
-def _make_runner(helper: str, mode: str, args: list[str], timeout: float) -> HelperRunner:
+def _make_runner(
+    helper: str, mode: str, args: list[str], timeout: float, env: dict[str, str]
+) -> HelperRunner:
+    # The same minimal environment the provisioner gives its helpers (plus --env).
     if mode == "exec":
-        return ExecHelper(helper, args=args, timeout=timeout)
+        return ExecHelper(helper, args=args, timeout=timeout, env=env)
     if mode == "persistent":
-        return PersistentHelper(helper, args=args, pool_size=1, timeout=timeout)
+        return PersistentHelper(helper, args=args, pool_size=1, timeout=timeout, env=env)
     if mode == "python":
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # `myhelper:decide` from the current directory
@@ -233,6 +238,9 @@ def test_helper(
     ssldir: str = typer.Option("/etc/choria/ssl", "--ssldir", help="ssldir the node reports"),
     no_csr: bool = typer.Option(False, "--no-csr", help="synthesize without a CSR (pki off)"),
     arg: list[str] = typer.Option([], "--arg", help="extra helper argument (repeatable)"),
+    env: list[str] = typer.Option(
+        [], "--env", help="NAME or NAME=value for the helper's environment, like helper_env"
+    ),
     timeout: float = typer.Option(10.0, "--timeout", help="helper timeout in seconds"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON report instead of tables"),
 ) -> None:
@@ -243,13 +251,22 @@ def test_helper(
     if input_file is not None:
         inp = _load_input(input_file)
     elif identity is not None:
+        if (problem := identity_problem(identity)) is not None:
+            raise typer.BadParameter(
+                f"not a node identity ({problem}): a DNS name, ≤ 253 characters, labels ≤ 63",
+                param_hint="--identity",
+            )
         fact_data = _load_facts(facts) if facts is not None else {}
         csr = None if no_csr else synthetic_csr(identity, ssldir)
         inp = HelperInput.synthetic(identity, fact_data, csr=csr, version=version)
     else:
         raise typer.BadParameter("give --input FILE, or --identity ID [--facts FILE]")
 
-    runner = _make_runner(helper, mode, list(arg), timeout)
+    try:
+        helper_env = helper_environment(list(env))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--env") from None
+    runner = _make_runner(helper, mode, list(arg), timeout, helper_env)
     collect = _Collect()
     runner_log = logging.getLogger("provisioner.helper_runner")
     runner_log.addHandler(collect)

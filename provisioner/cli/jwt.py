@@ -204,8 +204,11 @@ def create_cmd(
 
 def _fmt_time(value: Any) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value)) + f" ({int(value)})"
-    return str(value)
+        try:  # a token being viewed is unverified: its times may be anything
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value)) + f" ({int(value)})"
+        except (OverflowError, OSError, ValueError):
+            return f"{str(value)[:32]} (out of range)"
+    return str(value)[:256]
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -1,4 +1,9 @@
-"""`provisioner run`: run the provisioning service until SIGINT/SIGTERM."""
+"""`provisioner run`: run the provisioning service until SIGINT/SIGTERM.
+
+Exit codes: 0 after a signal, 1 when the service cannot start or its broker connection closed
+for good (so that systemd's ``Restart=on-failure`` restarts it), 2 for bad usage or
+configuration.
+"""
 
 from __future__ import annotations
 
@@ -73,6 +78,8 @@ async def serve(cfg: ProvisionerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     prov = Provisioner(cfg)
+    # logrotate: reopen the audit log (the hash chain continues in the new file)
+    loop.add_signal_handler(signal.SIGHUP, prov.audit.request_reopen)
     try:
         await prov.start()
     except ProvisionerError as exc:
@@ -87,7 +94,20 @@ async def serve(cfg: ProvisionerConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    await stop.wait()
+    lost = asyncio.ensure_future(prov.connection_lost.wait())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({lost, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (lost, signalled):
+        waiter.cancel()
+    if prov.connection_lost.is_set():
+        # nats-py closes a connection for good after a server -ERR (a control line over the
+        # server's limit, a permissions violation of the connection itself): staying up would
+        # look healthy and provision nothing. Exit 1 so the service manager restarts us.
+        message = "the broker connection closed for good; exiting so that the service restarts"
+        log.error(message)
+        print(f"provisioner {cfg.identity}: {message}", file=sys.stderr, flush=True)
+        await prov.stop()
+        return EXIT_FAILED
     log.info("signal received, shutting down")
     await prov.stop()
     return EXIT_OK

@@ -11,13 +11,15 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from choria_core.errors import FleetError
 from choria_core.redaction import redact
+from choria_core.remote_text import clean_remote_text
 from helpers.models import HelperInput, HelperOutput, HelperOutputError, parse_helper_output
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 STDERR_KEEP = 4096
 #: Env var telling an SDK-based helper it runs in persistent (line) mode.
 MODE_ENV = "PROVISIONER_HELPER_MODE"
+#: The provisioner's own variables every helper gets (when set): enough to find programs,
+#: a home directory and the locale, nothing that could hold a credential.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class HelperError(FleetError, reason="helper"):
@@ -91,15 +97,15 @@ class StderrTail:
 
 
 def snippet(text: str, secrets: Sequence[str], limit: int = 120) -> str:
-    text = redact(text, secrets)
-    return text if len(text) <= limit else text[:limit] + "..."
+    """Helper-written text for a message or log line: redacted, escaped, at most `limit`."""
+    return clean_remote_text(text, max(limit, 32), secrets=secrets)
 
 
 def with_stderr(message: str, stderr: str) -> str:
     stderr = stderr.strip()
     if not stderr:
         return message
-    last = stderr.splitlines()[-1][:300]
+    last = clean_remote_text(stderr.splitlines()[-1], 300)
     return f"{message}; last stderr line: {last}"
 
 
@@ -133,10 +139,44 @@ def validate_output(data: Any, secrets: Sequence[str], *, stderr: str = "") -> H
     try:
         out, warnings = parse_helper_output(data)
     except HelperOutputError as exc:
-        raise HelperError("invalid_output", redact(str(exc), secrets), stderr=stderr) from None
+        raise HelperError(
+            "invalid_output", clean_remote_text(str(exc), 2048, secrets=secrets), stderr=stderr
+        ) from None
     for w in warnings:
-        log.warning("helper output: %s", w)
+        log.warning("helper output: %s", clean_remote_text(w, 300, secrets=secrets))
     return out
+
+
+def parse_env_entry(entry: str) -> tuple[str, str | None]:
+    """``NAME`` (pass the provisioner's value through) or ``NAME=value`` (set it)."""
+    name, sep, value = entry.partition("=")
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(
+            f"helper_env entry {name!r} is not a variable name (letters, digits, _; "
+            "write NAME to pass the provisioner's value on, or NAME=value to set one)"
+        )
+    return name, (value if sep else None)
+
+
+def helper_environment(
+    allow: Sequence[str] = (), source: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a helper process starts with.
+
+    Only :data:`BASE_ENV` and the ``helper_env`` entries in `allow` are passed on: ``NAME``
+    copies the provisioner's variable when it is set, ``NAME=value`` sets it. Everything else
+    in the provisioner's environment (tokens, cloud and Vault credentials) stays behind.
+    """
+    src = os.environ if source is None else source
+    env = {name: src[name] for name in BASE_ENV if name in src}
+    env.setdefault("PATH", os.defpath)
+    for entry in allow:
+        name, value = parse_env_entry(entry)
+        if value is not None:
+            env[name] = value
+        elif name in src:
+            env[name] = src[name]
+    return env
 
 
 def kill_group(pid: int) -> None:

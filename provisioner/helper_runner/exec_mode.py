@@ -15,10 +15,13 @@ from helpers.models import HelperInput, HelperOutput
 from provisioner.helper_runner.base import (
     DEFAULT_MAX_OUTPUT,
     DEFAULT_TIMEOUT,
+    STDERR_KEEP,
     HelperError,
     StderrTail,
     decode_output,
+    helper_environment,
     kill_group,
+    snippet,
     split_command,
     start_failed_error,
     with_stderr,
@@ -30,8 +33,10 @@ log = logging.getLogger(__name__)
 class ExecHelper:
     """Anchor-compatible helper: one process per node, JSON in, JSON out.
 
-    The process inherits the provisioner's environment, runs in its own process group (killed
-    as a whole on timeout or oversize output), and gets the input exactly as the anchor writes
+    The process gets a minimal environment (`env`, by default
+    :func:`~provisioner.helper_runner.base.helper_environment`: PATH, HOME, the locale and
+    nothing else of the provisioner's), runs in its own process group (killed as a whole on
+    timeout or oversize output), and gets the input exactly as the anchor writes
     it (compact JSON, no trailing newline, stdin then closed).
     """
 
@@ -50,7 +55,7 @@ class ExecHelper:
         )
         self.timeout = timeout
         self.max_output = max_output
-        self.env = env
+        self.env = helper_environment() if env is None else dict(env)
         # Bounds the number of helper processes alive at once; waiting for a slot does not
         # count against the helper's timeout.
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -161,7 +166,7 @@ class ExecHelper:
                 logging.WARNING if failed else logging.DEBUG,
                 "helper stderr for %s: %s",
                 inp.identity,
-                err.strip(),
+                snippet(err.strip(), (), STDERR_KEEP + 64),
             )
 
     async def aclose(self) -> None:

@@ -105,7 +105,11 @@ async def test_next_leader_reuses_the_recorded_certificate(
         on_disk = x509.load_pem_x509_certificate((node.ssldir / "certificate.pem").read_bytes())
         assert format(on_disk.serial_number, "x") == serial
 
-        a_rec = [r for r in a.audit_tail() if r.get("identity") == "reuse.example.net"]
+        a_all = [r for r in a.audit_tail() if r.get("identity") == "reuse.example.net"]
+        # A recorded the certificate the moment its helper returned it, before it was aborted
+        issued = [r for r in a_all if r.get("event") == "issued"]
+        assert len(issued) == 1 and issued[0]["cert_serial"] == serial
+        a_rec = [r for r in a_all if "decision" in r]
         assert [(r["decision"], r["reason"], r["stage"]) for r in a_rec] == [
             ("aborted", "not_leader", "configure")
         ]
@@ -116,7 +120,8 @@ async def test_next_leader_reuses_the_recorded_certificate(
         assert "csr" not in b_rec[-1]["timings"] and "helper" not in b_rec[-1]["timings"]
         assert b_rec[-1]["epoch"] > a_rec[0]["epoch"]
         events = [r["event"] for r in a.audit_tail() if r.get("event")]
-        assert events == ["election_won", "election_lost"]
+        # lost while its helper ran; the certificate it then got is recorded all the same
+        assert events == ["election_won", "election_lost", "issued"]
         assert [r["event"] for r in b.audit_tail() if r.get("event")] == ["election_won"]
 
         async def claim_done() -> bool:

@@ -160,8 +160,10 @@ def test_any_of_several_keys_verifies() -> None:
     assert verify_provisioning_token(tok, [OTHER_RSA.public_key(), ED_PUB, RSA_PUB], now=NOW)
 
 
-def test_legacy_sub_only_token_without_exp_is_accepted() -> None:
-    # the example from broker/network/testdata/provisioning/secure.jwt: no purpose, no exp
+def test_legacy_sub_only_token_without_exp_needs_require_exp_off() -> None:
+    # the example from broker/network/testdata/provisioning/secure.jwt: no purpose, no exp.
+    # A token that never expires is refused by default (no_expiry); require_exp=False
+    # (tokens.require_exp: false) accepts it as go-choria does.
     tok = _rs(
         {
             "cht": "toomanysecrets",
@@ -174,7 +176,10 @@ def test_legacy_sub_only_token_without_exp_is_accepted() -> None:
             "sub": "choria_provisioning",
         }
     )
-    c = verify_provisioning_token(tok, RSA_PUB, now=NOW)
+    with pytest.raises(TokenError) as info:
+        verify_provisioning_token(tok, RSA_PUB, now=NOW)
+    assert info.value.reason == "no_expiry"
+    c = verify_provisioning_token(tok, RSA_PUB, now=NOW, require_exp=False)
     assert c["cht"] == "toomanysecrets" and c["ou"] == "choria"
 
 

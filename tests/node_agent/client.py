@@ -139,8 +139,10 @@ class ProvClient:
         queue: asyncio.Queue[tuple[RPCReply | bytes, str]] = asyncio.Queue()
         self._waiters[req.requestid] = queue
         reply_to = f"{reply_prefix(self._collective, self.callerid)}.{req.requestid}"
+        # The NATS reply subject is the Choria reply-to, as the provisioner sends it: a broker
+        # that lets nodes answer only as responses (allow_responses) delivers the replies.
         await self.nc.publish(
-            subject, encode_request(req, reply_to=reply_to, mc_sender=self.senderid)
+            subject, encode_request(req, reply_to=reply_to, mc_sender=self.senderid), reply=reply_to
         )
         await self.nc.flush()
         return queue

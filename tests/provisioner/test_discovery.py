@@ -113,3 +113,33 @@ async def test_concurrent_discover_now_calls_share_a_fresh_sweep(conns: tuple[An
     assert results == [0] * 5
     # the first call runs one sweep; the four callers that queued behind it share the next
     assert metrics.discover_cycles.value("s") == 2
+
+
+async def test_long_identities_are_refused_counted_and_logged_bounded(
+    conns: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    nc, pub = conns
+    metrics = Metrics(site="d")
+    add = Collector()
+    disc = _discovery(nc, add, metrics)
+    await disc.start()
+    caplog.set_level("WARNING", logger="provisioner.discovery")
+    try:
+        long_id = ".".join("a" * 63 for _ in range(72))
+        label = "b" * 64 + ".example.net"
+        for ident in (long_id, label, long_id, "ok.example.net"):
+            ev = new_event("startup", identity=ident, component="provision_mode_server")
+            await pub.publish(SUBJECT, encode_event(ev))
+        await pub.flush()
+        await async_wait_for(lambda: len(add.added) >= 1, 5)
+        await asyncio.sleep(0.2)
+        assert add.added == [("ok.example.net", "event")]
+        sample = metrics.registry.get_sample_value
+        refused = "choria_provisioner_identity_refused_total"
+        assert sample(refused, {"site": "d", "source": "event", "reason": "too_long"}) == 2
+        assert sample(refused, {"site": "d", "source": "event", "reason": "label_too_long"}) == 1
+        lines = [m for m in caplog.messages if "refused node identity" in m]
+        # rate limited (one line per interval) and bounded (80 escaped characters of identity)
+        assert len(lines) == 1 and len(lines[0]) < 250 and "too_long, 4607 characters" in lines[0]
+    finally:
+        await disc.stop()

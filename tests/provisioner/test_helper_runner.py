@@ -17,9 +17,11 @@ import pytest
 from helpers.models import CSRInput, HelperInput, HelperOutput
 from provisioner.helper_runner import (
     ExecHelper,
+    GuardedHelper,
     HelperError,
     PersistentHelper,
     PythonHelper,
+    helper_environment,
     runner_from_config,
 )
 from tests.support import async_wait_for
@@ -152,7 +154,7 @@ async def test_input_bytes_are_exactly_the_anchors(tmp_path: Path) -> None:
     assert isinstance(obj["inventory"], str) and obj["ed25519_pubkey"] is None
 
 
-async def test_environment_inherited_and_args_appended(
+async def test_environment_allow_listed_and_args_appended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HELPER_SITE_NAME", "dub1-test")
@@ -168,7 +170,9 @@ async def test_environment_inherited_and_args_appended(
     )
     # helper given with its own argument (shell-quoted) plus helper_args appended
     runner = ExecHelper(
-        f"{shlex.quote(PY)} {shlex.quote(helper)} 'first arg'", args=["--site", "x y"]
+        f"{shlex.quote(PY)} {shlex.quote(helper)} 'first arg'",
+        args=["--site", "x y"],
+        env=helper_environment(["HELPER_SITE_NAME"]),
     )
     out = await runner.run(make_input())
     assert out.msg == "dub1-test|first arg,--site,x y"
@@ -494,11 +498,15 @@ async def test_runner_from_config_picks_the_mode(tmp_path: Path) -> None:
         tmp_path, "ok.sh", f"#!/bin/sh\ncat >/dev/null\necho '{json.dumps(GOOD_OUTPUT)}'\n"
     )
     cfg = ProvisionerConfig(helper=helper, helper_timeout=3, helper_max_output=5000)
-    runner = runner_from_config(cfg)
+    guarded = runner_from_config(cfg)
+    # every mode runs behind the provisioner's CA protection
+    assert isinstance(guarded, GuardedHelper)
+    runner = guarded.runner
     assert isinstance(runner, ExecHelper) and runner.timeout == 3 and runner.max_output == 5000
-    assert (await runner.run(make_input())).msg == "ok"
+    assert (await guarded.run(make_input())).msg == "ok"
     cfg = ProvisionerConfig(helper=f"{__name__}:sync_handler", helper_mode="python")
-    assert isinstance(runner_from_config(cfg), PythonHelper)
+    py_runner = runner_from_config(cfg)
+    assert isinstance(py_runner, GuardedHelper) and isinstance(py_runner.runner, PythonHelper)
     ns = SimpleNamespace(
         helper=helper,
         helper_mode="persistent",

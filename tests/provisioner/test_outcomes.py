@@ -220,3 +220,42 @@ async def test_claim_failures_choose_their_reason(
         raise AssertionError("the claim step did not fail")
     assert outcome.decision is decision and outcome.reason is reason
     assert outcome.retry_soon is (reason is Reason.CLAIMS_UNAVAILABLE)
+
+
+def test_remote_text_is_escaped_and_bounded_in_record_audit_and_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node's statusmsg (in the error) and a helper's msg reach no record raw."""
+    r = _Recorder()
+    rec = r.take()
+    att = Attempt(rec=rec)
+    hostile = "bad\n\x1b[31mFORGED line\u202e" * 100_000
+    caplog.set_level("INFO")
+    r.outcomes.finish(
+        rec,
+        Outcome(Decision.FAILED, "jwt", reason=Reason.RPC_STATUS, error=hostile, msg=hostile),
+        att,
+    )
+    assert rec.last_error is not None and len(rec.last_error) <= 1024
+    assert rec.last_error.startswith("bad\\n\\x1b[31mFORGED line\\u202e")
+    entry = r.audit.tail()[-1]
+    for field in ("error", "msg"):
+        assert len(entry[field]) <= 1024 and "\n" not in entry[field]
+        assert "\x1b" not in entry[field]
+    lines = [m for m in caplog.messages if IDENTITY in m]
+    assert lines and all(len(m) <= 1200 and "\n" not in m for m in lines)
+
+
+def test_the_limit_follows_the_configuration() -> None:
+    r = _Recorder()
+    r.outcomes.text_limit = 100
+    rec = r.take()
+    r.outcomes.finish(
+        rec,
+        Outcome(Decision.DEFERRED, "helper", msg="x" * 5000, overlay="o\n" * 500),
+        Attempt(rec=rec),
+    )
+    assert rec.last_error is not None and len(rec.last_error) <= 1024
+    entry = r.audit.tail()[-1]
+    assert len(entry["msg"]) <= 100 and len(entry["overlay"]) <= 100
+    assert "\n" not in entry["overlay"]

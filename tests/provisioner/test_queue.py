@@ -189,3 +189,22 @@ def test_60000_waiting_nodes_memory() -> None:
     per_node = current / 60_000
     # Generous bound (measured ~400 B/node); 60k nodes must stay far below 1 GiB.
     assert per_node < 2048, per_node
+
+
+@pytest.mark.parametrize(
+    "identity", [".".join(["a" * 63] * 72), "a" * 64 + ".example.net", "node 1", ">"]
+)
+def test_what_is_not_an_identity_is_never_queued_or_recorded(identity: str) -> None:
+    q = WorkQueue(max_waiting=10)
+    assert q.add(identity, "manual") is AddResult.INVALID
+    assert q.invalid == 1 and q.get_record(identity) is None and q.waiting == 0
+
+
+def test_last_error_is_escaped_and_bounded() -> None:
+    q = WorkQueue(max_waiting=10, text_limit=64)
+    q.add("n1.example.net", "event")
+    rec = q.take_nowait()
+    assert rec is not None
+    q.finish(rec, NodeState.FAILED, error="boom\n\x1b[0m" * 1000)
+    assert rec.last_error is not None and len(rec.last_error) <= 64
+    assert rec.last_error.startswith("boom\\n\\x1b[0m")

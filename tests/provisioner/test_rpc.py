@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import nats.errors
 import pytest
 
-from choria_core.protocol import RPCReply
+from choria_core.protocol import RPCReply, decode_request
 from provisioner.metrics import Metrics
 from provisioner.rpc import RPCClient, RPCStatusError, RPCTimeout
 from testbed.natsserver import NatsServer
 from tests.provisioner.e2e.responder import Responder
+from tests.support import async_wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +147,89 @@ async def test_broadcast_discovery_sliding_window(
     assert {f"disc{i}.example.net" for i in range(5)} <= set(found)
     # Stopped ~300 ms after the last reply, not at the 5 s timeout (generous bound).
     assert elapsed < 3.0
+
+
+async def test_nats_reply_subject_is_the_choria_reply_to(
+    client: RPCClient, shared_nats_server: NatsServer
+) -> None:
+    """The node's answer is a NATS response: the broker can allow replies only as responses."""
+    user, pw = shared_nats_server.users["provisioner"]
+    node = await nats.connect(shared_nats_server.url, user=user, password=pw)
+    got: list[tuple[str, str]] = []
+
+    async def on_request(msg: Any) -> None:
+        _, headers = decode_request(msg.data)
+        got.append((msg.reply, headers.reply_to or ""))
+
+    try:
+        await node.subscribe("provisioning.node.replyto.example.net", cb=on_request)
+        await node.subscribe("provisioning.broadcast.agent.discovery", cb=on_request)
+        await node.flush()
+        with pytest.raises(RPCTimeout):
+            await client.call("replyto.example.net", "rpcutil", "ping", tries=1, timeout=0.3)
+        await client.discover(timeout=0.3)
+    finally:
+        await node.close()
+    assert len(got) == 2
+    for nats_reply, choria_reply_to in got:
+        assert nats_reply == choria_reply_to
+        assert nats_reply.startswith(client._prefix + ".")
+
+
+async def test_reply_flood_is_dropped_and_counted_not_buffered(
+    shared_nats_server: NatsServer,
+) -> None:
+    """A flood on the reply prefix overflows a bounded buffer: drops are counted (metric, one
+    summary log line), the connection's error callback is not flooded, and the next request
+    is still answered."""
+    user, pw = shared_nats_server.users["provisioner"]
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(shared_nats_server.url, user=user, password=pw, error_cb=on_error)
+    flooder = await nats.connect(shared_nats_server.url, user=user, password=pw)
+    metrics = Metrics(site="t")
+    rpc = RPCClient(
+        nc,
+        identity="prov-flood.example.net",
+        metrics=metrics,
+        timeout=2.0,
+        pending_msgs_limit=32,
+        pending_bytes_limit=256 * 1024,
+    )
+    await rpc.start()
+    node = await _responder(
+        shared_nats_server, "beside.example.net", lambda a, d: RPCReply(action=a, data={"ok": 1})
+    )
+    try:
+        assert rpc._sub._pending_queue.maxsize == 32
+        junk = b"x" * 1024
+        for i in range(5000):
+            await flooder.publish(f"{rpc._prefix}.{i:032x}", junk)
+        await flooder.flush()
+        await async_wait_for(lambda: rpc.dropped_replies > 0, 5)
+        await asyncio.sleep(0.2)
+        assert rpc.dropped_replies < 5000
+        assert (
+            metrics.registry.get_sample_value(
+                "choria_provisioner_rpc_replies_dropped_total", {"site": "t"}
+            )
+            == rpc.dropped_replies
+        )
+        assert not any(isinstance(e, nats.errors.SlowConsumerError) for e in errors)
+        # the well-behaved node beside the flood is still answered
+        assert await rpc.call("beside.example.net", "rpcutil", "ping", tries=1) == {"ok": 1}
+    finally:
+        await node.stop()
+        await rpc.close()
+        await flooder.close()
+        await nc.close()
+
+
+def test_reply_buffer_must_be_bounded() -> None:
+    with pytest.raises(ValueError, match="bounded"):
+        RPCClient(object(), identity="x.example.net", pending_msgs_limit=0)
+    with pytest.raises(ValueError, match="bounded"):
+        RPCClient(object(), identity="x.example.net", pending_bytes_limit=-1)

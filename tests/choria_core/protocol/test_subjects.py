@@ -10,6 +10,7 @@ from choria_core.protocol import (
     ProtocolError,
     broadcast_subject,
     directed_subject,
+    identity_problem,
     is_valid_identity,
     lifecycle_subject,
     new_request_id,
@@ -103,3 +104,35 @@ def test_new_request_id_is_32_lower_hex_and_unique() -> None:
         assert len(rid) == 32
         int(rid, 16)
         assert rid == rid.lower()
+
+
+def _labels(n: int, size: int = 63) -> str:
+    return ".".join("a" * size for _ in range(n))
+
+
+@pytest.mark.parametrize(
+    ("identity", "problem"),
+    [
+        (_labels(72), "too_long"),  # 4.6 KB of valid 63-character labels
+        (_labels(4), "too_long"),  # 255 characters
+        ("a" * 64 + ".example.net", "label_too_long"),
+        ("", "empty"),
+        ("a b", "syntax"),
+        (b"node1", "not_string"),
+    ],
+)
+def test_identity_length_limits_are_dns_limits(identity: object, problem: str) -> None:
+    assert identity_problem(identity) == problem
+    assert not is_valid_identity(identity)
+    if isinstance(identity, str):
+        with pytest.raises(ProtocolError) as err:
+            directed_subject("provisioning", identity)
+        assert problem in str(err.value) and len(str(err.value)) < 200
+
+
+def test_longest_dns_names_are_valid() -> None:
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(longest) == 253
+    assert identity_problem(longest) is None
+    assert is_valid_identity("a" * 63 + ".example.net")
+    assert len(directed_subject("provisioning", longest)) < 4096

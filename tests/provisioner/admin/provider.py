@@ -88,6 +88,9 @@ class FleetProvider:
     def ready(self) -> bool:
         return self.is_ready
 
+    def health(self) -> str:
+        return getattr(self, "health_status", "ok")
+
     def overlay_fill(self) -> dict[str, dict[str, Any]]:
         return self.overlays
 

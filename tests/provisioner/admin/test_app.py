@@ -107,6 +107,17 @@ def test_probes(client: TestClient, provider: FleetProvider) -> None:
     assert resp.status_code == 503 and resp.json() == {"ready": False}
 
 
+@pytest.mark.parametrize("status", ["disconnected", "closed", "election_stopped"])
+def test_healthz_is_503_with_the_reason_when_the_replica_cannot_work(
+    client: TestClient, provider: FleetProvider, status: str
+) -> None:
+    provider.health_status = status  # type: ignore[attr-defined]
+    resp = client.get("/healthz")
+    assert resp.status_code == 503 and resp.json() == {"status": status}
+    provider.health_status = "ok"  # type: ignore[attr-defined]
+    assert client.get("/healthz").status_code == 200
+
+
 def test_metrics_serves_the_given_registry(client: TestClient) -> None:
     resp = client.get("/metrics")
     assert resp.status_code == 200
@@ -164,6 +175,22 @@ def test_node_by_identity(client: TestClient) -> None:
     assert ok.status_code == 200 and ok.json()["state"] == "failed"
     missing = client.get("/api/v1/nodes/nope.example.net", headers=AUTH)
     assert missing.status_code == 404 and missing.json() == {"detail": "no such node"}
+
+
+@pytest.mark.parametrize(
+    "identity",
+    ["a" * 64 + ".example.net", ".".join(["a" * 63] * 4), "-bad.example.net", "a..b"],
+)
+def test_node_path_refuses_what_is_not_an_identity(
+    client: TestClient, provider: FleetProvider, identity: str
+) -> None:
+    asked: list[str] = []
+    real = provider.node
+    provider.node = lambda i: asked.append(i) or real(i)  # type: ignore[method-assign]
+    resp = client.get(f"/api/v1/nodes/{identity}", headers=AUTH)
+    assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["path", "identity"]
+    assert asked == []
+    assert client.get("/api/v1/nodes/" + "a" * 63 + ".example.net", headers=AUTH).status_code == 404
 
 
 def test_pause_resume_discover(client: TestClient, provider: FleetProvider) -> None:

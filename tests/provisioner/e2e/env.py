@@ -202,6 +202,11 @@ class ProvEnv:
         return n
 
     def audit(self) -> list[dict[str, Any]]:
+        """The records of ended attempts (``decision`` set), oldest first."""
+        return [r for r in self.audit_records() if "decision" in r]
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        """Every line of the audit log, ``event: issued`` records included."""
         return read_audit_file(self.audit_path) if self.audit_path.exists() else []
 
     def audit_for(self, identity: str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@
 // milliseconds an exec'd Python interpreter needs. Use it when the provisioner runs in exec
 // mode (one helper process per node) and must reach thousands of nodes a minute.
 //
-// Settings come from the environment (the provisioner passes its environment to helpers):
+// Settings come from the environment (list these names in the provisioner's helper_env):
 //
 //	CFSSL_URL            e.g. http://127.0.0.1:8888 (required; https:// works too)
 //	CFSSL_TLS_CA         CA bundle to verify an https CFSSL with (default: system store)
