@@ -15,43 +15,14 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
-from typing import Literal
+
+from choria_core.throttle import BreakerState, CircuitBreaker, TokenBucket
 
 from .base import CAAdapter, CAError, SignRequest, SignResult
 
-log = logging.getLogger(__name__)
-
-BreakerState = Literal["closed", "open", "half_open"]
-
-
-class TokenBucket:
-    """Reservation-style token bucket: each caller reserves a slot and sleeps until it."""
-
-    def __init__(
-        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("rate_per_s must be > 0 and burst >= 1")
-        self.rate = rate_per_s
-        self.burst = float(burst)
-        self._clock = clock
-        self._tokens = float(burst)
-        self._last = clock()
-
-    def reserve(self) -> float:
-        """Take a token now (possibly going into debt); return how long to wait for it."""
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-    def refund(self) -> None:
-        """Give back a token reserved by a caller that gave up (cancelled, breaker open)."""
-        self._tokens = min(self.burst, self._tokens + 1.0)
+__all__ = ["BreakerState", "GuardedCA", "TokenBucket"]
 
 
 class GuardedCA:
@@ -79,11 +50,9 @@ class GuardedCA:
         self.max_concurrency = max_concurrency
         self.breaker_failures = breaker_failures
         self.breaker_reset_s = breaker_reset_s
-        self._clock = clock
-        self._state: BreakerState = "closed"
-        self._failures = 0
-        self._opened_at = 0.0
-        self._probe_in_flight = False
+        self._breaker = CircuitBreaker(
+            breaker_failures, breaker_reset_s, subject=f"ca={self.name}", clock=clock
+        )
         self.in_flight = 0
         self.peak_in_flight = 0
         self.rejected = 0  # fast failures while open
@@ -91,50 +60,24 @@ class GuardedCA:
     @property
     def state(self) -> BreakerState:
         """The breaker state, moving open → half_open once the reset time has passed."""
-        if self._state == "open" and self._clock() - self._opened_at >= self.breaker_reset_s:
-            self._state = "half_open"
-            log.info("ca=%s circuit half-open: next sign is a probe", self.name)
-        return self._state
+        return self._breaker.state
 
     def reset(self) -> None:
         """Close the circuit by hand (operator action)."""
-        self._state, self._failures, self._probe_in_flight = "closed", 0, False
+        self._breaker.reset()
 
     def _admit(self) -> bool:
         """Raise when open; return True when this call is the half-open probe."""
-        state = self.state
-        if state == "closed":
-            return False
-        if state == "half_open" and not self._probe_in_flight:
-            self._probe_in_flight = True
-            return True
+        decision = self._breaker.admit()
+        if decision != "refuse":
+            return decision == "probe"
         self.rejected += 1
-        wait = max(0.0, self.breaker_reset_s - (self._clock() - self._opened_at))
         raise CAError(
-            f"{self.name}: circuit open after {self._failures} consecutive failures; "
-            f"not calling the CA (next probe in {wait:.1f}s)",
+            f"{self.name}: circuit open after {self._breaker.failures} consecutive failures; "
+            f"not calling the CA (next probe in {self._breaker.next_probe_in():.1f}s)",
             ca=self.name,
             retryable=True,
         )
-
-    def _trip(self) -> None:
-        self._state = "open"
-        self._opened_at = self._clock()
-        log.warning(
-            "ca=%s circuit open after %d consecutive retryable failures",
-            self.name,
-            self._failures,
-        )
-
-    def _on_success(self) -> None:
-        if self._state != "closed":
-            log.info("ca=%s circuit closed: CA recovered", self.name)
-        self._state, self._failures = "closed", 0
-
-    def _on_failure(self, probe: bool) -> None:
-        self._failures += 1
-        if probe or self._failures >= self.breaker_failures:
-            self._trip()
 
     async def sign(self, req: SignRequest) -> SignResult:
         probe = self._admit()
@@ -159,21 +102,21 @@ class GuardedCA:
                     self._sem.release()
         except CAError as exc:
             if exc.retryable:
-                self._on_failure(probe)
+                self._breaker.failure(probe=probe)
             elif probe:
                 # A permanent error still proves the CA answers: close the circuit.
-                self._on_success()
+                self._breaker.success()
             raise
         except asyncio.CancelledError:
             raise
         except Exception:
             # An unexpected error (a bug, a broken answer) counts like a retryable failure.
-            self._on_failure(probe)
+            self._breaker.failure(probe=probe)
             raise
         finally:
             if probe:
-                self._probe_in_flight = False
-        self._on_success()
+                self._breaker.release_probe()
+        self._breaker.success()
         return result
 
     async def ca_chain(self) -> str:

@@ -28,18 +28,17 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from pydantic import PrivateAttr
 
-from ca_adapters.guard import TokenBucket
+from choria_core.throttle import BreakerState, CircuitBreaker, TokenBucket
 from helpers.models import HelperInput, HelperOutput
 from provisioner.helper_runner.base import HelperRunner
 from provisioner.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-BreakerState = Literal["closed", "open", "half_open"]
+__all__ = ["BreakerState", "GuardDeferral", "GuardedHelper", "ca_outage", "deferral_reason"]
 
 #: How a helper says its CA is unavailable: a defer whose message starts like this.
 CA_OUTAGE = re.compile(r"CA (?P<ca>[A-Za-z0-9_.@/-]{1,64}) unavailable\b", re.ASCII)
@@ -104,12 +103,9 @@ class GuardedHelper:
         self.max_wait = max_wait
         self.breaker_failures = breaker_failures
         self.breaker_reset = breaker_reset
-        self._clock = clock
-        self._state: BreakerState = "closed"
-        self._failures = 0
-        self._opened_at = 0.0
-        self._probe_in_flight = False
-        self._ca = "?"
+        self._breaker = CircuitBreaker(
+            max(0, breaker_failures), breaker_reset, subject="CA ?", clock=clock
+        )
         self.in_flight = 0
         self.peak_in_flight = 0
         #: Nodes deferred without running the helper (circuit open or rate limited).
@@ -118,14 +114,15 @@ class GuardedHelper:
     @property
     def state(self) -> BreakerState:
         """The breaker state, moving open → half_open once ``breaker_reset`` has passed."""
-        if self._state == "open" and self._clock() - self._opened_at >= self.breaker_reset:
-            self._state = "half_open"
-            log.info("CA %s circuit half-open: the next helper run is a probe", self._ca)
-        return self._state
+        return self._breaker.state
+
+    @property
+    def _ca(self) -> str:
+        return self._breaker.subject.removeprefix("CA ")
 
     def reset(self) -> None:
         """Close the circuit by hand."""
-        self._state, self._failures, self._probe_in_flight = "closed", 0, False
+        self._breaker.reset()
 
     async def run(self, inp: HelperInput) -> HelperOutput:
         """Run the helper for one node, or defer the node to protect the CA."""
@@ -147,7 +144,7 @@ class GuardedHelper:
                 out = await self._run_counted(inp)
             except BaseException:
                 if probe:
-                    self._probe_in_flight = False  # inconclusive: the next run probes again
+                    self._breaker.release_probe()  # inconclusive: the next run probes again
                 raise
             return self._judge(out, probe)
         finally:
@@ -157,21 +154,15 @@ class GuardedHelper:
     def _admit(self, *, claim: bool) -> bool | GuardDeferral:
         """A deferral when the circuit is open; True when this run is the half-open probe
         (only with `claim`: otherwise it just says whether a run could go ahead)."""
-        if self.breaker_failures <= 0:
-            return False
-        state = self.state
-        if state == "closed":
-            return False
-        if state == "half_open" and not self._probe_in_flight:
-            if claim:
-                self._probe_in_flight = True
-            return claim
+        decision = self._breaker.admit(claim=claim)
+        if decision != "refuse":
+            return decision == "probe" and claim
         self.rejected += 1
-        wait = max(1.0, self.breaker_reset - (self._clock() - self._opened_at))
+        wait = max(1.0, self._breaker.next_probe_in())
         return GuardDeferral.make(
             Reason.CA_CIRCUIT_OPEN,
-            msg=f"CA {self._ca} unavailable: circuit open after {self._failures} consecutive "
-            f"outage reports; the helper was not run (next probe in {wait:.0f}s)",
+            msg=f"CA {self._ca} unavailable: circuit open after {self._breaker.failures} "
+            f"consecutive outage reports; the helper was not run (next probe in {wait:.0f}s)",
             retry_after=wait,
         )
 
@@ -208,32 +199,14 @@ class GuardedHelper:
         """Update the breaker from what the helper said; tag CA-outage deferrals."""
         ca = ca_outage(out)
         if ca is not None:
-            self._ca = ca
-            self._failures += 1
-            if self.breaker_failures > 0 and (probe or self._failures >= self.breaker_failures):
-                self._trip()
-            if probe:
-                self._probe_in_flight = False
+            self._breaker.subject = f"CA {ca}"
+            self._breaker.failure(probe=probe)
             return GuardDeferral.make(Reason.CA_UNAVAILABLE, out)
         if not out.defer and not out.shutdown:
-            if self._state != "closed":
-                log.info("CA %s circuit closed: the helper configured a node again", self._ca)
-            self._state, self._failures = "closed", 0
-        if probe:
-            self._probe_in_flight = False
+            self._breaker.success()
+        elif probe:
+            self._breaker.release_probe()
         return out
-
-    def _trip(self) -> None:
-        if self._state != "open":
-            log.warning(
-                "CA %s circuit open after %d consecutive outage reports from the helper; "
-                "nodes are deferred without running it for %gs",
-                self._ca,
-                self._failures,
-                self.breaker_reset,
-            )
-        self._state = "open"
-        self._opened_at = self._clock()
 
     async def aclose(self) -> None:
         await self.runner.aclose()
