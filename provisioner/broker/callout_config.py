@@ -51,7 +51,8 @@ class CalloutConfig(StrictModel):
     queue_group: str = "broker-auth"
     user_jwt_ttl: Duration = 3600.0
     response_ttl: Duration = 60.0
-    token_leeway: Duration = 0.0
+    #: Clock skew allowed on exp/nbf, like the provisioner's tokens.leeway.
+    token_leeway: Duration = 30.0
     pinning: PinningConfig = Field(default_factory=PinningConfig)
     # Admission control (see provisioner.broker.admission):
     # requests waiting for a worker; one more is refused ``overloaded`` at once.

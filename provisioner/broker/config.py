@@ -433,7 +433,7 @@ def generate_broker_config(
         "queue_group": "broker-auth",
         "user_jwt_ttl": user_jwt_ttl_s,
         "response_ttl": 60,
-        "token_leeway": 0,
+        "token_leeway": 30,
         **_admission_settings(admission),
         "pinning": {
             "enabled": pinning,

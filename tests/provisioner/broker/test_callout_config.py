@@ -36,7 +36,7 @@ def test_defaults(tmp_path: Path) -> None:
         "broker-auth",
         None,
     )
-    assert (cfg.user_jwt_ttl, cfg.response_ttl, cfg.token_leeway) == (3600.0, 60.0, 0.0)
+    assert (cfg.user_jwt_ttl, cfg.response_ttl, cfg.token_leeway) == (3600.0, 60.0, 30.0)
     p = cfg.pinning
     assert (p.enabled, p.bucket, p.ttl) == (False, "BROKER_IDENTITY_PINS", 3600.0)
     assert (p.require_nkey, p.release_on_provisioned) == (False, True)
