@@ -313,15 +313,17 @@ def _check_server_claims(value: Any, problems: list[str]) -> None:
 
 
 def provisioning_left_enabled(output: HelperOutput) -> bool:
-    """True when applying `output` would leave the node in provisioning mode.
+    """True when `output` explicitly keeps the node in provisioning mode.
 
-    That is when `configuration` lacks `plugin.choria.server.provision`, or sets it to anything
-    but a false word: such a node would re-provision forever, so the service refuses it.
+    That is when `configuration` sets `plugin.choria.server.provision` to anything but a false
+    word: such a node would re-provision forever, so the service refuses it. Without the
+    setting the node decides as go-choria does, from its provisioning token's `chpd` claim
+    (the anchor's own `cfssl-helper.rb` never sets it), so that output is accepted.
     Only meaningful for output that configures (neither `defer` nor `shutdown`).
     """
     value = output.configuration.get(PROVISION_SETTING)
     if value is None:
-        return True
+        return False
     return value.strip().lower() not in _FALSE_WORDS
 
 
@@ -330,7 +332,7 @@ def decision(output: HelperOutput) -> str:
 
     Same precedence as the anchor: defer first, then shutdown, then an upgrade (`upgrade` set:
     the node updates its server and comes back to be provisioned, the rest of the output is
-    not used), then configure, unless the configuration leaves provisioning enabled (refuse).
+    not used), then configure, unless the configuration sets provisioning to true (refuse).
     """
     if output.defer:
         return "defer"

@@ -4,6 +4,13 @@
 is deliberately not imported here.
 """
 
+from jwt_tools.chain import (
+    ChainIssuer,
+    chain_issuer_fields,
+    current_chain_issuer,
+    load_chain_issuer,
+    parse_chain_issuer,
+)
 from jwt_tools.keys import (
     KeyFileError,
     SigningKey,
@@ -48,19 +55,24 @@ __all__ = [
     "SECRET_CLAIMS",
     "SERVER_PERMISSIONS",
     "SERVER_PURPOSE",
+    "ChainIssuer",
     "KeyFileError",
     "SigningKey",
     "TokenError",
     "VerifyKey",
+    "chain_issuer_fields",
     "create_provisioning_token",
     "create_server_token",
+    "current_chain_issuer",
     "decode_unverified",
     "generate_keypair",
     "ksuid_timestamp",
+    "load_chain_issuer",
     "load_signing_key",
     "load_verify_key",
     "load_verify_keys",
     "new_ksuid",
+    "parse_chain_issuer",
     "parse_provisioning_token_unverified",
     "parse_server_token_unverified",
     "public_key_hex",

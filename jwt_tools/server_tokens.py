@@ -5,10 +5,12 @@ certificate: it binds the node's identity to the ed25519 public key the node gen
 ``gen25519`` and lists its collectives and extra permissions. The broker then lets the node in
 by checking the JWT against the organisation issuer and a nonce signature from that key.
 
-Tokens are signed EdDSA with the provisioner's ed25519 key. When the provisioner is itself a
-*chain issuer* (``jwt_signing_token`` holds its client JWT signed by the org issuer), pass that
-JWT as ``chain_token`` and the server token carries the trust chain (``iss = C-<id>.<pub>``,
-``issexp``, ``tcs``) exactly as go-choria's ``AddChainIssuerData`` does.
+Tokens are signed with the provisioner's ``jwt_signing_key``: EdDSA with an ed25519 seed, RS256
+with an RSA key (at least 2048 bits), as go-choria's ``SignToken`` does. When the provisioner is
+a *chain issuer* (``jwt_signing_token`` holds its client JWT signed by the org issuer), pass that
+JWT (or its parsed :class:`~jwt_tools.chain.ChainIssuer`) as ``chain_token`` and the server
+token carries the trust chain (``iss = C-<id>.<pub>``, ``issexp``, ``tcs``, ``exp`` capped at
+the issuer's): see :mod:`jwt_tools.chain`. The chain needs an ed25519 key.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from typing import Any
 
 import jwt
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from jwt_tools.chain import ChainIssuer, chain_issuer_fields, parse_chain_issuer
 from jwt_tools.tokens import (
     SERVER_PURPOSE,
     TokenError,
@@ -44,54 +46,13 @@ SERVER_PERMISSIONS: tuple[str, ...] = ("submission", "streams", "governor", "ser
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def _pub_hex(key: ed25519.Ed25519PrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        .hex()
-    )
-
-
-def _chain_fields(
-    key: ed25519.Ed25519PrivateKey, chain_token: str, own_jti: str, exp: int
-) -> tuple[dict[str, Any], int]:
-    _, chain = decode_unverified(chain_token)
-    chain_id, chain_pub, chain_tcs, chain_exp = (
-        chain.get("jti"),
-        chain.get("public_key"),
-        chain.get("tcs"),
-        chain.get("exp"),
-    )
-    if not (isinstance(chain_id, str) and chain_id):
-        raise TokenError("the chain issuer token has no 'jti'", reason="invalid_claims")
-    if not (isinstance(chain_pub, str) and _HEX64.fullmatch(chain_pub)):
-        raise TokenError(
-            "the chain issuer token has no valid 'public_key'", reason="invalid_claims"
-        )
-    if not (isinstance(chain_tcs, str) and chain_tcs):
-        raise TokenError(
-            "the chain issuer token has no trust chain signature ('tcs'); it must be issued "
-            "by the organisation issuer",
-            reason="invalid_claims",
-        )
-    if isinstance(chain_exp, bool) or not isinstance(chain_exp, int | float):
-        raise TokenError("the chain issuer token has no expiry", reason="invalid_claims")
-    if chain_pub.lower() != _pub_hex(key):
-        raise TokenError(
-            "the signing key does not match the chain issuer token's public key",
-            reason="wrong_key_type",
-        )
-    sig = key.sign(f"{own_jti}.{chain_tcs}".encode())
-    fields = {
-        "iss": f"C-{chain_id}.{chain_pub.lower()}",
-        "issexp": int(chain_exp),
-        "tcs": f"{chain_tcs}.{sig.hex()}",
-    }
-    return fields, min(exp, int(chain_exp))
+#: JWT algorithms of server tokens: EdDSA for ed25519 keys, RS256 (signing) / RS256-512
+#: (verifying) for RSA keys, as go-choria accepts.
+_RSA_ALGS = ("RS256", "RS384", "RS512")
 
 
 def create_server_token(
-    key: ed25519.Ed25519PrivateKey,
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey,
     *,
     identity: str,
     public_key_hex: str,
@@ -103,16 +64,23 @@ def create_server_token(
     expires_at: float | None = None,
     issuer: str = "Choria Provisioner",
     now: float | None = None,
-    chain_token: str | None = None,
+    chain_token: str | ChainIssuer | None = None,
 ) -> str:
-    """Create an EdDSA-signed server token for ``identity`` bound to ``public_key_hex``.
+    """Create a server token for ``identity`` bound to ``public_key_hex``.
 
-    ``expires_at`` (absolute unix time) wins over ``validity_s``. ``chain_token``: the
-    provisioner's own org-issued client JWT, making this a chain-issued token.
+    Signed EdDSA with an ed25519 key, RS256 with an RSA key (≥ 2048 bits). ``expires_at``
+    (absolute unix time) wins over ``validity_s``. ``chain_token``: the provisioner's own
+    org-issued client JWT, making this a chain-issued token (ed25519 keys only).
     """
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise TokenError(
+                f"a {key.key_size}-bit RSA jwt_signing_key is too small; at least 2048 bits",
+                reason="wrong_key_type",
+            )
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
         raise TokenError(
-            "server tokens are signed with an ed25519 key (jwt_signing_key must be a 64-hex seed)",
+            "server tokens are signed with an ed25519 seed or an RSA private key",
             reason="wrong_key_type",
         )
     if not identity or any(c in identity for c in " \t\r\n*>"):
@@ -162,8 +130,14 @@ def create_server_token(
     if subjects:
         claims["pub_subjects"] = subjects
     if chain_token is not None:
-        fields, claims["exp"] = _chain_fields(key, chain_token, jti, exp)
-        claims.update(fields)
+        chain = (
+            chain_token
+            if isinstance(chain_token, ChainIssuer)
+            else parse_chain_issuer(chain_token, now=issued)
+        )
+        claims.update(chain_issuer_fields(chain, key, own_jti=jti, exp=exp))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return jwt.encode(claims, key, algorithm="RS256")
     return jwt.encode(claims, key, algorithm="EdDSA")
 
 
@@ -213,21 +187,40 @@ def verify_server_token(
     *,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Verify a server token signed directly by ``key`` or chain-issued under org key ``key``."""
+    """Verify a server token signed directly by ``key`` or chain-issued under org key ``key``.
+
+    EdDSA tokens verify with an ed25519 key, RS256/384/512 tokens (signed directly) with an RSA
+    key; a chain-issued token (``iss`` ``C-...``) needs the org issuer's ed25519 key and an
+    ``issexp``.
+    """
     header, unverified = decode_unverified(token)
     alg = header.get("alg")
-    if alg != "EdDSA" or not isinstance(key, ed25519.Ed25519PublicKey):
+    signer: ed25519.Ed25519PublicKey | rsa.RSAPublicKey = key
+    if isinstance(key, rsa.RSAPublicKey) and alg in _RSA_ALGS:
+        algorithms = [str(alg)]
+    elif isinstance(key, ed25519.Ed25519PublicKey) and alg == "EdDSA":
+        algorithms = ["EdDSA"]
+    else:
         raise TokenError(
-            "server tokens must be EdDSA-signed with an ed25519 key", reason="alg_not_allowed"
+            "server tokens must be EdDSA-signed (ed25519 key) or RS256/384/512-signed (RSA key)",
+            reason="alg_not_allowed",
         )
-    signer: ed25519.Ed25519PublicKey = key
-    if isinstance(unverified.get("iss"), str) and unverified["iss"].startswith("C-"):
+    iss = unverified.get("iss")
+    if isinstance(iss, str) and iss.startswith("C-"):
+        if not isinstance(key, ed25519.Ed25519PublicKey) or algorithms != ["EdDSA"]:
+            raise TokenError(
+                "a chain-issued server token needs the org issuer's ed25519 key",
+                reason="alg_not_allowed",
+            )
+        issexp = unverified.get("issexp")
+        if isinstance(issexp, bool) or not isinstance(issexp, int | float):
+            raise TokenError("a chain-issued server token needs 'issexp'", reason="malformed")
         signer = ed25519.Ed25519PublicKey.from_public_bytes(verify_chain(unverified, key))
     try:
         claims: dict[str, Any] = jwt.decode(
             token.strip(),
             signer,
-            algorithms=["EdDSA"],
+            algorithms=algorithms,
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "require": []},
         )
     except jwt.InvalidSignatureError:

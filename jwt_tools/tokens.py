@@ -72,7 +72,8 @@ class TokenError(FleetError, reason="token"):
     ``bad_signature``, ``expired``, ``not_yet_valid``, ``wrong_purpose``, ``missing_cht``,
     ``both_chu_chsrv``, ``no_chu_chsrv``, ``wrong_key_type``, ``invalid_claims``, ``bad_key``,
     ``no_expiry`` (no ``exp``), ``lifetime_too_long`` (valid for longer than allowed),
-    ``invalid_time`` (``exp``/``nbf``/``iat``/``issexp`` outside the NumericDate range).
+    ``invalid_time`` (``exp``/``nbf``/``iat``/``issexp`` outside the NumericDate range),
+    ``chain_invalid`` (an unusable chain issuer JWT, ``jwt_signing_token``).
     ``str(err)`` is a sentence for an operator with no secret in it.
     """
 

@@ -20,11 +20,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from choria_core.errors import FleetError
 from helpers.models import HelperOutput
-from jwt_tools import VerifyKey
+from jwt_tools import SigningKey, VerifyKey
 from provisioner.audit import AuditLog
 from provisioner.claims import Claim, ClaimStore, FencedError
 from provisioner.config import ProvisionerConfig
@@ -56,7 +54,7 @@ class PipelineContext:
     helper: HelperRunner
     metrics: Metrics
     verify_keys: Sequence[VerifyKey]
-    signing_key: Ed25519PrivateKey | None = None
+    signing_key: SigningKey | None = None
     deny_list: Sequence[re.Pattern[str]] = ()
     advance: Callable[[NodeRecord, NodeState], None] = lambda rec, state: None
     #: HA: per-node claims (None without leader election: nothing to fence against).

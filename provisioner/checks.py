@@ -129,14 +129,28 @@ def check_output(ctx: PipelineContext, att: Attempt) -> None:
         raise fail(att, Reason.HELPER_REFUSED, "helper returned an empty configuration")
     if provisioning_left_enabled(out):
         ctx.metrics.helper_errors.labels(ctx.metrics.site).inc()
-        value = out.configuration.get("plugin.choria.server.provision")
-        detail = "does not set it" if value is None else f"sets it to {value[:20]!r}"
+        # Absent, the node's token (chpd) decides, as in go-choria; set to true, never.
+        value = out.configuration.get("plugin.choria.server.provision", "")
         raise fail(
             att,
             Reason.HELPER_REFUSED,
-            "helper output would leave provisioning enabled: the configuration must set "
-            f"plugin.choria.server.provision = false, but it {detail}; "
-            "the node would re-provision forever",
+            "helper output would leave provisioning enabled: the configuration sets "
+            f"plugin.choria.server.provision to {value[:20]!r}; it must be "
+            "false or absent, the node would re-provision forever",
+        )
+    if (
+        "plugin.choria.server.provision" not in out.configuration
+        and (att.claims or {}).get("chpd") is True
+    ):
+        # Without the setting the node's token decides, and this one says "provision": the
+        # node would boot into provisioning again. Known only with the jwt feature on.
+        ctx.metrics.helper_errors.labels(ctx.metrics.site).inc()
+        raise fail(
+            att,
+            Reason.HELPER_REFUSED,
+            "helper output does not set plugin.choria.server.provision and the node's "
+            "provisioning token has chpd (provision by default) true: the node would "
+            "re-provision forever; the configuration must set it to false",
         )
     if out.certificate:
         _check_helper_certificate(ctx, att, out)

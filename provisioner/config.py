@@ -39,9 +39,11 @@ from provisioner.pki_policy import PkiPolicyConfig
 
 __all__ = [
     "DEFAULT_CERT_DENY_LIST",
+    "RELOADABLE_KEYS",
     "AdminConfig",
     "AuditConfig",
     "CAProtectionConfig",
+    "ConfigChanges",
     "ConfigError",
     "ElectionConfig",
     "Features",
@@ -49,7 +51,9 @@ __all__ = [
     "ProvisionerConfig",
     "TLSConfig",
     "TokensConfig",
+    "config_changes",
     "load_config",
+    "merge_reloadable",
 ]
 
 DEFAULT_CERT_DENY_LIST: tuple[str, ...] = (
@@ -81,7 +85,9 @@ class Features(StrictModel):
     """Anchor ``features``: which provisioning steps run."""
 
     pki: bool = False
-    jwt: bool = False
+    # Ours: on unless set. The anchor's default is false; an explicit ``false`` skips the
+    # ``jwt`` RPC and token validation as the anchor does (jwt_verify_cert is then not needed).
+    jwt: bool = True
     ed25519: bool = False
     upgrades: bool = False
 
@@ -191,6 +197,9 @@ class ProvisionerConfig(StrictModel):
     choria_insecure: bool = False
     site: str = ""
     monitor_port: int = Field(default=0, ge=0, le=65535)
+    # Ours: where monitor_port listens. None means admin.host (127.0.0.1); the anchor listens on
+    # every address, which is "0.0.0.0" (or "::") here.
+    monitor_address: str | None = None
     broker_port: int = Field(default=0, ge=0, le=65535)
     broker_provisioning_password: str = Field(default="", repr=False)
     cert_deny_list: list[str] = Field(default_factory=lambda: list(DEFAULT_CERT_DENY_LIST))
@@ -219,7 +228,9 @@ class ProvisionerConfig(StrictModel):
     defer_backoff_max: Duration = Field(default=600.0, gt=0)
     concurrency: int = Field(default=256, ge=1)
     queue_size: int = Field(default=200_000, ge=1)
-    rpc_timeout: Duration = Field(default=10.0, gt=0)
+    # Caps each try's timeout; the default lets the anchor's per-action timeouts (22 s for
+    # choria_provision, 4 s for rpcutil) apply.
+    rpc_timeout: Duration = Field(default=22.0, gt=0)
     # Remote text (a node's statusmsg, a helper's msg, error text quoting either or a CA) is
     # escaped and cut to this many characters before logs, audit records and the admin API.
     remote_text_limit: int = Field(default=1024, ge=64, le=65536)
@@ -512,3 +523,52 @@ def load_config(
     cfg = validate_strict(ProvisionerConfig, raw, file=fname, error=ConfigError)
     cfg._source_file = file.resolve()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# reload (SIGHUP): what changed, and which of it needs a restart
+
+#: Top-level keys a reload applies to new attempts: the helper (command, mode, arguments,
+#: limits, environment, CA protection), the deny list, the PKI policy, the token policy and
+#: verification keys, and the overlays registry. Every other key needs a restart.
+RELOADABLE_KEYS: frozenset[str] = frozenset(
+    {
+        "helper",
+        "helper_mode",
+        "helper_args",
+        "helper_timeout",
+        "helper_max_output",
+        "helper_pool_size",
+        "helper_env",
+        "ca_protection",
+        "cert_deny_list",
+        "pki_policy",
+        "tokens",
+        "jwt_verify_cert",
+        "overlays",
+    }
+)
+
+
+class ConfigChanges(StrictModel):
+    """The top-level keys that differ between two configurations, split by how they apply."""
+
+    reloadable: list[str] = Field(default_factory=list)
+    restart: list[str] = Field(default_factory=list)
+
+
+def config_changes(old: ProvisionerConfig, new: ProvisionerConfig) -> ConfigChanges:
+    """Which top-level keys differ, and which of them (not in :data:`RELOADABLE_KEYS`) only
+    take effect after a restart. Values are compared, never reported (some are secrets)."""
+    changes = ConfigChanges()
+    for key in ProvisionerConfig.model_fields:
+        if getattr(old, key) != getattr(new, key):
+            (changes.reloadable if key in RELOADABLE_KEYS else changes.restart).append(key)
+    return changes
+
+
+def merge_reloadable(old: ProvisionerConfig, new: ProvisionerConfig) -> ProvisionerConfig:
+    """``old`` with the reloadable keys taken from ``new`` (the rest keeps its old values)."""
+    merged = old.model_copy(update={k: getattr(new, k) for k in RELOADABLE_KEYS})
+    merged._source_file = old._source_file
+    return merged

@@ -26,13 +26,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from choria_core.errors import FleetError
 from choria_core.natsconn import being_cancelled
 from choria_core.protocol import encode_event, lifecycle_subject, new_event
 from choria_core.remote_text import clean_remote_text
-from jwt_tools import TokenError, VerifyKey
+from jwt_tools import SigningKey, TokenError, VerifyKey, load_chain_issuer
 from jwt_tools import load_signing_key as _load_key
 from jwt_tools import load_verify_keys as load_verify_keys_from
 from provisioner.config import ProvisionerConfig
@@ -51,7 +50,12 @@ class ProvisionerError(FleetError, RuntimeError, reason="provisioner"):
 
 
 def load_verify_keys(config: ProvisionerConfig) -> list[VerifyKey]:
-    """The keys node tokens are verified with: ``jwt_verify_cert`` and ``tokens.verify_keys``."""
+    """The keys node tokens are verified with: ``jwt_verify_cert`` and ``tokens.verify_keys``.
+
+    None with ``features.jwt: false``: tokens are then neither fetched nor verified.
+    """
+    if not config.features.jwt:
+        return []
     source = config.jwt_verify_cert
     if not source and not config.tokens.verify_keys:
         raise ProvisionerError(
@@ -72,20 +76,24 @@ def load_verify_keys(config: ProvisionerConfig) -> list[VerifyKey]:
     return keys
 
 
-def load_signing_key(config: ProvisionerConfig) -> Ed25519PrivateKey | None:
-    """The ed25519 key server tokens are signed with (ed25519 feature only)."""
+def load_signing_key(config: ProvisionerConfig) -> SigningKey | None:
+    """The key server tokens are signed with (ed25519 feature only): an ed25519 seed or an RSA
+    key (≥ 2048 bits); with ``jwt_signing_token`` an ed25519 key matching that chain issuer."""
     if not config.features.ed25519:
         return None
     if not config.jwt_signing_key:
         raise ProvisionerError(
-            "the ed25519 feature needs jwt_signing_key (a file holding a 64-hex ed25519 seed)"
+            "the ed25519 feature needs jwt_signing_key (a 64-hex ed25519 seed or an RSA key PEM)"
         )
     try:
         key = _load_key(config.jwt_signing_key)
     except TokenError as exc:
         raise ProvisionerError(f"jwt_signing_key: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ProvisionerError("jwt_signing_key must be an ed25519 seed for server tokens")
+    if config.jwt_signing_token:
+        try:
+            load_chain_issuer(config.jwt_signing_token).check_key(key)
+        except TokenError as exc:
+            raise ProvisionerError(f"jwt_signing_token: {exc}") from None
     return key
 
 

@@ -31,6 +31,18 @@ from provisioner.reasons import Decision
 log = logging.getLogger(__name__)
 
 
+def run_limit(config: ProvisionerConfig) -> int:
+    """How many nodes are provisioned at once.
+
+    ``concurrency`` (ours). A configuration that sets the anchor's ``workers`` but not
+    ``concurrency`` gets the anchor's meaning: ``workers`` whole provisioning runs at a time.
+    """
+    fields = config.model_fields_set
+    if "workers" in fields and "concurrency" not in fields:
+        return config.workers
+    return config.concurrency
+
+
 class Dispatcher:
     """Feeds queued nodes to at most ``concurrency`` concurrent pipeline runs."""
 
@@ -51,7 +63,8 @@ class Dispatcher:
         self.ctx: PipelineContext | None = None
         self._paused = False
         self._resumed = asyncio.Event()
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self.run_limit = run_limit(config)
+        self._slots = asyncio.Semaphore(self.run_limit)
         self._workers: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -153,4 +166,6 @@ class Dispatcher:
     def update_gauges(self, counts: dict[str, int] | None = None) -> None:
         counts = counts if counts is not None else self.queue.counts()
         self.metrics.work_queue_entries.labels(self.site).set(self.queue.waiting)
+        # the anchor's count of known nodes not yet done: queued or being provisioned
+        self.metrics.waiting_nodes.labels(self.site).set(self.queue.waiting + self.queue.in_flight)
         self.metrics.set_states(counts, [str(s) for s in NodeState])

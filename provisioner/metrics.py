@@ -56,6 +56,8 @@ ANCHOR_METRIC_NAMES: tuple[str, ...] = (
     "choria_provisioner_paused",
     "choria_provisioner_busy_workers",
     "choria_provisioner_work_queue_entries",
+    "choria_provisioner_waiting_nodes",
+    "choria_provisioner_helper_shutdown_requests",
 )
 
 # Provisioning stages last from milliseconds (an RPC on a LAN) to seconds (a CA under load).
@@ -218,6 +220,18 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self.waiting_nodes = Gauge(
+            "choria_provisioner_waiting_nodes",
+            "The number of nodes currently waiting to be provisioned",
+            ["site"],
+            registry=r,
+        )
+        self.helper_shutdown_requests = AnchorCounter(
+            "choria_provisioner_helper_shutdown_requests",
+            "How many times the helper asked for a node to be shut down and it succeeded",
+            ["site"],
+            r,
+        )
 
     def _our_metrics(self, r: CollectorRegistry) -> None:
         """Our additions, named by the Prometheus conventions."""
@@ -325,11 +339,13 @@ class Metrics:
             self.provision_errors,
             self.provisioned,
             self.helper_errors,
+            self.helper_shutdown_requests,
         ):
             c.labels(site)
         self.paused.labels(site).set(0)
         self.busy_workers.labels(site).set(0)
         self.work_queue_entries.labels(site).set(0)
+        self.waiting_nodes.labels(site).set(0)
         self.wrong_sender.labels(site)
         self.replies_dropped.labels(site)
         self.queue_full.labels(site)

@@ -1,8 +1,9 @@
 """The monitor port: ``/metrics``, and the admin API when ``admin.token`` is set.
 
-The port is ``admin.port`` or else ``monitor_port`` (neither set: nothing is served), on
-``admin.host``. The admin API controls the service (pause, resume, discovery), so it is only
-served with a bearer token configured; without one the port serves plain Prometheus metrics.
+The port is ``admin.port`` (on ``admin.host``) or else ``monitor_port`` (on
+``monitor_address``, by default ``admin.host``: 127.0.0.1); neither set: nothing is served.
+The admin API controls the service (pause, resume, discovery), so it is only served with a
+bearer token configured; without one the port serves plain Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -47,7 +48,18 @@ async def serve_monitor(
         return await _serve_admin(config, provider, registry, port)
     if config.admin.enabled:
         log.warning("admin.token is not set: serving metrics only, not the admin API")
-    return await _serve_metrics(config.admin.host, port, registry)
+    return await _serve_metrics(monitor_host(config), port, registry)
+
+
+def monitor_host(config: ProvisionerConfig) -> str:
+    """The listen address: ``monitor_address`` for ``monitor_port``, else ``admin.host``.
+
+    A separate ``admin.port`` listens on ``admin.host``. The default is 127.0.0.1 (the anchor
+    listens on every address: set ``monitor_address: 0.0.0.0`` for that).
+    """
+    if config.admin.port or config.monitor_address is None:
+        return config.admin.host
+    return config.monitor_address
 
 
 async def _serve_admin(
@@ -58,7 +70,7 @@ async def _serve_admin(
     from provisioner.admin.app import create_app
     from provisioner.admin.server import serve_admin, stop_admin
 
-    host = config.admin.host
+    host = monitor_host(config)
     app = create_app(provider, token=config.admin.token, registry=registry)
     try:
         server, task = await serve_admin(app, host, port)

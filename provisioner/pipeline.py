@@ -2,7 +2,7 @@
 
 Read :func:`provision` top to bottom; it is the whole sequence::
 
-    identify: jwt → validate → [ed25519: gen25519 + nonce check] → inventory → [claim]
+    identify: [jwt: jwt → validate] → [ed25519: gen25519 + nonce check] → inventory → [claim]
     decide:   [pki: gencsr + CN/deny-list check] → [fence] → helper   (or reuse, HA)
               → defer | shutdown | configure:
     deliver:  check_output → [record] → [sign server JWT] (ed25519) → [encrypt helper key]
@@ -37,7 +37,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from choria_core.ecdh import ECDHError, encrypt_private_key
 from choria_core.protocol import new_request_id
 from helpers.models import HelperInput, HelperOutput, go_json_dumps
-from jwt_tools import TokenError, create_server_token, verify_provisioning_token
+from jwt_tools import (
+    TokenError,
+    create_server_token,
+    current_chain_issuer,
+    verify_provisioning_token,
+)
 from provisioner.attempt import (
     PROVISION_AGENT,
     Attempt,
@@ -114,9 +119,14 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
 
 
 async def identify(ctx: PipelineContext, att: Attempt) -> None:
-    """Who the node is: its token, its ed25519 key, its facts; with election, claim it."""
-    await run_step(ctx, att, "jwt", fetch_jwt, NodeState.FETCHED_JWT)
-    await run_step(ctx, att, "validate", validate_jwt, NodeState.VALIDATED)
+    """Who the node is: its token, its ed25519 key, its facts; with election, claim it.
+
+    With ``features.jwt: false`` (as the anchor) there is no ``jwt`` RPC and no token check:
+    the helper gets ``"jwt": null`` and the broker (or auth callout) is what admits nodes.
+    """
+    if ctx.config.features.jwt:
+        await run_step(ctx, att, "jwt", fetch_jwt, NodeState.FETCHED_JWT)
+        await run_step(ctx, att, "validate", validate_jwt, NodeState.VALIDATED)
     if ctx.config.features.ed25519:
         await run_step(ctx, att, "ed25519", fetch_ed25519)
     await run_step(ctx, att, "inventory", fetch_inventory, NodeState.FACTS)
@@ -276,9 +286,9 @@ def sign_server_jwt(ctx: PipelineContext, att: Attempt) -> None:
     out = att.output
     assert out is not None and att.ed25519 is not None
     if ctx.signing_key is None:
-        raise fail(att, Reason.NO_SIGNING_KEY, "no ed25519 jwt_signing_key configured")
+        raise fail(att, Reason.NO_SIGNING_KEY, "no jwt_signing_key configured")
     claims = out.server_claims or {}
-    validity = ctx.config.server_jwt_validity
+    validity, signing_token = ctx.config.server_jwt_validity, ctx.config.jwt_signing_token
     if validity <= ONE_HOUR:  # anchor: anything up to an hour means the default (1 year)
         validity = 365 * 86400.0
     try:
@@ -292,6 +302,8 @@ def sign_server_jwt(ctx: PipelineContext, att: Attempt) -> None:
             pub_subjects=list(claims.get("pub_subjects") or []),
             validity_s=validity,
             expires_at=_server_token_expiry(att, claims.get("exp")),
+            # the chain issuer JWT, re-read when renewed and refused once expired
+            chain_token=current_chain_issuer(signing_token) if signing_token else None,
         )
     except TokenError as exc:
         raise fail(
@@ -379,6 +391,7 @@ async def restart(ctx: PipelineContext, att: Attempt) -> None:
 async def shutdown(ctx: PipelineContext, att: Attempt) -> None:
     """``choria_provision#shutdown``: the helper decided this node must not run."""
     await ctx.rpc.call(att.identity, PROVISION_AGENT, "shutdown", {"token": ctx.config.token})
+    ctx.metrics.helper_shutdown_requests.labels(ctx.metrics.site).inc()
 
 
 async def configure_node(ctx: PipelineContext, att: Attempt) -> None:

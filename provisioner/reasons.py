@@ -6,8 +6,10 @@ metrics labels and the admin API have always carried (``"failed"``, ``"rpc_timeo
 A :class:`Reason` is chosen where the failure happens (a pipeline step, the RPC client, the
 claims) and carried unchanged to the outcome, where :attr:`Reason.transient` decides whether
 the node gets a quick retry. Codes passed through from another component (``token_<code>`` of
-a refused token, ``helper_<code>`` of a failed helper, ``server_token_<code>``) are plain
-strings: they are never transient.
+a refused token, ``helper_<code>`` of a failed helper, ``server_token_<code>`` of a server JWT
+that could not be signed: ``server_token_chain_invalid``, ``server_token_expired`` when the chain
+issuer JWT is unusable or lapsed, ``server_token_wrong_key_type``) are plain strings: they are
+never transient.
 """
 
 from __future__ import annotations
@@ -77,6 +79,15 @@ class Reason(enum.StrEnum):
     def aborts(self) -> bool:
         """Ends the attempt as ``aborted``: another leader owns the node now."""
         return self in ABORTING
+
+
+class ReloadReason(enum.StrEnum):
+    """Why a configuration reload (SIGHUP) was refused; the old configuration stays."""
+
+    CONFIG_INVALID = "config_invalid"  # unreadable file, YAML error, validation error
+    HELPER_UNAVAILABLE = "helper_unavailable"  # the helper command does not exist / cannot load
+    VERIFY_KEYS_INVALID = "verify_keys_invalid"  # jwt_verify_cert / tokens.verify_keys unusable
+    RELOAD_FAILED = "reload_failed"  # anything else (a bug): logged with its traceback
 
 
 #: Failures worth a quick retry: the broker (or JetStream) was briefly unavailable.

@@ -26,7 +26,9 @@ request was sent to is discarded and counted (``choria_provisioner_rpc_wrong_sen
 must not take a neighbour's ``ecdh_public`` or CSR for the target's. (The generated broker lets a
 node answer only requests it received; a broker granting ``provisioning.reply.>`` outright, as
 go-choria's does, does not, so the check stays.) The reply hash is verified by the wire layer.
-A reply with ``statuscode != 0`` raises :class:`RPCStatusError` carrying the node's ``statusmsg``.
+A reply with ``statuscode != 0`` is retried like a timeout (the anchor retries every failed
+try); after the action's last try it raises :class:`RPCStatusError` with the node's
+``statusmsg``.
 """
 
 from __future__ import annotations
@@ -412,14 +414,27 @@ class RPCClient:
                     self.metrics.observe_rpc(rpc, time.monotonic() - started)
             if not reply.ok:
                 self._count_error(rpc)
-                # A definite answer (wrong token, lock held, not in provisioning mode):
-                # retrying now would get the same answer, the next cycle may not.
-                raise RPCStatusError(
+                # Retried like a timeout, as the anchor does (a lock held by a concurrent
+                # request, a node still settling); still failing after the action's tries, the
+                # last answer is the error. Bounded: tries x (timeout + backoff <= 5 s).
+                status = RPCStatusError(
                     identity=identity,
                     rpc=rpc,
                     statuscode=reply.statuscode,
                     statusmsg=reply.statusmsg,
                 )
+                if attempt >= tries:
+                    raise status
+                log.info(
+                    "%s on %s: try %d/%d answered status %d, retrying",
+                    rpc,
+                    identity,
+                    attempt,
+                    tries,
+                    reply.statuscode,
+                )
+                await asyncio.sleep(self._backoff(attempt))
+                continue
             return reply.data
         assert last is not None
         if tries > 1:

@@ -39,9 +39,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from jwt_tools import VerifyKey
+from jwt_tools import SigningKey, VerifyKey
 from provisioner import connection
 from provisioner.admin.readmodel import ReadModel
 from provisioner.attempt import PipelineContext
@@ -59,6 +57,7 @@ from provisioner.metrics import Metrics
 from provisioner.monitor import MonitorEndpoint, serve_monitor
 from provisioner.outcomes import OutcomeHook, Outcomes, ProvisionedHook
 from provisioner.queue import AddResult, WorkQueue
+from provisioner.reload import Reloader
 from provisioner.rpc import RPCClient
 
 __all__ = [
@@ -126,6 +125,8 @@ class Provisioner:
             config, identity=self.identity, metrics=self.metrics, audit=self.audit
         )
         self.view = ReadModel(self)
+        #: SIGHUP: re-reads the reloadable keys (:mod:`provisioner.reload`).
+        self.reloader = Reloader(self, owns_helper=helper is None)
         self._helper = helper
         self._own_helper = helper is None
         self._discovery_timeout = discovery_timeout
@@ -178,9 +179,7 @@ class Provisioner:
             await self.stop()
             raise
 
-    async def _start(
-        self, verify_keys: list[VerifyKey], signing_key: Ed25519PrivateKey | None
-    ) -> None:
+    async def _start(self, verify_keys: list[VerifyKey], signing_key: SigningKey | None) -> None:
         cfg = self.config
         if self._helper is None:
             self._helper = runner_from_config(cfg)
@@ -230,7 +229,7 @@ class Provisioner:
         )
 
     def _pipeline_context(
-        self, verify_keys: list[VerifyKey], signing_key: Ed25519PrivateKey | None
+        self, verify_keys: list[VerifyKey], signing_key: SigningKey | None
     ) -> PipelineContext:
         assert self.rpc is not None and self._helper is not None
         return PipelineContext(
@@ -288,6 +287,7 @@ class Provisioner:
                 await self.rpc.close()
             if self.nc is not None:
                 await connection.close(self.nc)
+            await self.reloader.aclose()
             if self._helper is not None and self._own_helper:
                 with contextlib.suppress(Exception):
                     await self._helper.aclose()
@@ -403,6 +403,16 @@ class Provisioner:
         if self.discovery is None:
             return 0
         return await self.discovery.discover_now()
+
+    # ================================================================== reload
+    @property
+    def last_reload(self) -> dict[str, Any] | None:
+        """The last SIGHUP reload (time, result, reason, error, changed keys), or None."""
+        return self.reloader.status()
+
+    def use_helper(self, helper: HelperRunner) -> None:
+        """A reload built a new helper: new attempts use it, stop() closes it."""
+        self._helper = helper
 
     # ================================================================== views
     def ready(self) -> bool:

@@ -1,7 +1,8 @@
 """The admin API and status page of the provisioner (FastAPI).
 
 Open routes: ``/healthz``, ``/readyz``, ``/metrics`` (for probes and Prometheus), the status
-page ``/`` and its static files, ``/openapi.json`` and ``/docs``. Everything under ``/api/v1``
+page ``/`` and its static files, ``/openapi.json`` and ``/docs`` (Swagger UI served from this
+app: no request leaves for another site; there is no ReDoc page). Everything under ``/api/v1``
 needs ``Authorization: Bearer <token>``; the token is compared in constant time and never
 logged or echoed. Endpoints are ``async def`` on purpose: they run on the event loop thread
 that owns the provisioner's state, so the provider needs no locks.
@@ -26,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from choria_core.errors import FleetError
 from choria_core.protocol import is_valid_identity
 from choria_core.protocol.subjects import MAX_IDENTITY_LENGTH
+from provisioner.admin.docs import DOCS_HEADERS, DOCS_PAGE, swagger_files
 from provisioner.admin.models import (
     AuditEntry,
     AuditTail,
@@ -46,7 +48,7 @@ from provisioner.queue import NodeState
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-_STATIC = ("admin.js", "admin.css")
+_STATIC = ("admin.js", "admin.css", "docs.js")
 # A node identity (choria_core.protocol.is_valid_identity) as a schema pattern: DNS labels of
 # at most 63 characters; the 253 total is the path parameter's max_length.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -101,6 +103,10 @@ def create_app(
         )
     app = FastAPI(
         title="Fleet provisioner admin API",
+        # /docs is served below from local files; FastAPI's own pages load a CDN.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
         version="1",
         description=(
             "Status, node states, pause/resume, discovery and audit tail of one provisioner "
@@ -299,9 +305,15 @@ def _overlay_fill(name: str, info: dict[str, Any]) -> OverlayFill:
 
 
 def _add_page(app: FastAPI) -> None:
-    """The status page ``/`` and its static files (a fixed table: no request path hits disk)."""
+    """The status page ``/``, the API docs ``/docs`` and their static files (a fixed table: no
+    request path hits disk)."""
     page = _static("index.html")
     static_files = {name: _static(name) for name in _STATIC}
+    static_files.update(swagger_files())
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_PAGE, headers=DOCS_HEADERS)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

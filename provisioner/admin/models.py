@@ -29,6 +29,18 @@ class QueueStatus(BaseModel):
     in_flight: int = Field(0, description="Nodes being provisioned right now.")
 
 
+class ThroughputPoint(BaseModel):
+    t: float = Field(description="Start of the interval (Unix time).")
+    count: int = Field(description="Nodes provisioned by this replica in the interval.")
+
+
+class Throughput(BaseModel):
+    interval: float = Field(description="Length of one interval in seconds.")
+    points: list[ThroughputPoint] = Field(
+        description="One point per interval over the last minutes, oldest first."
+    )
+
+
 class Status(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -37,6 +49,9 @@ class Status(BaseModel):
     queue: QueueStatus
     counts: dict[str, int] = Field(description="Known nodes per state (every state listed).")
     total: int = Field(description="Known nodes in all states.")
+    throughput: Throughput | None = Field(
+        None, description="Nodes provisioned per interval over the last minutes."
+    )
 
     @field_validator("queue", mode="before")
     @classmethod

@@ -7,13 +7,19 @@ It only reads; control (pause, resume, discovery) stays with the service.
 
 The overlays registry (``overlays`` in the configuration) is parsed once and again only when
 the file changes (:class:`OverlayFile`, by modification time and size), not on every request.
+
+The throughput (nodes provisioned per interval over the last minutes, :class:`Throughput`) is
+counted as nodes are provisioned, in a fixed ring of buckets: its size never depends on the
+fleet.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from overlays import OverlayRegistry
@@ -21,7 +27,7 @@ from provisioner.audit import AuditLog
 from provisioner.config import ProvisionerConfig
 from provisioner.connection import VERSION
 from provisioner.discovery import Discovery
-from provisioner.queue import NodeState, WorkQueue
+from provisioner.queue import NodeRecord, NodeState, WorkQueue
 from provisioner.rpc import RPCClient
 
 log = logging.getLogger(__name__)
@@ -63,11 +69,17 @@ class ServiceView(Protocol):
     @property
     def broker_state(self) -> str: ...
 
+    @property
+    def on_provisioned(self) -> list[Callable[[NodeRecord], None]]: ...
+
     def ready(self) -> bool: ...
 
     def health(self) -> str: ...
 
     def election_status(self) -> dict[str, Any]: ...
+
+    @property
+    def last_reload(self) -> dict[str, Any] | None: ...
 
 
 class OverlayFile:
@@ -104,6 +116,47 @@ class OverlayFile:
         return self._registry
 
 
+class Throughput:
+    """Nodes provisioned per ``interval`` seconds over the last ``slots`` intervals.
+
+    A ring of ``slots`` buckets keyed by the interval's start (wall clock, so the page can draw
+    a time axis); memory is fixed whatever the fleet size or the rate.
+    """
+
+    def __init__(
+        self, interval: float = 10.0, slots: int = 60, clock: Callable[[], float] = time.time
+    ) -> None:
+        if interval <= 0 or slots < 1:
+            raise ValueError("throughput needs interval > 0 and slots >= 1")
+        self.interval = float(interval)
+        self.slots = int(slots)
+        self._clock = clock
+        self._counts = [0] * self.slots
+        self._starts = [-1] * self.slots  # the interval number each bucket currently holds
+
+    def _bucket(self, number: int) -> int:
+        i = number % self.slots
+        if self._starts[i] != number:
+            self._starts[i], self._counts[i] = number, 0
+        return i
+
+    def record(self, _rec: object = None, n: int = 1) -> None:
+        """Count ``n`` nodes provisioned now (an ``on_provisioned`` hook)."""
+        number = math.floor(self._clock() / self.interval)
+        self._counts[self._bucket(number)] += n
+
+    def series(self) -> dict[str, Any]:
+        """``{"interval", "points": [{"t": interval start, "count"}, ...]}``, oldest first,
+        one point per interval of the window (0 where nothing was provisioned)."""
+        now = math.floor(self._clock() / self.interval)
+        points = []
+        for number in range(now - self.slots + 1, now + 1):
+            i = number % self.slots
+            count = self._counts[i] if self._starts[i] == number else 0
+            points.append({"t": number * self.interval, "count": count})
+        return {"interval": self.interval, "points": points}
+
+
 class ReadModel:
     """Status, node records, audit tail and overlay fill of one service (see module doc)."""
 
@@ -111,6 +164,15 @@ class ReadModel:
         self._service = service
         path = service.config.overlays
         self.overlay_file = OverlayFile(path) if path else None
+        #: Provisioned nodes per 10 s over the last 10 minutes (``status()["throughput"]``).
+        self.throughput = Throughput()
+        service.on_provisioned.append(self.throughput.record)
+
+    def config_reloaded(self, config: ProvisionerConfig) -> None:
+        """A reloaded configuration: follow a changed overlays path (the rest is read live)."""
+        path = config.overlays
+        if path != (self.overlay_file.path if self.overlay_file is not None else None):
+            self.overlay_file = OverlayFile(path) if path else None
 
     def status(self) -> dict[str, Any]:
         s = self._service
@@ -144,6 +206,8 @@ class ReadModel:
             },
             "features": cfg.features.model_dump(),
             "election": s.election_status(),
+            "throughput": self.throughput.series(),
+            "last_reload": s.last_reload,
         }
 
     def _discovery_status(self) -> dict[str, Any]:

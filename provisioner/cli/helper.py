@@ -172,8 +172,8 @@ def explain(out: HelperOutput, inp: HelperInput) -> tuple[str, list[str], int]:
         return f"would upgrade the node's server to {out.upgrade} first", [], 0
     if what == "refuse":
         return (
-            "would refuse: leaves provisioning enabled (configuration must set "
-            "plugin.choria.server.provision=false)",
+            "would refuse: leaves provisioning enabled (configuration sets "
+            "plugin.choria.server.provision to true; it must be false or absent)",
             [],
             EXIT_REFUSED,
         )

@@ -69,8 +69,12 @@ def setup_logging(cfg: ProvisionerConfig, log_format: str) -> None:
     logging.getLogger("nats").setLevel(max(root.level, logging.INFO))
 
 
-async def serve(cfg: ProvisionerConfig) -> int:
-    """Run a :class:`~provisioner.service.Provisioner` until a signal arrives."""
+async def serve(cfg: ProvisionerConfig, overrides: dict[str, Any] | None = None) -> int:
+    """Run a :class:`~provisioner.service.Provisioner` until a signal arrives.
+
+    SIGHUP reopens the audit log (logrotate) and reloads the configuration file with the same
+    command-line ``overrides`` (:mod:`provisioner.reload`).
+    """
     from provisioner.service import Provisioner, ProvisionerError
 
     stop = asyncio.Event()
@@ -78,8 +82,17 @@ async def serve(cfg: ProvisionerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     prov = Provisioner(cfg)
-    # logrotate: reopen the audit log (the hash chain continues in the new file)
-    loop.add_signal_handler(signal.SIGHUP, prov.audit.request_reopen)
+    prov.reloader.configure(cfg.source_file, overrides)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def hangup() -> None:
+        # logrotate: reopen the audit log (the hash chain continues in the new file)
+        prov.audit.request_reopen()
+        task = asyncio.ensure_future(prov.reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
     try:
         await prov.start()
     except ProvisionerError as exc:
@@ -137,4 +150,4 @@ def register(app: typer.Typer) -> None:
         if log_format not in {"json", "text"}:
             raise fail("--log-format must be json or text", EXIT_USAGE)
         setup_logging(cfg, log_format)
-        raise typer.Exit(asyncio.run(serve(cfg)))
+        raise typer.Exit(asyncio.run(serve(cfg, overrides or None)))

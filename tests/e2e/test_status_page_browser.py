@@ -1,8 +1,10 @@
-"""Issue 8: loads the status page while a demo fleet provisions and sees the counts change.
+"""Issues 8 and 19: the status page while a demo fleet provisions: counts change, it draws.
 
 The whole demo runs in this test's event loop (real nats-servers, callout, CA, helper,
 provisioner with its admin API, simulated nodes started gradually); a real headless Chromium
-loads the status page and reads the provisioned count as it grows.
+loads the status page and reads the provisioned count as it grows, then checks the throughput
+line (from the provisioner's own ring buffer) and the overlay fill bars, and saves a screenshot
+(``status-page-demo.png`` in the test's tmp_path and in ``TEST_ARTIFACTS_DIR`` when set).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from testbed.demo import Demo, DemoOptions
 from tests.e2e.support import processes_mentioning, require_nats_server
+from tests.provisioner.admin.browser import bar_fractions, line_points, save_screenshot
 from tests.support import CHROMIUM_ARGS, require_binary
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,6 +70,7 @@ async def test_status_page_counts_change_while_a_demo_fleet_provisions(tmp_path:
                 shown = [(await c.text_content() or "0 /").split("/")[0] for c in await cells.all()]
                 assert sum(int(s) for s in shown) == NODES
                 assert demo.admin_token not in page.url
+                await _check_drawing(page, tmp_path)
                 assert not errors, errors
             finally:
                 await browser.close()
@@ -78,3 +83,28 @@ async def test_status_page_counts_change_while_a_demo_fleet_provisions(tmp_path:
             run_task.cancel()
         await demo.close()
     assert not processes_mentioning(str(tmp_path / "demo"), "nats-server")
+
+
+async def _check_drawing(page: Any, tmp_path: Path) -> None:
+    """The whole fleet is on the throughput line; each bar is as wide as its overlay's fill."""
+    from playwright.async_api import expect
+
+    await expect(page.locator("#throughput-total")).to_have_text(str(NODES))
+    points = await line_points(page)
+    assert len(points) == 60  # 10 s intervals over 10 minutes
+    assert min(y for _, y in points) == 10.0  # the busiest interval reaches the top
+    assert any(y < 120.0 for _, y in points[-3:])  # ... and it is a recent one
+    assert await page.locator("#throughput-peak").text_content() != "0"
+    bars = await bar_fractions(page)
+    api = await page.evaluate(
+        """async () => (await (await fetch("/api/v1/overlays", {headers: {Authorization:
+            "Bearer " + sessionStorage.getItem("provisioner-admin-token")}})).json()).overlays"""
+    )
+    fills = {ov["name"]: ov["fill"] for ov in api}
+    assert set(bars) == set(fills) and bars
+    for name, bar in bars.items():
+        assert bar["fill"] == pytest.approx(fills[name]), name
+        assert bar["width"] == pytest.approx(min(1.0, fills[name]), abs=0.01), (name, bar)
+    assert any(bar["width"] > 0 for bar in bars.values())
+    shot = await save_screenshot(page, tmp_path, "status-page-demo")
+    print(f"status page screenshot: {shot}")

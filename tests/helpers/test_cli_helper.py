@@ -97,7 +97,9 @@ def test_recorded_input_refused_when_provisioning_left_on(tmp_path: Path) -> Non
     recorded = tmp_path / "input.json"
     recorded.write_text(HelperInput.synthetic("n1.example.net", {}).to_anchor_json())
     helper = tmp_path / "forgetful.sh"
-    helper.write_text('#!/bin/sh\ncat >/dev/null\necho \'{"configuration":{"identity":"n1"}}\'\n')
+    # sets provisioning to true (an output without the setting is accepted, as the anchor does)
+    out = '{"configuration":{"identity":"n1","plugin.choria.server.provision":"true"}}'
+    helper.write_text(f"#!/bin/sh\ncat >/dev/null\necho '{out}'\n")
     helper.chmod(0o755)
     res = runner.invoke(app, ["helper", "test", "--helper", str(helper), "--input", str(recorded)])
     assert res.exit_code == 2, res.output

@@ -97,7 +97,7 @@ def test_output_nulls_and_unknown_keys() -> None:
 @pytest.mark.parametrize(
     ("conf", "left_enabled"),
     [
-        ({}, True),
+        ({}, False),  # without the setting the node's token (chpd) decides, as in go-choria
         ({"plugin.choria.server.provision": "true"}, True),
         ({"plugin.choria.server.provision": "yes"}, True),
         ({"plugin.choria.server.provision": "false"}, False),
@@ -114,5 +114,7 @@ def test_decision_precedence() -> None:
     assert decision(HelperOutput(defer=True, shutdown=True)) == "defer"
     assert decision(HelperOutput(shutdown=True)) == "shutdown"
     assert decision(HelperOutput(upgrade="0.29.4")) == "upgrade"
-    assert decision(HelperOutput(configuration={"identity": "n"})) == "refuse"
+    assert decision(HelperOutput(configuration={"identity": "n"})) == "configure"
+    left_on = {"plugin.choria.server.provision": "true"}
+    assert decision(HelperOutput(configuration=left_on)) == "refuse"
     assert decision(HelperOutput(configuration=ok)) == "configure"

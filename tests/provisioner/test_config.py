@@ -158,7 +158,7 @@ def test_anchor_defaults(tmp_path: Path) -> None:
     assert cfg.upgrades_optional is False
     assert cfg.features.model_dump() == {
         "pki": False,
-        "jwt": False,
+        "jwt": True,  # ours: on unless set (the anchor's is false); explicit false is honoured
         "ed25519": False,
         "upgrades": False,
     }
@@ -173,7 +173,7 @@ def test_our_defaults(tmp_path: Path) -> None:
     assert cfg.helper_mode == "exec" and cfg.helper_args == []
     assert cfg.helper_timeout == 10 and cfg.helper_max_output == 1024 * 1024
     assert cfg.helper_pool_size == 4
-    assert cfg.concurrency == 256 and cfg.queue_size == 200_000 and cfg.rpc_timeout == 10
+    assert cfg.concurrency == 256 and cfg.queue_size == 200_000 and cfg.rpc_timeout == 22
     assert cfg.audit_log is None and cfg.overlays is None
     assert cfg.admin.model_dump() == {
         "enabled": True,

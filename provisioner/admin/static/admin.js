@@ -87,6 +87,56 @@
     body.replaceChildren(...rows);
   }
 
+  // The chart area inside the SVG's 600 x 140 view box (labels sit left and below).
+  const CHART = { left: 40, right: 600, top: 10, bottom: 120 };
+  const MAX_POINTS = 1440;
+
+  function count(v) {
+    const n = Number(v);
+    return Number.isFinite(n) && n > 0 ? n : 0;
+  }
+
+  function duration(seconds) {
+    return seconds >= 60 && seconds % 60 === 0 ? (seconds / 60) + " min" : seconds + " s";
+  }
+
+  // Draws status.throughput ({interval, points: [{t, count}]}, oldest first) as a line.
+  function renderThroughput(tp) {
+    const line = byId("throughput-line");
+    if (!tp || !Array.isArray(tp.points) || tp.points.length === 0) {
+      line.setAttribute("points", "");
+      byId("throughput-area").setAttribute("points", "");
+      return;
+    }
+    const counts = tp.points.slice(-MAX_POINTS).map(function (p) { return count(p && p.count); });
+    const peak = Math.max.apply(null, counts);
+    const top = Math.max(1, peak);
+    const width = CHART.right - CHART.left;
+    const height = CHART.bottom - CHART.top;
+    const step = counts.length > 1 ? width / (counts.length - 1) : 0;
+    const xy = counts.map(function (c, i) {
+      const x = CHART.left + i * step;
+      const y = CHART.bottom - (c / top) * height;
+      return x.toFixed(1) + "," + y.toFixed(1);
+    });
+    line.setAttribute("points", xy.join(" "));
+    line.dataset.count = String(counts.length);
+    line.dataset.peak = String(peak);
+    const area = [CHART.left + "," + CHART.bottom].concat(xy, [
+      (CHART.left + (counts.length - 1) * step).toFixed(1) + "," + CHART.bottom,
+    ]);
+    byId("throughput-area").setAttribute("points", area.join(" "));
+    const interval = count(tp.interval);
+    byId("throughput-max").textContent = String(top);
+    byId("throughput-peak").textContent = String(peak);
+    byId("throughput-total").textContent = String(counts.reduce(function (a, b) { return a + b; }, 0));
+    if (interval > 0) {
+      byId("throughput-interval").textContent = duration(interval);
+      byId("throughput-window").textContent = duration(interval * counts.length);
+      byId("throughput-start").textContent = "-" + duration(interval * counts.length);
+    }
+  }
+
   function renderOverlays(data) {
     const rows = data.overlays.map(function (ov) {
       const tr = document.createElement("tr");
@@ -94,13 +144,21 @@
       cell(tr, ov.name);
       cell(tr, ov.state);
       const td = document.createElement("td");
+      td.className = "fill";
+      const fill = count(ov.fill);
       const bar = document.createElement("div");
-      bar.className = "bar" + (ov.fill >= 1 ? " full" : "");
-      bar.title = Math.round(ov.fill * 100) + "%";
+      bar.className = "bar" + (fill >= 1 ? " full" : "");
+      bar.id = "overlay-bar-" + safeId(ov.name);
+      bar.dataset.fill = String(fill);
+      bar.title = Math.round(fill * 100) + "%";
       const inner = document.createElement("div");
-      inner.style.width = Math.min(100, Math.round(ov.fill * 100)) + "%";
+      inner.style.width = Math.min(100, fill * 100).toFixed(2) + "%";
       bar.appendChild(inner);
       td.appendChild(bar);
+      const pct = document.createElement("span");
+      pct.className = "fill-pct";
+      pct.textContent = Math.round(fill * 100) + "%";
+      td.appendChild(pct);
       tr.appendChild(td);
       const n = cell(tr, ov.count + " / " + ov.capacity, "num");
       n.id = "overlay-count-" + safeId(ov.name);
@@ -134,6 +192,7 @@
         api("/status"), api("/nodes?state=failed&limit=50"), api("/overlays"),
       ]);
       renderStatus(st);
+      renderThroughput(st.throughput);
       renderFailures(failed);
       renderOverlays(ov);
       showLogin(false);

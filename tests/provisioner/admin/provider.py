@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from provisioner.admin.readmodel import Throughput
 from provisioner.queue import NodeState
 
 
@@ -27,6 +28,8 @@ class FleetProvider:
             "empty": {"count": 0, "capacity": 0, "state": "draining"},
         }
         self.calls: list[str] = []
+        #: The read model's own ring buffer, with 1 s intervals so a page sees it move.
+        self.throughput = Throughput(interval=1.0, slots=30)
 
     def add(self, identity: str, state: str, *, error: str | None = None) -> None:
         now = time.time()
@@ -46,6 +49,8 @@ class FleetProvider:
             "overlay": "eu-1" if state == "provisioned" else None,
             "stage_times": {"jwt": 0.01} if state != "discovered" else {},
         }
+        if state == "provisioned":
+            self.throughput.record()
 
     # --- AdminProvider -------------------------------------------------------------------
 
@@ -59,6 +64,7 @@ class FleetProvider:
             "queue": {"waiting": counts.get("discovered", 0), "in_flight": 0},
             "counts": counts,
             "identity": "prov1.example.net",
+            "throughput": self.throughput.series(),
         }
 
     def nodes(self, state: str | None) -> list[dict[str, Any]]:

@@ -140,6 +140,10 @@ def test_status(client: TestClient) -> None:
     assert st["counts"]["csr"] == 0
     assert st["total"] == 10
     assert st["identity"] == "prov1.example.net"  # extra keys pass through
+    tp = st["throughput"]
+    assert tp["interval"] == 1.0 and len(tp["points"]) == 30
+    assert sum(p["count"] for p in tp["points"]) == 5
+    assert all(set(p) == {"t", "count"} for p in tp["points"])
 
 
 def test_nodes_by_state_and_paging(client: TestClient) -> None:
@@ -233,6 +237,8 @@ def test_status_page_and_static_files(client: TestClient) -> None:
         "token-input",
         "login-button",
         "pause-button",
+        "throughput-line",
+        "throughput-total",
     ):
         assert f'id="{element}"' in page.text
     csp = page.headers["content-security-policy"]
@@ -241,6 +247,8 @@ def test_status_page_and_static_files(client: TestClient) -> None:
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
     assert "innerHTML" not in js.text.replace("never innerHTML", "")
     assert client.get("/static/admin.css").status_code == 200
+    # the page and its script name no other site (the chart is drawn by the script itself)
+    assert "//" not in page.text and "http" not in js.text
     for bad in ("/static/index.html", "/static/..%2fapp.py", "/static/nope.js"):
         assert client.get(bad).status_code == 404
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.admin.readmodel import OverlayFile, ReadModel
+from provisioner.admin.readmodel import OverlayFile, ReadModel, Throughput
 from provisioner.config import ProvisionerConfig
 from provisioner.queue import NodeState, WorkQueue
 
@@ -31,6 +31,7 @@ class _Service:
     def __init__(self, config: ProvisionerConfig) -> None:
         self.config = config
         self.queue = WorkQueue(max_waiting=10)
+        self.on_provisioned: list[Any] = []
 
     def provision(self, identity: str, overlay: str) -> None:
         self.queue.add(identity, "event")
@@ -96,3 +97,71 @@ def test_without_an_overlays_file_only_counts_are_reported() -> None:
     view: Any = ReadModel(service)  # type: ignore[arg-type]
     assert view.overlay_file is None
     assert view.overlay_fill() == {"ov-x": {"count": 1}}
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throughput_counts_per_interval_in_a_fixed_ring() -> None:
+    clock = _Clock(1000.0)
+    tp = Throughput(interval=10.0, slots=6, clock=clock)
+    assert [p["count"] for p in tp.series()["points"]] == [0] * 6
+    tp.record(n=3)
+    clock.now = 1015.0
+    tp.record()
+    tp.record()
+    series = tp.series()
+    assert series["interval"] == 10.0
+    assert [(p["t"], p["count"]) for p in series["points"]] == [
+        (960.0, 0),
+        (970.0, 0),
+        (980.0, 0),
+        (990.0, 0),
+        (1000.0, 3),
+        (1010.0, 2),
+    ]
+    # Five intervals later the first bucket has left the window; its slot is reused.
+    clock.now = 1065.0
+    tp.record()
+    assert [p["count"] for p in tp.series()["points"]] == [2, 0, 0, 0, 0, 1]
+    # After a long quiet spell stale buckets read as zero, never as old counts.
+    clock.now = 5000.0
+    assert [p["count"] for p in tp.series()["points"]] == [0] * 6
+    assert len(tp._counts) == 6  # the memory is fixed
+    with pytest.raises(ValueError):
+        Throughput(interval=0)
+
+
+def test_status_throughput_follows_provisioned_nodes() -> None:
+    service = _Service(ProvisionerConfig())
+    view = ReadModel(service)  # type: ignore[arg-type]
+    assert service.on_provisioned == [view.throughput.record]
+    for i in range(4):
+        service.provision(f"n{i}.example.net", "ov-a")
+        rec = service.queue.get_record(f"n{i}.example.net")
+        for hook in service.on_provisioned:
+            hook(rec)
+    points = view.throughput.series()["points"]
+    assert len(points) == 60 and sum(p["count"] for p in points) == 4
+    assert points[-1]["count"] == 4
+
+
+def test_a_reloaded_overlays_path_is_followed(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    _write(first, 4, 1_000_000_000)
+    _write(second, 40, 1_000_000_000)
+    service = _Service(ProvisionerConfig(overlays=str(first)))
+    view = ReadModel(service)  # type: ignore[arg-type]
+    assert view.overlay_fill()["ov-a"]["capacity"] == 4
+    kept = view.overlay_file
+    view.config_reloaded(ProvisionerConfig(overlays=str(first)))
+    assert view.overlay_file is kept  # same path: the parsed file is kept
+    view.config_reloaded(ProvisionerConfig(overlays=str(second)))
+    assert view.overlay_fill()["ov-a"]["capacity"] == 40
+    view.config_reloaded(ProvisionerConfig())
+    assert view.overlay_file is None

@@ -7,7 +7,8 @@ Runs in exec (one-shot) or persistent mode through the helper SDK. Arguments::
 
 ``--behaviour-file`` lets a test change what the helper does between attempts (the file is
 read for every node): ``ok`` (default), ``sleep`` (hang past the timeout), ``garbage`` (print
-non-JSON), ``exit`` (exit 3), ``provision_on`` (forget ``plugin.choria.server.provision``),
+non-JSON), ``exit`` (exit 3), ``provision_on`` (set ``plugin.choria.server.provision`` to
+true), ``provision_absent`` (leave it out, like the anchor's ``cfssl-helper.rb``),
 ``defer``, ``shutdown``, ``key`` (make the key centrally and send it, encrypted by the
 provisioner).
 """
@@ -94,6 +95,8 @@ def handler(inp: HelperInput) -> HelperOutput | dict[str, Any]:
         config["plugin.nats.user"] = ARGS.overlay_user
         config["plugin.nats.pass"] = password
     if behaviour == "provision_on":
+        config["plugin.choria.server.provision"] = "true"
+    elif behaviour == "provision_absent":
         del config["plugin.choria.server.provision"]
     out: dict[str, Any] = {"configuration": config, "overlay": ARGS.overlay, "msg": "placed"}
     ca = _ca()
