@@ -22,19 +22,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import Field
 
 from choria_core.strictmodel import Duration, StrictConfigError, StrictModel, validate_strict
 
-from ._http import TLSVerify
 from .base import CAAdapter
-from .cfssl import CFSSLAdapter
 from .guard import GuardedCA
 from .local import LocalCA
-from .vault import VaultAdapter
 from .verify import DEFAULT_MAX_VALIDITY_S
+
+if TYPE_CHECKING:
+    # cfssl/Vault (and httpx under them) are imported by _cfssl/_vault only: a local-CA helper
+    # run once per node must not pay for them at start-up.
+    from ._http import TLSVerify
+    from .cfssl import CFSSLAdapter
+    from .vault import VaultAdapter
 
 
 class CAConfigError(StrictConfigError):
@@ -251,6 +255,8 @@ def _cfssl(cfg: _CFSSL, ctx: _Ctx) -> CFSSLAdapter:
         profiles[pname] = entry.expiry
     key = ctx.secret(cfg, "auth_key", required=False)
     url = _require_url(cfg, ctx)
+    from .cfssl import CFSSLAdapter  # local: httpx only when a cfssl CA is configured
+
     try:
         return CFSSLAdapter(
             url,
@@ -284,6 +290,8 @@ def _vault(cfg: _Vault, ctx: _Ctx) -> VaultAdapter:
     elif token is None:
         raise ctx.err(None, "missing required key 'token' (or token_file / token_env, or approle)")
     url = _require_url(cfg, ctx)
+    from .vault import VaultAdapter  # local: httpx only when a Vault CA is configured
+
     try:
         return VaultAdapter(
             url,

@@ -13,7 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import nats.js.errors
 import yaml
 from pydantic import ValidationError
 
@@ -121,6 +120,8 @@ class OverlayRegistry:
         cls, js: Any, bucket: str = REGISTRY_BUCKET, key: str = REGISTRY_KEY
     ) -> OverlayRegistry:
         """Load the registry another provisioner published with :meth:`publish`."""
+        import nats.js.errors  # local: nats is only needed for the KV path (helper start-up cost)
+
         try:
             kv = await js.key_value(bucket)
             entry = await kv.get(key)
@@ -132,6 +133,8 @@ class OverlayRegistry:
 
     async def publish(self, js: Any, bucket: str = REGISTRY_BUCKET, key: str = REGISTRY_KEY) -> int:
         """Store this registry in a KV bucket (created if missing); returns the revision."""
+        import nats.js.errors  # local: nats is only needed for the KV path (helper start-up cost)
+
         try:
             kv = await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:

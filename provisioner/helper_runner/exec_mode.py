@@ -101,6 +101,11 @@ class ExecHelper:
                 if len(stdout) > self.max_output:
                     too_large = True
                     kill_group(proc.pid)
+                    del stdout[self.max_output :]
+                    # Drain to EOF, discarding, so nothing more is buffered for a helper
+                    # that was killed.
+                    while await proc.stdout.read(65536):
+                        pass
                     return
 
         async def read_stderr() -> None:
