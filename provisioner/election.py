@@ -171,6 +171,9 @@ class Election:
         self.current: LeaderInfo | None = None
         #: The holder seen before our latest win (None: unknown).
         self.previous: LeaderInfo | None = None
+        # The last holder other than us ever seen: a read that lands just after a graceful
+        # leader deleted its key sees nobody, but the handover still came from that leader.
+        self._last_holder: LeaderInfo | None = None
 
     async def start(self) -> None:
         """Ensure the bucket exists and start campaigning in the background."""
@@ -255,7 +258,7 @@ class Election:
         self.is_leader = True
         self.terms += 1
         # Who held the key before us, as last seen while campaigning (shows the handover).
-        self.previous = self.current
+        self.previous = self.current or self._last_holder
         self.current = LeaderInfo(self.identity, since, revision, rev)
         log.info("election %s: %s won (epoch %d)", self.key, self.identity, self.epoch)
         await _call(self._on_won, self.epoch)
@@ -264,6 +267,8 @@ class Election:
         """Remember who holds the key (status of a standby); never fails the campaign."""
         try:
             self.current = await _read_key(self._kv, self.key)
+            if self.current is not None and self.current.identity != self.identity:
+                self._last_holder = self.current
         except Exception as exc:
             log.debug("election %s: cannot read the leader: %s", self.key, exc)
 
