@@ -70,6 +70,7 @@ FIGURES = (
     "steady_nodes_per_minute",
     "floor_nodes_per_minute",
     "ratio_to_floor",
+    "provisioner_floor_ratio",
     "p50_s",
     "p95_s",
     "provisioner_cpu_s",

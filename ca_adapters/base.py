@@ -93,9 +93,57 @@ class CAAdapter(Protocol):
         """True when the CA answers; never raises."""
         ...
 
+    async def revoke(self, serial: str, reason: str) -> None:
+        """Revoke the certificate with hex ``serial``; ``reason`` is free text (an RFC 5280
+        reason name such as ``keyCompromise`` is passed on, anything else is ``unspecified``).
+        Revoking an already revoked certificate succeeds; an unknown serial is a
+        :class:`CAError`."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections and background resources."""
         ...
+
+
+#: RFC 5280 CRLReason names (as cfssl spells them), by lower-cased name.
+CRL_REASONS: dict[str, str] = {
+    name.lower(): name
+    for name in (
+        "unspecified",
+        "keyCompromise",
+        "cACompromise",
+        "affiliationChanged",
+        "superseded",
+        "cessationOfOperation",
+        "certificateHold",
+        "removeFromCRL",
+        "privilegeWithdrawn",
+        "aACompromise",
+    )
+}
+_MAX_SERIAL_HEX = 40  # RFC 5280: serials are at most 20 octets
+
+
+def crl_reason(reason: str) -> str:
+    """The RFC 5280 reason name for an operator's free-text ``reason`` (else ``unspecified``):
+    the whole text, or what comes before a ``:`` (``keyCompromise: laptop stolen``).
+
+    ``removeFromCRL`` is not a revocation reason and maps to ``unspecified``.
+    """
+    head = reason.split(":", 1)[0]
+    name = CRL_REASONS.get(head.strip().lower().replace(" ", "").replace("_", ""), "")
+    return name if name and name != "removeFromCRL" else "unspecified"
+
+
+def parse_serial(serial: str, *, ca: str = "ca") -> int:
+    """A certificate serial given as hex (``0a1b``, ``0x0a1b`` or ``0a:1b``); CAError if not."""
+    text = serial.strip().lower().removeprefix("0x").replace(":", "").replace("-", "")
+    if not text or len(text) > _MAX_SERIAL_HEX or any(c not in "0123456789abcdef" for c in text):
+        raise CAError(f"{ca}: revoke: not a hex certificate serial", ca=ca)
+    value = int(text, 16)
+    if value <= 0:
+        raise CAError(f"{ca}: revoke: a certificate serial is positive", ca=ca)
+    return value
 
 
 def is_retryable_status(status: int) -> bool:

@@ -37,8 +37,15 @@ from cryptography import x509
 
 from choria_core.durations import parse_duration
 
-from ._http import TLSVerify, http_error, json_body, make_client, send
-from .base import CAError, CAVerificationError, SignRequest, SignResult
+from ._http import KeepAliveClient, TLSVerify, http_error, json_body, make_keepalive_client, send
+from .base import (
+    CAError,
+    CAVerificationError,
+    SignRequest,
+    SignResult,
+    crl_reason,
+    parse_serial,
+)
 from .verify import (
     DEFAULT_MAX_VALIDITY_S,
     Expectations,
@@ -109,9 +116,12 @@ class CFSSLAdapter:
         self._info_cache: dict[str, tuple[float, ProfileInfo]] = {}
         # one /info request per profile at a time: a burst of signs shares the answer
         self._info_locks: dict[str, asyncio.Lock] = {}
-        self._client = client or make_client(
+        # One client for the adapter's life: connections are kept alive between signs.
+        self._client: httpx.AsyncClient | KeepAliveClient = client or make_keepalive_client(
             url, verify=tls_verify, client_cert=client_cert, timeout=timeout
         )
+        # The parsed CA chain and its PEM, kept while /info returns the same certificate text.
+        self._trust_cache: tuple[str, list[x509.Certificate], str] | None = None
 
     # -- wire ---------------------------------------------------------------------------------
 
@@ -198,9 +208,16 @@ class CFSSLAdapter:
         return info
 
     async def _trust(self) -> list[x509.Certificate]:
-        if self._pinned is not None:
-            return self._pinned
-        return load_pem_chain((await self.info(None)).certificate_pem, ca=self.name)
+        return (await self._trust_with_pem())[0]
+
+    async def _trust_with_pem(self) -> tuple[list[x509.Certificate], str]:
+        """The CA chain, parsed once per distinct PEM (pinned, or from ``/info``)."""
+        pem = "" if self._pinned is not None else (await self.info(None)).certificate_pem
+        hit = self._trust_cache
+        if hit is None or hit[0] != pem:
+            certs = self._pinned if self._pinned is not None else load_pem_chain(pem, ca=self.name)
+            hit = self._trust_cache = (pem, certs, dump_pem_chain(certs))
+        return hit[1], hit[2]
 
     async def _expected_lifetime(self, profile: str | None) -> float:
         """The lifetime the certificate must have; refuse profiles cfssl may not know."""
@@ -232,7 +249,7 @@ class CFSSLAdapter:
         csr = parse_csr(req.csr_pem, ca=self.name)
         profile = req.profile or self.profile
         expected = await self._expected_lifetime(profile)
-        trust = await self._trust()
+        trust, trust_pem = await self._trust_with_pem()
         hosts = [*req.all_dns_names(), *dict.fromkeys(req.ip_sans)]
         sign_req: dict[str, Any] = {
             "certificate_request": req.csr_pem,
@@ -265,7 +282,7 @@ class CFSSLAdapter:
                 expected_lifetime_s=expected,
             ),
         )
-        return result_for(cert, dump_pem_chain(trust))
+        return result_for(cert, trust_pem)
 
     async def ca_chain(self) -> str:
         return dump_pem_chain(await self._trust())
@@ -280,3 +297,36 @@ class CFSSLAdapter:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    # -- revocation ---------------------------------------------------------------------------
+
+    async def revoke(self, serial: str, reason: str) -> None:
+        """``/api/v1/cfssl/revoke`` (cfssl serve with ``-db-config``; multirootca has none).
+
+        cfssl keys its certificate database by the *decimal* serial and the issuer's key id
+        (hex). cfssl 1.2 stores an empty key id, newer versions the issuing CA's: the CA's
+        key id is tried first, then the empty one. Revoking twice succeeds.
+        """
+        number = parse_serial(serial, ca=self.name)
+        trust = await self._trust()
+        aki = _key_id(trust[0]) if trust else ""
+        body = {"serial": str(number), "reason": crl_reason(reason)}
+        for key_id in dict.fromkeys((aki, "")):
+            raw = json.dumps({**body, "authority_key_id": key_id}).encode()
+            try:
+                await self._post("revoke", raw, "revoke")
+                return
+            except CAError as exc:
+                if "not found" not in str(exc) or exc.retryable:
+                    raise
+        raise CAError(f"{self.name}: revoke: certificate {serial} not found", ca=self.name)
+
+
+def _key_id(cert: x509.Certificate) -> str:
+    """The subject key id of ``cert`` (hex), as the certificates it issued name it."""
+    try:
+        return str(
+            cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+        )
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()

@@ -125,5 +125,10 @@ class GuardedCA:
     async def health(self) -> bool:
         return await self.adapter.health()
 
+    async def revoke(self, serial: str, reason: str) -> None:
+        """Passed straight through: an operator's revocation is neither rate limited nor
+        refused by an open circuit (it is rare and must reach the CA)."""
+        await self.adapter.revoke(serial, reason)
+
     async def aclose(self) -> None:
         await self.adapter.aclose()

@@ -85,10 +85,14 @@ class NodeHost(Protocol):
     def agent_names(self) -> list[str]: ...
     @property
     def upgradable(self) -> bool: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def release_max_bytes(self) -> int: ...
     def facts(self) -> dict[str, Any]: ...
     def check_restart_config(self) -> None: ...
     def note_ssldir(self, ssldir: Path) -> None: ...
-    async def publish_event(self, event_type: str) -> None: ...
+    async def publish_event(self, event_type: str, *, new_version: str | None = None) -> None: ...
     def schedule_restart(self, delay_s: float) -> None: ...
     def schedule_shutdown(self, delay_s: float) -> None: ...
 
@@ -171,7 +175,7 @@ class RPCUtilAgent:
                     "facts": h.facts(),
                     "machines": [],
                     "main_collective": h.main_collective,
-                    "version": NODE_VERSION,
+                    "version": h.version,
                     "upgradable": h.upgradable,
                 },
             )
@@ -205,7 +209,7 @@ class RPCUtilAgent:
                     "configfile": str(h.config_path),
                     "pid": os.getpid(),
                     "starttime": int(h.started_at),
-                    "version": NODE_VERSION,
+                    "version": h.version,
                     **{
                         k: s.get(k, 0)
                         for k in (
@@ -247,7 +251,7 @@ class ChoriaUtilAgent:
                 "security": "file",
                 "connector": "choria",
                 "client_flavour": "nats-py",
-                "choria_version": NODE_VERSION,
+                "choria_version": self.host.version,
                 "secure_protocol": False,
                 "middleware_servers": [],
                 "path": str(self.host.config_path),

@@ -11,6 +11,8 @@ TLS that does not verify the broker. In normal mode it connects to
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from choria_core.errors import FleetError
+from choria_core.protocol import RequestTrust
 from jwt_tools import TokenError, parse_provisioning_token_unverified
 from node_agent.files import config_bool
 from node_agent.provision_agent import PROVISION_SETTING
@@ -34,10 +37,17 @@ __all__ = [
     "normalise_url",
     "provisioning_options",
     "read_token",
+    "request_trust",
     "wants_provisioning",
 ]
 
+log = logging.getLogger(__name__)
+
 PROVISIONING_COLLECTIVE = "provisioning"
+MAX_CA_BYTES = 1024 * 1024
+#: ``iss`` of a token issued by an Organization Issuer (``I-<key>``) or a chain issuer
+#: (``C-<id>.<key>``): the ed25519 key that also issues the org's client JWTs.
+_ISSUER_KEY = re.compile(r"(?:I-|C-[^.]{1,128}\.)([0-9a-fA-F]{64})")
 
 
 class NodeError(FleetError, RuntimeError, reason="node"):
@@ -91,6 +101,42 @@ def wants_provisioning(cfg: Mapping[str, str] | None, claims: Mapping[str, Any] 
         return setting
     # Without the setting the token's chpd decides, as in go-choria.
     return bool(claims and claims.get("chpd"))
+
+
+def request_trust(
+    claims: Mapping[str, Any], *, ca: Path | None, ssldir: Path | None = None
+) -> RequestTrust | None:
+    """Who may sign requests to this node: None (unsigned requests are fine) unless the token
+    says ``chs: true``. Then the CA file ``ca`` (else ``<ssldir>/ca.pem`` if present, where
+    ``configure`` writes the CA) for x509 signers and the token's issuer key from ``iss`` for
+    its ``ou`` for client JWT signers; with neither, every request is refused."""
+    if claims.get("chs") is not True:
+        return None
+    if ca is None and ssldir is not None and (ssldir / "ca.pem").is_file():
+        ca = ssldir / "ca.pem"
+    ca_pem = None
+    if ca is not None:
+        try:
+            with ca.open("rb") as fh:
+                ca_pem = fh.read(MAX_CA_BYTES + 1)
+        except OSError as exc:
+            raise NodeError(f"cannot read the CA {ca} for signed requests: {exc}") from exc
+        if len(ca_pem) > MAX_CA_BYTES:
+            raise NodeError(f"the CA {ca} is larger than {MAX_CA_BYTES} bytes")
+    issuers = {}
+    match = _ISSUER_KEY.fullmatch(str(claims.get("iss") or ""))
+    if match:
+        issuers[str(claims.get("ou") or "choria")] = match.group(1).lower()
+    try:
+        trust = RequestTrust.build(ca_pem=ca_pem, jwt_issuers=issuers)
+    except ValueError as exc:
+        raise NodeError(f"cannot use the CA {ca} for signed requests: {exc}") from exc
+    if trust.empty:
+        log.error(
+            "the provisioning token sets chs (signed requests) but this node has no CA and the "
+            "token names no issuer key: every request will be refused"
+        )
+    return trust
 
 
 def middleware_hosts(cfg: Mapping[str, str]) -> list[str]:

@@ -4,19 +4,28 @@ Requests are checked (collective, TTL window, filter) before anything else, answ
 transport header ``reply-to`` (never to a NATS reply subject), and counted in the statistics
 ``rpcutil#daemon_stats`` reports. ``discovery`` pings are answered here; every other agent runs
 in its own task so that a slow action does not hold up the subscription.
+
+With ``trust`` set (a provisioning token with ``chs: true``), every request must be signed by its
+caller as :mod:`choria_core.protocol.signing` checks it; unsigned or wrongly signed requests are
+dropped before any other check, counted as ``unvalidated`` and ``signature_refused``, and logged
+(rate-limited, the caller escaped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine, Mapping
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from choria_core.protocol import (
     ProtocolError,
     Request,
+    RequestTrust,
     RPCReply,
     StatusCode,
     TransportHeaders,
@@ -26,9 +35,11 @@ from choria_core.protocol import (
     encode_reply,
     new_reply,
     parse_rpc_request,
+    verify_secure_request,
 )
+from choria_core.remote_text import clean_remote_text
 from node_agent.agents import AgentError, ChoriaUtilAgent, Envelope, RPCUtilAgent
-from node_agent.boot import PROVISIONING_COLLECTIVE
+from node_agent.boot import PROVISIONING_COLLECTIVE, request_trust
 from node_agent.provision_agent import ProvisionAgent
 from node_agent.transport import Link
 
@@ -45,6 +56,30 @@ def _decode_cached(data: bytes) -> tuple[Request, TransportHeaders]:
     return decode_request(data)
 
 
+#: Requests whose signature verified recently, per trust (many simulated nodes, one broadcast).
+_VERIFIED: OrderedDict[tuple[str, str, str, str], tuple[RequestTrust, float]] = OrderedDict()
+VERIFIED_CACHE_SIZE = 256
+VERIFIED_CACHE_S = 30.0
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+def verify_signed(req: Request, trust: RequestTrust) -> None:
+    """Raise ProtocolError unless ``req`` is signed by its caller as ``trust`` sees it."""
+    sec = req.secure
+    if sec is None:
+        raise ProtocolError("no secure request layer to verify")
+    key = (sec.message, sec.signature, sec.pubcert, req.callerid)
+    now = time.monotonic()
+    hit = _VERIFIED.get(key)
+    if hit is not None and hit[0] is trust and now - hit[1] < VERIFIED_CACHE_S:
+        return
+    verify_secure_request(sec, req.callerid, trust)
+    _VERIFIED[key] = (trust, now)
+    _VERIFIED.move_to_end(key)
+    while len(_VERIFIED) > VERIFIED_CACHE_SIZE:
+        _VERIFIED.popitem(last=False)
+
+
 class RequestDispatcher:
     """Answers the requests of one node.
 
@@ -58,6 +93,10 @@ class RequestDispatcher:
         self.collectives: list[str] = [PROVISIONING_COLLECTIVE]
         self.agents: dict[str, Agent] = {}
         self.link: Link | None = None
+        #: Who may sign requests (``chs: true``); None accepts unsigned requests.
+        self.trust: RequestTrust | None = None
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = float("-inf")
         #: In-flight actions (a restart waits for them so that its own reply goes out).
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -65,6 +104,18 @@ class RequestDispatcher:
     def agent_names(self) -> list[str]:
         """Loaded agents (``discovery`` is always loaded)."""
         return sorted(["discovery", *self.agents])
+
+    def set_mode(self, collectives: list[str], trust: RequestTrust | None) -> None:
+        """The collectives answered and who must sign requests (None: unsigned is fine)."""
+        self.collectives = collectives
+        self.trust = trust
+
+    def provisioning_mode(
+        self, claims: Mapping[str, Any], *, ca: Path | None, ssldir: Path | None = None
+    ) -> None:
+        """Answer the provisioning collective; signed requests only if the token sets ``chs``
+        (:func:`node_agent.boot.request_trust`)."""
+        self.set_mode([PROVISIONING_COLLECTIVE], request_trust(claims, ca=ca, ssldir=ssldir))
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -89,6 +140,12 @@ class RequestDispatcher:
             self._count("unvalidated")
             log.debug("dropped undecodable message on %s: %s", subject, exc)
             return
+        if self.trust is not None:
+            try:
+                verify_signed(req, self.trust)
+            except ProtocolError as exc:
+                self._refused(req, exc)
+                return
         self._count("validated")
         try:
             check_request(
@@ -115,6 +172,24 @@ class RequestDispatcher:
             log.debug("no agent %s on %s", req.agent, self.identity)
             return
         self._spawn(self._handle_rpc(agent, req, headers))
+
+    def _refused(self, req: Request, exc: ProtocolError) -> None:
+        self._count("unvalidated")
+        self._count("signature_refused")
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        log.warning(
+            "%s dropped request %s from caller %s: %s (%d refused since the last report)",
+            self.identity,
+            clean_remote_text(req.requestid, 64),
+            clean_remote_text(req.callerid, 256),
+            clean_remote_text(str(exc), 512),
+            self._refusals_unlogged,
+        )
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = now
 
     async def _handle_rpc(self, agent: Agent, req: Request, headers: TransportHeaders) -> None:
         try:

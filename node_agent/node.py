@@ -57,6 +57,7 @@ from node_agent.dispatch import Agent, RequestDispatcher
 from node_agent.files import ConfigFileError, read_config
 from node_agent.keys import KeyPool, KeyType
 from node_agent.provision_agent import PROVISION_SETTING, ProvisionAgent
+from node_agent.release import DEFAULT_MAX_BYTES, installed_version
 from node_agent.transport import ConnectOptions, Link, SharedConnections, connect_own
 
 __all__ = ["NodeAgent", "NodeError", "NodeMode"]
@@ -74,7 +75,8 @@ class NodeAgent:
     provisioning connection verify the broker (go-choria never does); ``ssl_root`` bounds the
     ``ssldir`` a provisioner may choose (default ``state_dir``); ``shared`` multiplexes this
     node on a shared connection (benchmarks); ``restart_delay_scale`` scales restart/shutdown
-    delays (tests: 0.01 makes the 2 s restart 20 ms).
+    delays (tests: 0.01 makes the 2 s restart 20 ms). ``version``, ``allow_update`` (go-choria's
+    ``provision.allow_update``) and ``release_max_bytes``: see :mod:`node_agent.release`.
     """
 
     def __init__(
@@ -94,6 +96,9 @@ class NodeAgent:
         restart_delay_scale: float = 1.0,
         durable: bool = True,
         alive_events: bool = True,
+        version: str = NODE_VERSION,
+        allow_update: bool = False,
+        release_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if not is_valid_identity(identity):
             raise ValueError(f"invalid node identity {identity!r}")
@@ -118,6 +123,9 @@ class NodeAgent:
         self._tls_ca = Path(tls_ca) if tls_ca is not None else None
         self._shared = shared
         self._alive_events = alive_events
+        self._base_version = self._version = version
+        self._allow_update = allow_update
+        self.release_max_bytes = release_max_bytes
         self._claims: dict[str, Any] | None = None
         self._token_text: str | None = None
         self._main_collective = PROVISIONING_COLLECTIVE
@@ -181,8 +189,13 @@ class NodeAgent:
 
     @property
     def upgradable(self) -> bool:
-        """False: this node does not implement ``release_update``."""
-        return False
+        """``release_update`` is allowed: ``allow_update``, or the token's ``update`` claim."""
+        return self._allow_update or bool(self._claims and self._claims.get("update") is True)
+
+    @property
+    def version(self) -> str:
+        """The version this node reports: its installed release's, else ``version``."""
+        return self._version
 
     @property
     def connected_url(self) -> str:
@@ -277,6 +290,7 @@ class NodeAgent:
         self._ready.clear()
         self._claims = self._token_text = None  # forgotten even if the token is now unreadable
         self._claims, self._token_text = read_token(self.token_path)
+        self._version = installed_version(self.state_dir) or self._base_version
         cfg = self._read_config_or_none()
         try:
             provisioning = wants_provisioning(cfg, self._claims)
@@ -308,7 +322,7 @@ class NodeAgent:
             broker_urls=self._broker_urls,
             tls_ca=self._tls_ca,
         )
-        self._requests.collectives = [PROVISIONING_COLLECTIVE]
+        self._requests.provisioning_mode(self._claims, ca=self._tls_ca, ssldir=self.ssldir)
         self._main_collective = PROVISIONING_COLLECTIVE
         self._requests.agents = {
             "rpcutil": RPCUtilAgent(self),
@@ -324,7 +338,7 @@ class NodeAgent:
             config_path=self.config_path,
             ssldir=self._noted_ssldir or self.default_ssldir,
         )
-        self._requests.collectives = normal.collectives
+        self._requests.set_mode(normal.collectives, None)
         self._main_collective = normal.main_collective
         agents: dict[str, Agent] = {
             "rpcutil": RPCUtilAgent(self),
@@ -373,18 +387,21 @@ class NodeAgent:
     def _component(self) -> str:
         return "provision_mode_server" if self.mode == "provisioning" else "server"
 
-    async def _publish_event_now(self, event_type: str) -> None:
+    async def _publish_event_now(self, event_type: str, new_version: str | None = None) -> None:
         if self._link is None:
             return
         component = self._component
-        version = NODE_VERSION if event_type in ("startup", "alive") else None
-        event = new_event(event_type, identity=self.identity, component=component, version=version)
+        extra: dict[str, Any] = {"new_version": new_version} if new_version is not None else {}
+        version = self.version if event_type in ("startup", "alive", "upgraded") else None
+        event = new_event(
+            event_type, identity=self.identity, component=component, version=version, **extra
+        )
         await self._link.publish(lifecycle_subject(event_type, component), encode_event(event))
         self.stats["events"] = self.stats.get("events", 0) + 1
 
-    async def publish_event(self, event_type: str) -> None:
+    async def publish_event(self, event_type: str, *, new_version: str | None = None) -> None:
         """Publish a CloudEvents lifecycle event for the current mode's component."""
-        await self._publish_event_now(event_type)
+        await self._publish_event_now(event_type, new_version)
 
     def _schedule_alive(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -422,8 +439,10 @@ class NodeAgent:
             await asyncio.sleep(delay_s * self.restart_delay_scale)
             await self._requests.drain()
             await self._teardown()
-            # A new process would start without these.
+            # A new process would start without these, and with a new start time (what
+            # rpcutil#daemon_stats reports: the fleet operations engine reads it).
             self.ecdh_private = None
+            self.started_at = time.time()
             self._provision_agent.reset()
             if self._stopping.is_set():
                 return

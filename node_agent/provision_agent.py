@@ -8,7 +8,8 @@ Where this node departs from go-choria on purpose:
 * ``configure`` validates everything first, then commits all files or none, refuses
   traversal, newline injection and a ``key`` without ``certificate``/``ca``/``ssldir``;
 * ``restart`` validates ``splay`` and refuses a config that would re-enter provisioning;
-* ``release_update`` is not supported (answers Aborted).
+* ``release_update`` verifies the release's SHA-256 before anything is installed, bounds every
+  download, refuses path tricks and switches releases atomically (:mod:`node_agent.release`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from choria_core import ecdh
 from choria_core.protocol import RPCReply, StatusCode
+from choria_core.remote_text import clean_remote_text
 from choria_core.securefile import write_atomic
 from node_agent.agents import AgentError, Envelope, NodeHost, decode_args, go_duration
 from node_agent.files import (
@@ -42,6 +44,7 @@ from node_agent.files import (
     resolve_ssldir,
 )
 from node_agent.keys import CSRFieldError, build_csr, generate_private_key
+from node_agent.release import ReleaseError, ReleaseRequest, apply_release
 
 __all__ = ["LOCK_SECONDS", "PROVISION_SETTING", "ProvisionAgent"]
 
@@ -420,9 +423,32 @@ class ProvisionAgent:
         return {"message": f"Restarting after {go_duration(delay)}"}
 
     async def _release_update(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        host = self.host
         self._require_provision_mode("Cannot update a server that is not in provisioning mode")
+        if not host.upgradable:
+            raise AgentError("Version updates is not enabled in the configuration")
         self._check_token(args["token"], env)
-        raise AgentError(
-            "release_update is not supported by this node: it does not replace its own binary, "
-            "upgrade the package out of band"
+        self._take_lock(env)
+        version: str = args["version"]
+        shown = clean_remote_text(version, 64)
+        req = ReleaseRequest(
+            repository=args["repository"],
+            version=version,
+            state_dir=host.state_dir,
+            max_bytes=host.release_max_bytes,
+            durable=host.durable,
         )
+        try:
+            await asyncio.to_thread(apply_release, req)
+        except ReleaseError as exc:
+            log.warning("update of %s to %s failed: %s", host.identity, shown, exc)
+            raise AgentError(
+                f"Update to version {shown} failed, nothing was installed: {exc}"
+            ) from None
+        log.warning("updated %s from %s to %s, restarting", host.identity, host.version, shown)
+        try:
+            await host.publish_event("upgraded", new_version=version)
+        except Exception as exc:  # go-choria only logs this too
+            log.warning("could not publish upgraded event: %s", exc)
+        host.schedule_restart(2)
+        return {"message": "Restarting Choria Server after 2s"}

@@ -8,6 +8,7 @@ is cut off from the rest of the fleet. These pydantic models are the validated f
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -32,6 +33,52 @@ class OverlayConfigError(FleetError, ValueError, reason="config"):
     """The overlay registry is invalid; the message names the source, overlay and field."""
 
 
+class OverlayClient(BaseModel):
+    """How the provisioner itself connects to an overlay's brokers (the fleet operations engine).
+
+    Either mutual TLS (``certificate`` + ``key``) or a NATS user JWT and its nkey seed (``jwt``
+    + ``seed``), never both; ``ca`` verifies the brokers' TLS certificates in either form.
+    Values are file paths; relative paths are resolved against the registry file's directory.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certificate: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    jwt: str | None = None
+    seed: str | None = None
+
+    @model_validator(mode="after")
+    def _check_form(self) -> OverlayClient:
+        tls = self.certificate is not None or self.key is not None
+        nkey = self.jwt is not None or self.seed is not None
+        if tls and nkey:
+            raise ValueError("give either certificate/key or jwt/seed, not both")
+        if tls and (not self.certificate or not self.key):
+            raise ValueError("mutual TLS needs both 'certificate' and 'key'")
+        if nkey and (not self.jwt or not self.seed):
+            raise ValueError("a client JWT needs both 'jwt' and 'seed'")
+        if not tls and not nkey:
+            raise ValueError("give certificate/key (mutual TLS) or jwt/seed (client JWT)")
+        return self
+
+    @property
+    def mode(self) -> Literal["tls", "jwt"]:
+        """``tls`` (client certificate) or ``jwt`` (user JWT and nkey seed)."""
+        return "tls" if self.certificate else "jwt"
+
+    def resolved(self, base: Path) -> OverlayClient:
+        """A copy with relative paths made absolute against ``base``."""
+        fields = ("certificate", "key", "ca", "jwt", "seed")
+        update = {
+            f: str(base / v)
+            for f in fields
+            if (v := getattr(self, f)) is not None and not Path(v).is_absolute()
+        }
+        return self.model_copy(update=update) if update else self
+
+
 class Overlay(BaseModel):
     """One overlay: its brokers, its size, and whether it takes new nodes."""
 
@@ -46,6 +93,8 @@ class Overlay(BaseModel):
     weight: Annotated[float, Field(ge=0)] = 1.0
     #: CA signing profile (cfssl profile, Vault/OpenBao PKI role) used for nodes in this overlay.
     ca_profile: str | None = None
+    #: The provisioner's own client identity on this overlay's brokers (fleet operations).
+    client: OverlayClient | None = None
 
     @field_validator("name")
     @classmethod

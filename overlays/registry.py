@@ -63,8 +63,11 @@ class OverlayRegistry:
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, obj: Any, *, source: str = "<dict>") -> OverlayRegistry:
-        """Validate a mapping shaped like the YAML file."""
+    def from_dict(
+        cls, obj: Any, *, source: str = "<dict>", base_dir: Path | None = None
+    ) -> OverlayRegistry:
+        """Validate a mapping shaped like the YAML file; ``base_dir`` resolves the relative
+        paths of each overlay's ``client`` (the registry file's directory)."""
         if not isinstance(obj, Mapping):
             raise OverlayConfigError(f"{source}: the top level must be a mapping with 'overlays:'")
         unknown = set(obj) - _TOP_KEYS
@@ -84,9 +87,12 @@ class OverlayRegistry:
             if not isinstance(item, Mapping):
                 raise OverlayConfigError(f"{source}: {label} must be a mapping")
             try:
-                overlays.append(Overlay.model_validate(dict(item)))
+                ov = Overlay.model_validate(dict(item))
             except ValidationError as err:
                 raise OverlayConfigError(f"{source}: {label} {_describe(err)}") from None
+            if ov.client is not None and base_dir is not None:
+                ov = ov.model_copy(update={"client": ov.client.resolved(base_dir)})
+            overlays.append(ov)
         raw_placement = obj.get("placement") or {}
         if not isinstance(raw_placement, Mapping):
             raise OverlayConfigError(f"{source}: 'placement' must be a mapping")
@@ -104,16 +110,18 @@ class OverlayRegistry:
             text = p.read_text(encoding="utf-8")
         except OSError as err:
             raise OverlayConfigError(f"{p}: cannot read: {err.strerror or err}") from None
-        return cls.from_text(text, source=str(p))
+        return cls.from_text(text, source=str(p), base_dir=p.absolute().parent)
 
     @classmethod
-    def from_text(cls, text: str, *, source: str = "<text>") -> OverlayRegistry:
+    def from_text(
+        cls, text: str, *, source: str = "<text>", base_dir: Path | None = None
+    ) -> OverlayRegistry:
         """Parse YAML (or JSON, a subset) text."""
         try:
             obj = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise OverlayConfigError(f"{source}: not valid YAML: {err}") from None
-        return cls.from_dict(obj, source=source)
+        return cls.from_dict(obj, source=source, base_dir=base_dir)
 
     @classmethod
     async def from_kv(

@@ -31,6 +31,7 @@ from provisioner.metrics import Metrics
 from provisioner.queue import NodeRecord, NodeState
 from provisioner.reasons import Decision, Reason, ReasonCode
 from provisioner.rpc import RPCClient, RPCError
+from provisioner.token_governance import TokenGovernance
 
 #: The node-side agent that provisions a node.
 PROVISION_AGENT = "choria_provision"
@@ -69,6 +70,10 @@ class PipelineContext:
     record_retry_s: float = 15.0
     #: The audit log: an issued certificate is recorded before it is delivered.
     audit: AuditLog | None = None
+    #: The identity's revocation record, or None (provisioner.revocation; no I/O).
+    revoked: Callable[[str], object | None] = lambda identity: None
+    #: Revoked tokens and per-token limits (``token_governance.enabled``), else None.
+    token_governance: TokenGovernance | None = None
 
 
 @dataclass(slots=True)

@@ -25,6 +25,11 @@ pipeline turns them into a failed attempt (before the helper) or retries them (a
 
 Helper outputs carrying a centrally made private ``key`` are not stored (it would put a secret at
 rest); for those a new leader re-runs the helper. The HA guide documents this.
+
+Behind a Choria Broker (``election.api_prefix`` other than ``$JS.API``) the provisioning account
+has no JetStream: the claims bucket is only used if it is already reachable through that prefix
+(``create=False``); otherwise claims are off and only the election epoch and the safe points
+fence the leaders (:meth:`provisioner.leadership.Leadership.open_claims`).
 """
 
 from __future__ import annotations
@@ -118,10 +123,15 @@ class ClaimStore:
         self._kv = kv
 
     @classmethod
-    async def open(cls, js: Any, bucket: str = DEFAULT_BUCKET, ttl: float = 86400.0) -> ClaimStore:
+    async def open(
+        cls, js: Any, bucket: str = DEFAULT_BUCKET, ttl: float = 86400.0, *, create: bool = True
+    ) -> ClaimStore:
+        """The claims bucket; created when absent unless ``create`` is false (then it raises)."""
         try:
             kv = await js.key_value(bucket)
         except (BucketNotFoundError, NotFoundError):
+            if not create:
+                raise
             try:
                 kv = await js.create_key_value(
                     config=KeyValueConfig(

@@ -35,6 +35,11 @@ from choria_core.strictmodel import (
     unknown_keys,
     validate_strict,
 )
+from provisioner.client_identity import (
+    ClientIdentityConfig,
+    ClientIdentityError,
+    load_client_identity,
+)
 from provisioner.config_sections import (
     AdminConfig,
     AuditConfig,
@@ -44,7 +49,11 @@ from provisioner.config_sections import (
     TLSConfig,
     TokensConfig,
 )
+from provisioner.fleetops.model import FleetOpsConfig
 from provisioner.pki_policy import PkiPolicyConfig
+from provisioner.renewal import RenewalConfig
+from provisioner.revocation import RevocationConfig
+from provisioner.token_governance import TokenGovernanceConfig
 
 __all__ = [
     "DEFAULT_CERT_DENY_LIST",
@@ -125,6 +134,12 @@ class ProvisionerConfig(StrictModel):
     broker_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     broker_user: str = "provisioner"
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    # the provisioner's Choria client identity: JWT + seed (broker login) or x509 pair
+    client_identity: ClientIdentityConfig = Field(default_factory=ClientIdentityConfig)
+    # resolve broker_urls from SRV records in this DNS domain (provisioner/srv.py)
+    broker_srv_domain: str = ""
+    # DNS servers (host or host:port) for that lookup; empty: the system resolver
+    broker_srv_nameservers: list[str] = Field(default_factory=list)
     helper_mode: Literal["exec", "persistent", "python"] = "exec"
     helper_args: list[str] = Field(default_factory=list)
     helper_timeout: Duration = Field(default=10.0, gt=0)
@@ -144,11 +159,19 @@ class ProvisionerConfig(StrictModel):
     audit_log: str | None = None
     audit: AuditConfig = Field(default_factory=AuditConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
+    # revoked tokens and per-token limits (provisioner/token_governance.py)
+    token_governance: TokenGovernanceConfig = Field(default_factory=TokenGovernanceConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     election: ElectionConfig = Field(default_factory=ElectionConfig)
     overlays: str | None = None
     # what CSRs and helper certificates must look like (provisioner/pki_policy.py)
     pki_policy: PkiPolicyConfig = Field(default_factory=PkiPolicyConfig)
+    # the fleet operations engine: reaching provisioned nodes (provisioner/fleetops/)
+    fleetops: FleetOpsConfig = Field(default_factory=FleetOpsConfig)
+    # where `provisioner revoke` revokes certificates (provisioner/revocation.py)
+    revocation: RevocationConfig = Field(default_factory=RevocationConfig)
+    # renewal before expiry through the fleet operations engine (provisioner/renewal.py)
+    renewal: RenewalConfig = Field(default_factory=RenewalConfig)
 
     _source_file: Path | None = PrivateAttr(default=None)
 
@@ -287,6 +310,24 @@ class ProvisionerConfig(StrictModel):
             raise ValueError("broker_user must not be empty")
         return v
 
+    @field_validator("broker_srv_domain")
+    @classmethod
+    def _srv_domain(cls, v: str) -> str:
+        v = v.strip().rstrip(".")
+        if v and not re.fullmatch(
+            r"(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.?)+", v
+        ):
+            raise ValueError(f"broker_srv_domain {v!r} is not a DNS domain, e.g. example.net")
+        return v
+
+    @field_validator("broker_srv_nameservers")
+    @classmethod
+    def _srv_nameservers(cls, v: list[str]) -> list[str]:
+        for ns in v:
+            if not re.fullmatch(r"[0-9a-fA-F.:]+|[0-9.]+:\d{1,5}", ns):
+                raise ValueError(f"nameserver {ns!r} is not an IP address or ip:port")
+        return v
+
     @field_validator("features")
     @classmethod
     def _features(cls, v: Features) -> Features:
@@ -312,6 +353,10 @@ _PATH_KEYS: tuple[tuple[str, ...], ...] = (
     ("tls", "ca"),
     ("tls", "cert"),
     ("tls", "key"),
+    ("client_identity", "jwt"),
+    ("client_identity", "seed"),
+    ("client_identity", "certificate"),
+    ("client_identity", "key"),
 )
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}\s*")
 
@@ -428,6 +473,10 @@ def load_config(
         _set_override(raw, key, value)
 
     cfg = validate_strict(ProvisionerConfig, raw, file=fname, error=ConfigError)
+    try:  # the identity files: readable, paired, the seed matching the JWT
+        load_client_identity(cfg.client_identity)
+    except ClientIdentityError as exc:
+        raise ConfigError(exc.detail, key=exc.key, file=fname) from None
     cfg._source_file = file.resolve()
     return cfg
 

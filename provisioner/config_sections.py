@@ -67,9 +67,18 @@ class ElectionConfig(StrictModel):
     # Failover takes about ttl + 0.5 s (docs/high-availability.md); the election allows 1 s..1 h.
     ttl: Duration = Field(default=3.0, ge=1.0, le=3600.0)
     campaign_interval: Duration | None = Field(default=None, gt=0)
+    # The JetStream API prefix the bucket is reached through: ``$JS.API`` (the provisioning
+    # account's own JetStream) or ``choria.streams`` (a Choria Broker's import: no reads, no
+    # bucket creation, no claims; docs/high-availability.md "Choria Broker layout").
+    api_prefix: str = Field(default="$JS.API", min_length=1, max_length=128)
 
     @model_validator(mode="after")
     def _check(self) -> ElectionConfig:
+        if not re.fullmatch(r"[$A-Za-z0-9_-]+(\.[$A-Za-z0-9_-]+)*", self.api_prefix):
+            raise ValueError(
+                "election.api_prefix must be a NATS subject prefix (tokens of letters, digits, "
+                "'$', '_' and '-' separated by dots), e.g. $JS.API or choria.streams"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.bucket):
             raise ValueError("election.bucket may only hold letters, digits, '_' and '-'")
         if not re.fullmatch(r"[-/_=.A-Za-z0-9]+", self.key):

@@ -4,7 +4,9 @@
   before anything connects (``jwt_verify_cert``; ``jwt_signing_key`` with the ed25519 feature);
 * :func:`tls_context`: TLS/mTLS from ``tls.*`` when a broker URL is ``tls://`` or files are set;
 * :func:`connect`: one NATS connection as the provisioner user (``broker_user`` /
-  ``broker_provisioning_password``): a few quick tries at start, then reconnecting forever
+  ``broker_provisioning_password``; with a ``client_identity`` JWT + seed also the client JWT
+  and the broker's nonce signed with the seed, as a go-choria client sends them, for a Choria
+  Broker with an Organization Issuer): a few quick tries at start, then reconnecting forever
   after a disconnect. A connection the client *closes* (the server sent ``-ERR``, e.g. a
   control line over its limit, or an authorization violation) never comes back: ``on_closed``
   tells the service, which reports itself unhealthy and makes ``provisioner run`` exit 1 so
@@ -20,12 +22,13 @@ Everything that keeps the service from starting raises :class:`ProvisionerError`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
+from nats.aio.client import Client as _NatsClient
 
 from choria_core.errors import FleetError
 from choria_core.natsconn import being_cancelled
@@ -34,7 +37,14 @@ from choria_core.remote_text import clean_remote_text
 from jwt_tools import SigningKey, TokenError, VerifyKey, load_chain_issuer
 from jwt_tools import load_signing_key as _load_key
 from jwt_tools import load_verify_keys as load_verify_keys_from
+from provisioner.client_identity import (
+    ClientIdentity,
+    ClientIdentityError,
+    load_client_identity,
+    sign_nonce,
+)
 from provisioner.config import ProvisionerConfig
+from provisioner.srv import SrvError, resolve_broker_urls
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +105,40 @@ def load_signing_key(config: ProvisionerConfig) -> SigningKey | None:
         except TokenError as exc:
             raise ProvisionerError(f"jwt_signing_token: {exc}") from None
     return key
+
+
+def client_identity(config: ProvisionerConfig) -> ClientIdentity | None:
+    """The provisioner's Choria client identity (``client_identity``), or None."""
+    try:
+        ident = load_client_identity(config.client_identity)
+    except ClientIdentityError as exc:
+        raise ProvisionerError(str(exc)) from None
+    if ident is not None and ident.expired():
+        raise ProvisionerError("client_identity.jwt: the client JWT has expired; issue a new one")
+    return ident
+
+
+class _ChoriaClient(_NatsClient):
+    """nats-py, sending a Choria client's CONNECT: with a client JWT, go-choria (nats.go)
+    sends ``user``/``pass`` (the provisioner user), ``auth_token`` and ``jwt`` (the client
+    JWT) and ``sig`` (the nonce signed with the seed) together; nats-py drops user/password
+    once a signature callback is set, so they are put back here."""
+
+    choria_jwt: str = ""
+
+    def _connect_command(self) -> bytes:
+        line = super()._connect_command()
+        if not self.choria_jwt:
+            return line
+        head, _, rest = line.partition(b" ")
+        options = json.loads(rest)
+        user, password = self.options.get("user"), self.options.get("password")
+        if user is not None and password is not None:
+            options.setdefault("user", user)
+            options.setdefault("pass", password)
+        options.setdefault("auth_token", self.choria_jwt)
+        options.setdefault("jwt", self.choria_jwt)
+        return head + b" " + json.dumps(options, sort_keys=True).encode() + b"\r\n"
 
 
 def tls_context(config: ProvisionerConfig) -> ssl.SSLContext | None:
@@ -168,10 +212,41 @@ def _options(
     }
     if config.broker_provisioning_password:
         options["password"] = config.broker_provisioning_password
+    ident = client_identity(config)
+    if ident is not None and ident.kind == "jwt" and ident.jwt:
+        token, signer = ident.jwt, ident
+
+        def jwt_cb() -> bytearray:
+            if signer.expired():  # as go-choria: never sign a nonce for an expired token
+                raise ProvisionerError("client_identity.jwt: the client JWT has expired")
+            return bytearray(token.encode())
+
+        options["token"] = token
+        options["user_jwt_cb"] = jwt_cb
+        options["signature_cb"] = lambda nonce: sign_nonce(signer, nonce)
     tls = tls_context(config)
     if tls is not None:
         options["tls"] = tls
     return options
+
+
+def uses_srv(config: ProvisionerConfig) -> bool:
+    """True when the broker URLs come from SRV records: ``broker_srv_domain`` is set and
+    ``broker_urls`` is not (configured hosts win, as go-choria's middleware_hosts do)."""
+    return bool(config.broker_srv_domain) and "broker_urls" not in config.model_fields_set
+
+
+async def broker_servers(config: ProvisionerConfig) -> list[str]:
+    """``broker_urls``, or the brokers of ``broker_srv_domain``'s SRV records."""
+    if not uses_srv(config):
+        return list(config.broker_urls)
+    scheme = "tls" if (config.tls.ca or config.tls.cert) and not config.choria_insecure else "nats"
+    try:
+        return await resolve_broker_urls(
+            config.broker_srv_domain, scheme=scheme, nameservers=config.broker_srv_nameservers
+        )
+    except SrvError as exc:
+        raise ProvisionerError(f"broker_srv_domain: {exc}") from None
 
 
 async def connect(
@@ -188,13 +263,29 @@ async def connect(
     good, while ``is_running()``: the connection will not come back).
     """
     options = _options(config, name, is_running, on_reconnect, on_state)
+    options["servers"] = servers = await broker_servers(config)
+    seen: list[str] = []  # what the broker said while we tried (e.g. Authorization Violation)
+    logged = options["error_cb"]
+
+    async def error_cb(exc: Exception) -> None:
+        seen.append(clean_remote_text(str(exc), 200))
+        await logged(exc)
+
+    options["error_cb"] = error_cb
+    nc: Any = _ChoriaClient()
+    if "user_jwt_cb" in options:
+        nc.choria_jwt = options["token"]
     try:
-        nc = await nats.connect(**options)
+        await nc.connect(**options)
     except Exception as exc:
-        # nats-py errors name the server, never the password.
+        # nats-py errors name the server, never the password. The broker's own refusal
+        # (e.g. "Authorization Violation") is the last error seen, not the one raised.
+        said = [e for e in seen if "no servers available" not in e]
+        said = [e for e in said if e.startswith("nats: ")] or said  # -ERR over socket errors
+        why = f" (the broker said: {said[-1]})" if said else ""
         raise ProvisionerError(
-            f"could not connect to the broker {','.join(config.broker_urls)} as "
-            f"{config.broker_user}: {type(exc).__name__}: {exc}"
+            f"could not connect to the broker {','.join(servers)} as "
+            f"{config.broker_user}: {type(exc).__name__}: {exc}{why}"
         ) from None
     # Connected: from now on survive broker restarts by reconnecting forever.
     nc.options["max_reconnect_attempts"] = -1

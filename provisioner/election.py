@@ -18,6 +18,17 @@ reads it from the bucket status) and logs a warning; recreate the bucket to chan
 
 Candidates remember who holds the key (:attr:`Election.current`, refreshed at every campaign),
 so a standby's status can say who leads without a KV read.
+
+**Imported bucket (a Choria Broker, ``election.api_prefix: choria.streams``).** The provisioning
+account has no JetStream of its own; the broker imports only ``STREAM.INFO`` of the bucket's
+stream (under the prefix) and publishing to ``$KV.<bucket>.provisioner``. With ``imported=True``
+the election uses nothing else, as go-choria's own election does: the bucket must exist (never
+created), campaigning is a publish expecting no previous value (``update`` with ``last=0``; not
+``kv.create``, whose tombstone check reads the key), holding is ``update`` with the last
+revision, the value is the bare identity (what go-choria writes and ``choria election info``
+shows). Nothing is ever read or deleted: a standby does not know who leads
+(:attr:`Election.current` stays None), and a leader that stops gracefully cannot delete its key,
+so a standby takes over when the key's last value ages out (at most the bucket's TTL later).
 """
 
 from __future__ import annotations
@@ -49,6 +60,9 @@ Callback = Callable[[int], Awaitable[None] | None]
 
 MIN_TTL = 1.0
 MAX_TTL = 3600.0
+
+#: The JetStream API prefix of an account's own JetStream (nats-py's default).
+DEFAULT_API_PREFIX = "$JS.API"
 
 
 class ElectionError(FleetError, RuntimeError, reason="election"):
@@ -88,6 +102,24 @@ async def ensure_bucket(js: Any, bucket: str, ttl: float) -> Any:
             return await js.key_value(bucket)
         except Exception:
             raise ElectionError(f"cannot create election bucket {bucket!r}: {exc}") from exc
+
+
+async def open_imported_bucket(js: Any, bucket: str) -> Any:
+    """The election bucket reached through an import: it must exist, it is never created."""
+    try:
+        return await js.key_value(bucket)
+    except (BucketNotFoundError, NotFoundError):
+        raise ElectionError(
+            f"election bucket {bucket!r} does not exist behind the imported API: create it in "
+            "the account that holds it (a Choria Broker makes CHORIA_LEADER_ELECTION when "
+            "Choria Streams is enabled)"
+        ) from None
+    except Exception as exc:  # no responders, timeout: the import is missing
+        raise ElectionError(
+            f"cannot reach election bucket {bucket!r} through the imported JetStream API "
+            f"({type(exc).__name__}): does the broker import STREAM.INFO.KV_{bucket} under "
+            "election.api_prefix for this account?"
+        ) from None
 
 
 async def read_leader(js: Any, bucket: str, key: str = "provisioner") -> LeaderInfo | None:
@@ -140,6 +172,7 @@ class Election:
         on_won: Callback | None = None,
         on_lost: Callback | None = None,
         won_delay: float = 0.2,
+        imported: bool = False,
     ) -> None:
         if not MIN_TTL <= ttl <= MAX_TTL:
             raise ElectionError(f"election ttl must be between {MIN_TTL}s and {MAX_TTL}s")
@@ -154,6 +187,8 @@ class Election:
         self._on_won = on_won
         self._on_lost = on_lost
         self._won_delay = won_delay
+        #: The bucket is reached through a Choria Broker style import (see the module docstring).
+        self.imported = imported
         self._kv: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -177,7 +212,10 @@ class Election:
 
     async def start(self) -> None:
         """Ensure the bucket exists and start campaigning in the background."""
-        self._kv = await ensure_bucket(self._js, self.bucket, self.ttl)
+        if self.imported:
+            self._kv = await open_imported_bucket(self._js, self.bucket)
+        else:
+            self._kv = await ensure_bucket(self._js, self.bucket, self.ttl)
         await self._adopt_bucket_ttl()
         self._stopping.clear()
         self._task = asyncio.create_task(self._loop(), name=f"election:{self.key}")
@@ -191,8 +229,9 @@ class Election:
                 await self._task
             self._task = None
         if self.is_leader:
-            with contextlib.suppress(Exception):
-                await self._kv.delete(self.key, last=self._revision)
+            if not self.imported:  # an import allows no delete: the key ages out instead
+                with contextlib.suppress(Exception):
+                    await self._kv.delete(self.key, last=self._revision)
             await self._lose("stopped")
 
     async def _adopt_bucket_ttl(self) -> None:
@@ -206,7 +245,9 @@ class Election:
         if not bucket_ttl or abs(float(bucket_ttl) - self.ttl) < 0.01:
             return
         bucket_ttl = float(bucket_ttl)
-        log.warning(
+        # An imported bucket's TTL is the broker's to set: expected to differ, not a warning.
+        log.log(
+            logging.INFO if self.imported else logging.WARNING,
             "election bucket %s has ttl %.3gs, not the configured %.3gs: using %.3gs "
             "(delete the bucket to change it)",
             self.bucket,
@@ -219,6 +260,8 @@ class Election:
         self.campaign_interval = min(self.campaign_interval, self.ttl / 2)
 
     def _value(self, epoch: int) -> bytes:
+        if self.imported:  # as go-choria: the bare identity (nobody can read more anyway)
+            return self.identity.encode()
         return json.dumps({"identity": self.identity, "since": self.since, "epoch": epoch}).encode()
 
     async def _loop(self) -> None:
@@ -245,7 +288,11 @@ class Election:
             # The epoch is the create's revision, only known after the write: the first value
             # carries epoch 0 and is rewritten at once with the real epoch.
             self.since = since
-            rev = await self._kv.create(self.key, self._value(0))
+            if self.imported:
+                # kv.create would read the key after a refusal (tombstone check): not imported
+                rev = await self._kv.update(self.key, self._value(0), last=0)
+            else:
+                rev = await self._kv.create(self.key, self._value(0))
         except KeyWrongLastSequenceError:
             await self._observe()
             return
@@ -265,6 +312,9 @@ class Election:
 
     async def _observe(self) -> None:
         """Remember who holds the key (status of a standby); never fails the campaign."""
+        if self.imported:  # the key cannot be read through the import
+            self.current = None
+            return
         try:
             self.current = await _read_key(self._kv, self.key)
             if self.current is not None and self.current.identity != self.identity:
@@ -287,6 +337,8 @@ class Election:
             await self._lose("key expired")
 
     async def _resync(self) -> bool:
+        if self.imported:  # needs a read
+            return False
         try:
             entry = await self._kv.get(self.key)
             data = json.loads(entry.value or b"{}")

@@ -13,6 +13,11 @@ happens. With it (``docs/high-availability.md``):
 * all replicas talk to nodes under one shared caller identity (:func:`caller_identity`): a
   node's provisioning lock (go-choria keeps it 2 minutes) taken by a dead leader does not lock
   its successor out. Mutual exclusion between replicas comes from the claims instead.
+
+Behind a Choria Broker (``election.api_prefix: choria.streams``) the election bucket is reached
+through the broker's import and the claims bucket is usually not reachable at all: claims are
+then off (:attr:`Leadership.claims` is None, ``claims_enabled: false`` in the status), logged at
+start; what that loses is in ``docs/high-availability.md`` ("Choria Broker layout").
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from choria_core.remote_text import clean_remote_text
 from provisioner.audit import AuditLog
 from provisioner.claims import ClaimStore
 from provisioner.config import ProvisionerConfig
 from provisioner.connection import ProvisionerError
-from provisioner.election import Election
+from provisioner.election import DEFAULT_API_PREFIX, Election
 from provisioner.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 #: How long a node's claim is kept (the claims bucket's TTL).
 CLAIMS_TTL = 86400.0
+#: How long to wait for the claims bucket behind an imported API before turning claims off.
+IMPORTED_CLAIMS_TIMEOUT = 2.0
 
 
 def _label(text: str) -> str:
@@ -73,10 +81,21 @@ class Leadership:
         self.leader = not config.leader_election
         self.election: Election | None = None
         self.claims: ClaimStore | None = None
+        #: Called after winning / on losing, beside on_won/on_lost (the fleet operations
+        #: engine: resume its jobs / stop them at once).
+        self.won_hooks: list[Callable[[], None]] = []
+        self.lost_hooks: list[Callable[[], None]] = []
+        #: Why claims are off although the election is on (empty: claims on, or no election).
+        self.claims_off_reason = ""
 
     @property
     def enabled(self) -> bool:
         return self.config.leader_election
+
+    @property
+    def imported(self) -> bool:
+        """The election bucket is reached through an import (a Choria Broker's layout)."""
+        return self.config.election.api_prefix != DEFAULT_API_PREFIX
 
     def epoch(self) -> int:
         """The election epoch (fencing token) of the current term; 0 without election."""
@@ -89,8 +108,15 @@ class Leadership:
         return bool(self.leader and self.election is not None and self.election.still_leader())
 
     async def open_claims(self, nc: Any) -> None:
-        """Open (or create) the claims bucket in the provisioning account's JetStream."""
+        """Open (or create) the claims bucket in the provisioning account's JetStream.
+
+        Behind an imported API the bucket is only opened if it already exists there; if it
+        cannot be reached, claims are off (logged, and ``claims_enabled: false`` in the status).
+        """
         bucket = claims_bucket_name(self.config)
+        if self.imported:
+            await self._open_imported_claims(nc, bucket)
+            return
         try:
             self.claims = await ClaimStore.open(nc.jetstream(), bucket, ttl=CLAIMS_TTL)
         except Exception as exc:
@@ -98,6 +124,25 @@ class Leadership:
                 f"cannot open the claims bucket {bucket} (leader_election needs JetStream in "
                 f"the provisioning account): {type(exc).__name__}: {exc}"
             ) from None
+
+    async def _open_imported_claims(self, nc: Any, bucket: str) -> None:
+        prefix = self.config.election.api_prefix
+        js = nc.jetstream(prefix=prefix, timeout=IMPORTED_CLAIMS_TIMEOUT)
+        try:
+            self.claims = await ClaimStore.open(js, bucket, ttl=CLAIMS_TTL, create=False)
+        except Exception as exc:
+            self.claims = None
+            detail = clean_remote_text(f"{type(exc).__name__}: {exc}".rstrip(": "), limit=200)
+            self.claims_off_reason = f"claims bucket {bucket} not reachable via {prefix}: {detail}"
+            log.warning(
+                "per-node claims are OFF: %s. Leaders are fenced only by the election epoch and "
+                "the safe points: a certificate issued under a leader that dies before "
+                "configuring its node is not reused, the next leader issues another "
+                "(docs/high-availability.md, Choria Broker layout)",
+                self.claims_off_reason,
+            )
+            return
+        log.info("per-node claims on: bucket %s reached via %s", bucket, prefix)
 
     async def start_election(
         self,
@@ -120,16 +165,18 @@ class Leadership:
             )
             self._set_leader(True)
             on_won()
+            self._run_hooks(self.won_hooks)
 
         async def lost(epoch: int) -> None:
             log.warning("lost the leader election (epoch %d): pausing", epoch)
             self._set_leader(False)
+            self._run_hooks(self.lost_hooks)
             extra = on_lost()
             reason = self.election.lost_reason if self.election is not None else ""
             self._audit_event("election_lost", epoch, reason=reason, **extra)
 
         self.election = Election(
-            nc.jetstream(),
+            nc.jetstream(prefix=ecfg.api_prefix),
             identity=self.identity,
             bucket=ecfg.bucket,
             key=ecfg.key,
@@ -137,6 +184,7 @@ class Leadership:
             campaign_interval=ecfg.campaign_interval,
             on_won=won,
             on_lost=lost,
+            imported=self.imported,
         )
         await self.election.start()
 
@@ -148,6 +196,14 @@ class Leadership:
             await self.election.stop()
         except Exception as exc:
             log.warning("stopping the election failed: %s: %s", type(exc).__name__, exc)
+
+    @staticmethod
+    def _run_hooks(hooks: list[Callable[[], None]]) -> None:
+        for hook in hooks:
+            try:
+                hook()
+            except Exception as exc:
+                log.error("leadership hook failed: %s: %s", type(exc).__name__, exc)
 
     def _set_leader(self, leader: bool) -> None:
         self.leader = leader
@@ -191,4 +247,7 @@ class Leadership:
             "ttl": e.ttl if e is not None else cfg.election.ttl,
             "caller_identity": caller_identity(cfg),
             "claims_bucket": claims_bucket_name(cfg),
+            "api_prefix": cfg.election.api_prefix,
+            "claims_enabled": self.claims is not None,
+            "claims_off_reason": self.claims_off_reason or None,
         }

@@ -138,7 +138,28 @@ class Metrics:
         self._stage_children: dict[str, Any] = {}
         self._anchor_metrics(self.registry)
         self._our_metrics(self.registry)
+        self._inventory_metrics(self.registry)
+        self._upgrade_metrics(self.registry)
         self._zero_site_series(site)
+
+    def _upgrade_metrics(self, r: CollectorRegistry) -> None:
+        """Version upgrades during provisioning (provisioner/upgrade.py)."""
+        self.upgrades = Counter(
+            "choria_provisioner_upgrades",
+            "Version upgrades asked for by the helper (features.upgrades), by status: upgraded, "
+            "current (already at the version), failed, skipped (failed, upgrades_optional)",
+            ["site", "status"],
+            registry=r,
+        )
+
+    def _inventory_metrics(self, r: CollectorRegistry) -> None:
+        """The issued-certificate inventory (provisioner/inventory.py)."""
+        self.inventory_write_errors = Counter(
+            "choria_provisioner_inventory_write_errors",
+            "Failed writes of the issued-certificate inventory (provisioning goes on)",
+            ["site"],
+            registry=r,
+        )
 
     def _anchor_metrics(self, r: CollectorRegistry) -> None:
         """The anchor's series, under its exact names (dashboards query them)."""

@@ -11,9 +11,15 @@ provisioned    ``provisioned``             ``choria_provisioner_provisioned``, o
 deferred       ``deferred``                retried after the helper's ``retry_after``, if any
 shutdown       ``shut_down``
 aborted        ``failed``                  not an error of the node: another leader owns it
+upgraded       ``deferred``                ``release_update`` done; queued again when the node
+                                           comes back (startup event, or a re-check later)
 failed         ``failed``                  ``choria_provisioner_provision_errors``; a
                                            transient reason is retried a few seconds later
 =============  ==========================  ==================================================
+
+A provisioned node's certificate and server JWT are recorded in the issued-certificate
+inventory (:mod:`provisioner.inventory`) in the background; a failed write is logged and
+counted, never a failed provisioning.
 
 Every attempt is counted in ``choria_provisioner_outcomes_total{decision}``, audited (with
 ``provisioner`` and ``site``) and passed to the ``on_outcome`` hooks with its audit record.
@@ -32,6 +38,7 @@ from choria_core.remote_text import DEFAULT_LIMIT, clean_optional
 from provisioner.attempt import Attempt, Outcome, audit_fields
 from provisioner.audit import AuditLog
 from provisioner.helper_runner.guard import deferral_reason
+from provisioner.inventory import Inventory, issued_records
 from provisioner.metrics import Metrics
 from provisioner.queue import NodeRecord, NodeState, WorkQueue
 from provisioner.reasons import Decision
@@ -47,6 +54,9 @@ DEFER_MEMORY = 200_000
 #: (the delay grows with the attempt number).
 QUICK_RETRIES = 3
 QUICK_RETRY_DELAY = 2.0
+#: After an upgrade the node restarts (~2 s) and announces itself; queue it again after this
+#: many seconds too, in case its startup event came while the attempt was still finishing.
+UPGRADE_RECHECK_DELAY = 5.0
 
 ProvisionedHook = Callable[[NodeRecord], None]
 OutcomeHook = Callable[[NodeRecord, dict[str, Any]], None]
@@ -87,12 +97,16 @@ class Outcomes:
         #: Called after every attempt with the record and its audit entry.
         self.on_outcome: list[OutcomeHook] = []
         self.provisioned_total = 0
+        #: Where what a provisioned node received is recorded (None: nowhere).
+        self.inventory: Inventory | None = None
+        self._inventory_writes: set[asyncio.Task[None]] = set()
         self._by_decision: dict[Decision, Callable[[NodeRecord, Outcome, Attempt], None]] = {
             Decision.PROVISIONED: self._provisioned,
             Decision.DEFERRED: self._deferred,
             Decision.SHUTDOWN: self._shut_down,
             Decision.ABORTED: self._aborted,
             Decision.FAILED: self._failed,
+            Decision.UPGRADED: self._upgraded,
         }
 
     def finish(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
@@ -136,12 +150,38 @@ class Outcomes:
         self.metrics.provisioned.labels(self.site).inc()
         if outcome.overlay:
             self.metrics.overlay_provisioned.labels(self.site, outcome.overlay).inc()
+        self._record_issued(outcome, att)
         log.info(
             "provisioned %s in %.3fs overlay=%s",
             rec.identity,
             sum(att.timings.values()),
             outcome.overlay or "-",
         )
+
+    def _record_issued(self, outcome: Outcome, att: Attempt) -> None:
+        """Record the node's certificate and server JWT in the inventory, in the background:
+        a failed write is logged and counted, never a failed or delayed provisioning."""
+        inventory, out = self.inventory, att.output
+        if inventory is None or out is None:
+            return
+        records = issued_records(att.identity, out.certificate, att.server_jwt, outcome.overlay)
+        if records:
+            task = asyncio.get_running_loop().create_task(self._write_issued(inventory, records))
+            self._inventory_writes.add(task)
+            task.add_done_callback(self._inventory_writes.discard)
+
+    async def _write_issued(self, inventory: Inventory, records: list[Any]) -> None:
+        try:
+            for issued in records:
+                await inventory.record(issued)
+        except Exception as exc:
+            self.metrics.inventory_write_errors.labels(self.site).inc()
+            log.warning(
+                "could not record the certificate of %s in the inventory: %s: %s",
+                records[0].identity,
+                type(exc).__name__,
+                clean_optional(str(exc), 200),
+            )
 
     def _with_deferral_reason(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> Outcome:
         """A deferral the CA protection decided or recognised carries its reason code; the
@@ -184,6 +224,12 @@ class Outcomes:
     def _shut_down(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         self.queue.finish(rec, NodeState.SHUT_DOWN, error=outcome.msg or None)
         log.info("shut down %s: %s", rec.identity, outcome.msg or "-")
+
+    def _upgraded(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
+        self.queue.finish(rec, NodeState.DEFERRED, error=outcome.msg or None)
+        log.info("upgraded %s: %s", rec.identity, outcome.msg or "-")
+        loop = asyncio.get_running_loop()
+        loop.call_later(UPGRADE_RECHECK_DELAY, self.retry, rec.identity)
 
     def _aborted(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         # Not an error of the node: another leader owns it (or we lost leadership).

@@ -2,8 +2,9 @@
 
 Read :func:`provision` top to bottom; it is the whole sequence::
 
-    identify: [jwt: jwt → validate] → [ed25519: gen25519 + nonce check] → inventory → [claim]
-    decide:   [pki: gencsr + CN/deny-list check] → [fence] → helper   (or reuse, HA)
+    identify: [jwt: jwt → validate → [token_governance]] → [ed25519: gen25519 + nonce check]
+              → inventory → [claim]
+    decide:   revoked? → [pki: gencsr + CN/deny-list check] → [fence] → helper   (or reuse, HA)
               → defer | shutdown | configure:
     deliver:  check_output → [record] → [sign server JWT] (ed25519) → [encrypt helper key]
               → configure → restart
@@ -69,6 +70,8 @@ from provisioner.helper_runner import HelperError
 from provisioner.queue import NodeRecord, NodeState
 from provisioner.reasons import Decision, Reason
 from provisioner.rpc import RPCError
+from provisioner.token_governance import TokenRefused
+from provisioner.upgrade import upgrade
 
 __all__ = [
     "Attempt",
@@ -110,6 +113,8 @@ async def provision(ctx: PipelineContext, rec: NodeRecord) -> tuple[Outcome, Att
             safe_point(ctx, att, "shutdown")
             await run_step(ctx, att, "shutdown", shutdown)
             return Outcome(Decision.SHUTDOWN, att.stage, msg=out.msg, overlay=out.overlay), att
+        if (upgraded := await upgrade(ctx, att)) is not None:  # release_update, then come back
+            return upgraded, att
         await deliver(ctx, att)
         # The claim is marked done by the caller (mark_done) after the outcome is recorded:
         # the node is provisioned now, one more KV write must not delay it.
@@ -127,6 +132,8 @@ async def identify(ctx: PipelineContext, att: Attempt) -> None:
     if ctx.config.features.jwt:
         await run_step(ctx, att, "jwt", fetch_jwt, NodeState.FETCHED_JWT)
         await run_step(ctx, att, "validate", validate_jwt, NodeState.VALIDATED)
+        if ctx.token_governance is not None:
+            await run_step(ctx, att, "token_governance", check_token_governance)
     if ctx.config.features.ed25519:
         await run_step(ctx, att, "ed25519", fetch_ed25519)
     await run_step(ctx, att, "inventory", fetch_inventory, NodeState.FACTS)
@@ -136,6 +143,7 @@ async def identify(ctx: PipelineContext, att: Attempt) -> None:
 
 async def decide(ctx: PipelineContext, att: Attempt) -> None:
     """What to do with it: the helper's answer on the checked CSR, or a recorded outcome."""
+    await run_step(ctx, att, "revoked", refuse_revoked)
     if att.reused:
         await run_step(ctx, att, "reuse", reuse_outcome, NodeState.DECIDED)
         return
@@ -200,6 +208,20 @@ def validate_jwt(ctx: PipelineContext, att: Attempt) -> None:
         ) from None
 
 
+async def check_token_governance(ctx: PipelineContext, att: Attempt) -> None:
+    """Token governance: a revoked token, or one past its limits, does not provision this node.
+
+    The same rules and KV bucket as the auth callout's (``token_governance``), so a node is
+    refused here too when the provisioner runs without the callout.
+    """
+    governance = ctx.token_governance
+    assert governance is not None and att.claims is not None
+    try:
+        await governance.check(att.claims, att.identity)
+    except TokenRefused as exc:
+        raise fail(att, Reason(exc.reason), f"token refused: {exc}") from None
+
+
 async def fetch_ed25519(ctx: PipelineContext, att: Attempt) -> None:
     """``choria_provision#gen25519``: the node's ed25519 key, proven by signing a fresh nonce."""
     nonce = new_request_id()
@@ -225,6 +247,16 @@ async def fetch_inventory(ctx: PipelineContext, att: Attempt) -> None:
     if not isinstance(data, dict):
         raise fail(att, Reason.BAD_REPLY, f"inventory reply from {att.identity} is not an object")
     att.inventory = go_json_dumps(data)
+
+
+def refuse_revoked(ctx: PipelineContext, att: Attempt) -> None:
+    """A revoked identity (``provisioner revoke``) gets nothing until ``revoke --undo``."""
+    if ctx.revoked(att.identity) is not None:
+        raise fail(
+            att,
+            Reason.REVOKED,
+            f"{att.identity} is revoked; not provisioned until `provisioner revoke --undo`",
+        )
 
 
 async def fetch_csr(ctx: PipelineContext, att: Attempt) -> None:

@@ -31,6 +31,7 @@ class Decision(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the helper asked for the node to be shut down
     FAILED = "failed"  # a step failed: the node stays provisionable
     ABORTED = "aborted"  # HA: another leader owns the node now (or we lost leadership)
+    UPGRADED = "upgraded"  # release_update done: the node restarts and is provisioned again
 
 
 class Reason(enum.StrEnum):
@@ -49,6 +50,9 @@ class Reason(enum.StrEnum):
     CSR_DENIED = "csr_denied"
     CSR_POLICY = "csr_policy"  # the CSR breaks pki_policy (subject, extensions, key)
     NO_ECDH = "no_ecdh"
+    #: ``features.upgrades``: the node could not be upgraded (provisioner/upgrade.py).
+    UPGRADE_FAILED = "upgrade_failed"
+    UPGRADES_NOT_CONFIGURED = "upgrades_not_configured"  # no upgrades_repository
     # What the helper returned, or how it failed.
     HELPER_CRASHED = "helper_crashed"
     HELPER_REFUSED = "helper_refused"
@@ -69,6 +73,16 @@ class Reason(enum.StrEnum):
     CLAIMS_UNAVAILABLE = "claims_unavailable"
     CLAIM_INVALID = "claim_invalid"
     STORED_OUTCOME_UNUSABLE = "stored_outcome_unusable"
+    #: The identity is revoked (``provisioner revoke``): refused until ``revoke --undo``.
+    REVOKED = "revoked"
+    # Token governance (provisioner/token_governance.py): this token may not admit this node.
+    TOKEN_REVOKED = "token_revoked"
+    TOKEN_EXPIRED_OVERRIDE = "token_expired_override"
+    TOKEN_IDENTITY_PATTERN = "token_identity_pattern"
+    TOKEN_IDENTITY_LIMIT = "token_identity_limit"
+    #: The token bucket could not be read or written: refused (fail closed), found again by
+    #: the next discovery sweep.
+    TOKEN_GOVERNANCE_UNAVAILABLE = "token_governance_unavailable"
 
     @property
     def transient(self) -> bool:

@@ -26,6 +26,9 @@ request was sent to is discarded and counted (``choria_provisioner_rpc_wrong_sen
 must not take a neighbour's ``ecdh_public`` or CSR for the target's. (The generated broker lets a
 node answer only requests it received; a broker granting ``provisioning.reply.>`` outright, as
 go-choria's does, does not, so the check stays.) The reply hash is verified by the wire layer.
+With a ``client_identity`` every request is signed (:mod:`choria_core.protocol.signing`: the
+client JWT or certificate in ``pubcert``) and the caller id is the identity's; a broadcast is
+signed once, a directed request once per request (each has its own request id and time).
 A reply with ``statuscode != 0`` is retried like a timeout (the anchor retries every failed
 try); after the action's last try it raises :class:`RPCStatusError` with the node's
 ``statusmsg``.
@@ -48,6 +51,7 @@ from choria_core.errors import FleetError
 from choria_core.protocol import (
     Filter,
     ProtocolError,
+    RequestSigner,
     RPCReply,
     broadcast_subject,
     decode_reply,
@@ -60,6 +64,7 @@ from choria_core.protocol import (
     reply_subject,
 )
 from choria_core.remote_text import clean_remote_text
+from provisioner.client_identity import ClientIdentity
 from provisioner.metrics import Metrics
 from provisioner.reasons import Reason
 
@@ -171,6 +176,16 @@ class _Pending:
         self.wrong = 0
 
 
+def request_signer(ident: ClientIdentity | None) -> RequestSigner | None:
+    """The signer of requests for a client identity: its JWT or PEM certificate as ``pubcert``."""
+    if ident is None:
+        return None
+    pubcert = ident.jwt if ident.kind == "jwt" else (ident.certificate_pem or b"").decode()
+    if not pubcert:
+        raise ValueError("the client identity has no JWT or certificate to send")
+    return RequestSigner(sign=ident.sign, pubcert=pubcert, caller=ident.caller)
+
+
 class RPCClient:
     """Choria v1 RPC over one NATS connection (``nc`` is a connected ``nats.aio.client.Client``)."""
 
@@ -187,12 +202,14 @@ class RPCClient:
         ttl: int = 60,
         pending_msgs_limit: int = REPLY_PENDING_MSGS,
         pending_bytes_limit: int = REPLY_PENDING_BYTES,
+        client_identity: ClientIdentity | None = None,
     ) -> None:
         if pending_msgs_limit <= 0 or pending_bytes_limit <= 0:
             raise ValueError("the reply buffer must be bounded (limits > 0)")
         self.nc = nc
         self.identity = identity
-        self.callerid = f"choria={identity}"
+        self.signer = request_signer(client_identity)
+        self.callerid = self.signer.caller if self.signer else f"choria={identity}"
         self.collective = collective
         self.metrics = metrics
         self.timeout = timeout
@@ -345,7 +362,9 @@ class RPCClient:
         self._pending[req.requestid] = pending
         try:
             reply_to = reply_subject(self.collective, self.callerid, req.requestid)
-            payload = encode_request(req, reply_to=reply_to, mc_sender=self.identity)
+            payload = encode_request(
+                req, reply_to=reply_to, mc_sender=self.identity, signer=self.signer
+            )
             # The NATS reply subject is the Choria reply-to: the node's answer is a response.
             await self.nc.publish(
                 directed_subject(self.collective, identity), payload, reply=reply_to
@@ -483,7 +502,7 @@ class RPCClient:
         try:
             await self.nc.publish(
                 broadcast_subject(self.collective, "discovery"),
-                encode_request(req, reply_to=reply_to, mc_sender=self.identity),
+                encode_request(req, reply_to=reply_to, mc_sender=self.identity, signer=self.signer),
                 reply=reply_to,
             )
             while True:

@@ -51,6 +51,8 @@ from provisioner.connection import VERSION, ProvisionerError
 from provisioner.discovery import Discovery, refuse_identity
 from provisioner.dispatch import Dispatcher
 from provisioner.election import Election
+from provisioner.fleetops.engine import FleetOps
+from provisioner.fleetops.shutdown import revoke_shutdown_hook
 from provisioner.helper_runner import HelperRunner, runner_from_config
 from provisioner.leadership import Leadership, caller_identity, claims_bucket_name
 from provisioner.metrics import Metrics
@@ -58,7 +60,10 @@ from provisioner.monitor import MonitorEndpoint, serve_monitor
 from provisioner.outcomes import OutcomeHook, Outcomes, ProvisionedHook
 from provisioner.queue import AddResult, WorkQueue
 from provisioner.reload import Reloader
+from provisioner.renewal import RenewalScheduler
+from provisioner.revocation import RevocationService
 from provisioner.rpc import RPCClient
+from provisioner.token_governance import TokenGovernance, close_governance, open_governance
 
 __all__ = [
     "VERSION",
@@ -90,6 +95,7 @@ class Provisioner:
         self.identity = config.identity
         self.metrics = Metrics(site=config.site)
         self.registry = self.metrics.registry
+        self.token_governance: TokenGovernance | None = None  # opened by start, if enabled
         self.queue = WorkQueue(
             max_waiting=config.queue_size,
             suppress_s=suppress_s,
@@ -125,6 +131,10 @@ class Provisioner:
             config, identity=self.identity, metrics=self.metrics, audit=self.audit
         )
         self.view = ReadModel(self)
+        self.fleetops = FleetOps.for_service(self)  # jobs run by the leader (docs/lifecycle.md)
+        self.renewal = RenewalScheduler.for_service(self)  # renewal before expiry, leader only
+        self.revocation = RevocationService.for_config(config, self.audit, self.metrics)
+        self.revocation.shutdown_hook = revoke_shutdown_hook(self.fleetops)  # revoke --shutdown
         #: SIGHUP: re-reads the reloadable keys (:mod:`provisioner.reload`).
         self.reloader = Reloader(self, owns_helper=helper is None)
         self._helper = helper
@@ -198,11 +208,15 @@ class Provisioner:
             metrics=self.metrics,
             timeout=cfg.rpc_timeout,
             backoff_base=self._rpc_backoff,
+            client_identity=connection.client_identity(cfg),  # signs every request
         )
         await self.rpc.start()
+        await self.fleetops.start(self.nc)
         if cfg.leader_election:
             await self.leadership.open_claims(self.nc)
-        self.dispatcher.ctx = self._pipeline_context(verify_keys, signing_key)
+        self.token_governance = await open_governance(self.nc, cfg.token_governance, self.registry)
+        self.outcomes.inventory = await self.revocation.start(self.nc)
+        self.dispatcher.ctx = pipeline_context(self, verify_keys, signing_key)
         self.discovery = Discovery(
             self.nc,
             self.rpc,
@@ -218,6 +232,7 @@ class Provisioner:
         await self._start_working()
         self._spawn_bg(self.dispatcher.run(), "dispatcher")
         self._spawn_bg(self.dispatcher.maintain(), "maintenance")
+        self._spawn_bg(self.renewal.run(), "renewal")
         self._monitor = await serve_monitor(cfg, self, self.registry)
         log.info(
             "provisioner %s started: site=%s concurrency=%d interval=%gs brokers=%s",
@@ -226,26 +241,6 @@ class Provisioner:
             cfg.concurrency,
             cfg.interval,
             ",".join(cfg.broker_urls),
-        )
-
-    def _pipeline_context(
-        self, verify_keys: list[VerifyKey], signing_key: SigningKey | None
-    ) -> PipelineContext:
-        assert self.rpc is not None and self._helper is not None
-        return PipelineContext(
-            config=self.config,
-            rpc=self.rpc,
-            helper=self._helper,
-            metrics=self.metrics,
-            verify_keys=verify_keys,
-            signing_key=signing_key,
-            deny_list=compile_deny_list(self.config.cert_deny_list),
-            advance=self.queue.advance,
-            claims=self.leadership.claims,
-            leader=self.identity,
-            epoch=self.leadership.epoch,
-            is_leader=self.leadership.still_leader,
-            audit=self.audit,
         )
 
     async def _start_working(self) -> None:
@@ -285,6 +280,8 @@ class Provisioner:
                 await monitor.stop()
             if self.rpc is not None:
                 await self.rpc.close()
+            await close_governance(self.token_governance)
+            await self.revocation.aclose()
             if self.nc is not None:
                 await connection.close(self.nc)
             await self.reloader.aclose()
@@ -298,6 +295,7 @@ class Provisioner:
     async def _stop_working(self) -> None:
         """Step down, stop discovery and the loops, drain the workers."""
         await self.leadership.stop()
+        await self.fleetops.close()
         if self.discovery is not None:
             await self.discovery.stop()
         for task in self._background:
@@ -425,24 +423,8 @@ class Provisioner:
         )
 
     def health(self) -> str:
-        """``ok`` while this replica can do its part, else why not (the ``/healthz`` status).
-
-        ``ok`` before start, and while running connected, as the leader or as a standby (a
-        standby is healthy: restarting it would not help). ``disconnected`` while nats-py
-        reconnects, ``closed`` once the connection is gone for good, ``election_stopped`` when
-        the election loop of a running replica ended.
-        """
-        if not self._running:
-            return "ok" if self._started_at is None else "stopped"
-        if self.broker_state in {"disconnected", "closed"}:
-            return self.broker_state
-        if self.nc is not None and self.nc.is_closed:
-            return "closed"
-        election = self.election
-        task = getattr(election, "_task", None) if election is not None else None
-        if task is not None and task.done():
-            return "election_stopped"
-        return "ok"
+        """``ok`` while this replica can do its part, else why not (see :func:`health_of`)."""
+        return health_of(self)
 
     def status(self) -> dict[str, Any]:
         return self.view.status()
@@ -467,3 +449,47 @@ class Provisioner:
         """Overlay name → ``{"count", "capacity", "state", ...}``: nodes provisioned into each
         overlay by this instance (from the helper's ``overlay``) against its capacity."""
         return self.view.overlay_fill()
+
+
+def pipeline_context(
+    service: Provisioner, verify_keys: list[VerifyKey], signing_key: SigningKey | None
+) -> PipelineContext:
+    assert service.rpc is not None and service._helper is not None
+    return PipelineContext(
+        config=service.config,
+        rpc=service.rpc,
+        helper=service._helper,
+        metrics=service.metrics,
+        verify_keys=verify_keys,
+        signing_key=signing_key,
+        deny_list=compile_deny_list(service.config.cert_deny_list),
+        advance=service.queue.advance,
+        claims=service.leadership.claims,
+        leader=service.identity,
+        epoch=service.leadership.epoch,
+        is_leader=service.leadership.still_leader,
+        audit=service.audit,
+        token_governance=service.token_governance,
+        revoked=service.revocation.lookup,
+    )
+
+
+def health_of(service: Provisioner) -> str:
+    """``ok`` while this replica can do its part, else why not (the ``/healthz`` status).
+
+    ``ok`` before start, and while running connected, as the leader or as a standby (a
+    standby is healthy: restarting it would not help). ``disconnected`` while nats-py
+    reconnects, ``closed`` once the connection is gone for good, ``election_stopped`` when
+    the election loop of a running replica ended.
+    """
+    if not service._running:
+        return "ok" if service._started_at is None else "stopped"
+    if service.broker_state in {"disconnected", "closed"}:
+        return service.broker_state
+    if service.nc is not None and service.nc.is_closed:
+        return "closed"
+    election = service.election
+    task = getattr(election, "_task", None) if election is not None else None
+    if task is not None and task.done():
+        return "election_stopped"
+    return "ok"

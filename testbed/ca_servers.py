@@ -15,6 +15,7 @@ install. Nothing here is meant for production: keys are written unencrypted into
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -86,6 +87,7 @@ class CFSSLServer(ServerProcess):
         auth_key_hex: str,
         label: str | None,
         tls_ca_path: Path | None,
+        db_path: Path | None = None,
     ) -> None:
         super().__init__(argv, workdir=workdir, log_name=log_name)
         self.port = port
@@ -96,6 +98,8 @@ class CFSSLServer(ServerProcess):
         self.auth_key_hex = auth_key_hex
         self.label = label
         self.tls_ca_path = tls_ca_path
+        #: The sqlite certificate database (``db=True``): what cfssl issued and revoked.
+        self.db_path = db_path
 
     @property
     def ca_pem(self) -> str:
@@ -218,6 +222,42 @@ def _prepare_cfssl_dir(
     return cert_path, key_path, config_path, auth_key_hex
 
 
+# The certificates table of cfssl's certdb (certdb/sqlite/migrations), as cfssl 1.2 reads it;
+# newer cfssl versions add columns through their own migrations.
+_CFSSL_DB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+  serial_number            blob NOT NULL,
+  authority_key_identifier blob NOT NULL,
+  ca_label                 blob,
+  status                   blob NOT NULL,
+  reason                   int,
+  expiry                   timestamp,
+  revoked_at               timestamp,
+  pem                      blob NOT NULL,
+  PRIMARY KEY(serial_number, authority_key_identifier)
+);
+CREATE TABLE IF NOT EXISTS ocsp_responses (
+  serial_number            blob NOT NULL,
+  authority_key_identifier blob NOT NULL,
+  body                     blob NOT NULL,
+  expiry                   timestamp,
+  PRIMARY KEY(serial_number, authority_key_identifier)
+);
+"""
+
+
+def _cfssl_db(workdir: Path) -> tuple[Path, Path]:
+    """A sqlite certificate database and the ``-db-config`` file naming it."""
+    import sqlite3
+
+    db_path, db_config = workdir / "certs.db", workdir / "db-config.json"
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.executescript(_CFSSL_DB_SCHEMA)
+        conn.commit()
+    db_config.write_text(json.dumps({"driver": "sqlite3", "data_source": str(db_path)}))
+    return db_path, db_config
+
+
 def start_cfssl(
     workdir: str | Path,
     *,
@@ -229,8 +269,13 @@ def start_cfssl(
     tls: bool = False,
     port: int | None = None,
     ready_timeout: float = 15.0,
+    db: bool = False,
 ) -> CFSSLServer:
-    """Start ``cfssl serve`` with a fresh CA (kept if ``workdir`` already holds one)."""
+    """Start ``cfssl serve`` with a fresh CA (kept if ``workdir`` already holds one).
+
+    ``db``: with a sqlite certificate database (``-db-config``), which enables
+    ``/api/v1/cfssl/revoke``; the server's ``db_path`` names it.
+    """
     cfssl = find_binary("cfssl", CFSSL_HINT)
     workdir = Path(workdir)
     cert_path, key_path, config_path, auth_key_hex = _prepare_cfssl_dir(
@@ -246,6 +291,10 @@ def start_cfssl(
     if tls:
         tls_ca, tls_cert, tls_key = _tls_files(workdir)
         argv += ["-tls-cert", str(tls_cert), "-tls-key", str(tls_key)]
+    db_path: Path | None = None
+    if db:
+        db_path, db_config = _cfssl_db(workdir)
+        argv += ["-db-config", str(db_config)]
     server = CFSSLServer(
         argv,
         workdir=workdir,
@@ -258,6 +307,7 @@ def start_cfssl(
         auth_key_hex=auth_key_hex,
         label=None,
         tls_ca_path=tls_ca,
+        db_path=db_path,
     )
     server.start(ready_timeout)
     return server

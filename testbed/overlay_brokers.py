@@ -21,7 +21,7 @@ from jwt_tools import write_private_file
 from provisioner.broker.config import nats_conf_quote
 from testbed.natsserver import NatsServer
 
-__all__ = ["OverlayBroker", "overlay_server_config", "server_certificate"]
+__all__ = ["OverlayBroker", "client_certificate", "overlay_server_config", "server_certificate"]
 
 
 @dataclass(slots=True)
@@ -38,10 +38,21 @@ class OverlayBroker:
         return int(self.server.monitor_port)
 
 
-def server_certificate(ca: LocalCA, name: str, directory: Path) -> tuple[Path, Path]:
-    """A TLS server certificate for 127.0.0.1/localhost signed by ``ca``: (cert, key) files."""
+def client_certificate(ca: LocalCA, identity: str, directory: Path) -> tuple[Path, Path]:
+    """A client certificate (CN ``identity``) signed by ``ca``, as the provisioner presents it
+    to the overlay brokers (``client:`` in the registry): (cert, key) files in ``directory``."""
+    return server_certificate(ca, identity, directory, cn=identity, prefix="client")
+
+
+def server_certificate(
+    ca: LocalCA, name: str, directory: Path, *, cn: str = "", prefix: str = "server"
+) -> tuple[Path, Path]:
+    """A TLS server certificate for 127.0.0.1/localhost signed by ``ca``: (cert, key) files.
+
+    The CA adds both serverAuth and clientAuth: the same shape serves :func:`client_certificate`.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    cn = f"{name}.brokers.demo.internal"
+    cn = cn or f"{name}.brokers.demo.internal"
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -57,7 +68,7 @@ def server_certificate(ca: LocalCA, name: str, directory: Path) -> tuple[Path, P
         )
     )
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "server.pem", directory / "server-key.pem"
+    cert_path, key_path = directory / f"{prefix}.pem", directory / f"{prefix}-key.pem"
     cert_path.write_text(res.certificate_pem)
     write_private_file(
         key_path,

@@ -62,7 +62,12 @@ from provisioner.service import Provisioner
 from testbed.ca_servers import start_cfssl, start_openbao
 from testbed.isolated_broker import IsolatedBroker, start_isolated_broker
 from testbed.natsserver import NatsServer, free_port, start_nats_server
-from testbed.overlay_brokers import OverlayBroker, overlay_server_config, server_certificate
+from testbed.overlay_brokers import (
+    OverlayBroker,
+    client_certificate,
+    overlay_server_config,
+    server_certificate,
+)
 
 __all__ = [
     "BrokerSpec",
@@ -122,6 +127,9 @@ class OverlaySpec(_Spec):
     max_connections: int = 200_000
     #: raise every overlay's capacity to at least this (no node deferred for capacity)
     min_capacity: int = 0
+    #: give the provisioner a client certificate of the CA as every overlay's ``client:``
+    #: (the fleet operations engine reaches the nodes with it; needs the CA's key locally)
+    client_identity: bool = False
 
 
 class HelperSpec(_Spec):
@@ -135,6 +143,8 @@ class HelperSpec(_Spec):
     args: tuple[str, ...] = ()
     timeout: float | None = None
     pool_size: int | None = None
+    #: lifetime of the certificates the reference helper asks for (seconds or "30d")
+    certificate_ttl: str = "30d"
 
 
 class ProvisionerSpec(_Spec):
@@ -380,6 +390,8 @@ class Stack:
             ov["brokers"] = [ob.url]
             if o.min_capacity:
                 ov["capacity"] = max(int(ov.get("capacity") or 0), o.min_capacity)
+            if o.client_identity:
+                ov["client"] = await asyncio.to_thread(_overlay_client, self)
         self.overlays_path = self.workdir / "overlays.yaml"
         head = "# The packaged sample registry, brokers rewritten to this stack's nats-servers.\n"
         self.overlays_path.write_text(head + yaml.safe_dump(raw, sort_keys=False))
@@ -447,7 +459,8 @@ class Stack:
             overlays=str(self.overlays_path) if self.overlays_path else "sample",
             ca=self.ca_section,
             certificate=CertificateSettings(
-                ttl="30d", use_overlay_profile=self.spec.ca.kind == "local"
+                ttl=self.spec.helper.certificate_ttl,
+                use_overlay_profile=self.spec.ca.kind == "local",
             ),
             collectives=["mcollective"],
             main_collective="mcollective",
@@ -560,3 +573,17 @@ def _stopper(server: Any) -> Cleanup:
         await asyncio.to_thread(server.stop)
 
     return stop
+
+
+def _overlay_client(stack: Stack) -> dict[str, str]:
+    """The provisioner's client certificate (CN its identity) for the registry's ``client:``
+    (paths relative to the registry file, in the work directory)."""
+    if stack.ca is None or stack.ca_cert_path is None:
+        raise ValueError("a client identity on the overlays needs the CA's key locally")
+    if not (stack.workdir / "client" / "client.pem").exists():
+        client_certificate(stack.ca, stack.spec.provisioner.identity, stack.workdir / "client")
+    return {
+        "certificate": "client/client.pem",
+        "key": "client/client-key.pem",
+        "ca": str(stack.ca_cert_path),
+    }

@@ -32,6 +32,12 @@ from choria_core.protocol.messages import (
     new_reply,
     new_request,
 )
+from choria_core.protocol.signing import (
+    RequestSigner,
+    RequestTrust,
+    SecureEnvelope,
+    verify_secure_request,
+)
 from choria_core.protocol.subjects import (
     IdentityProblem,
     broadcast_subject,
@@ -53,6 +59,9 @@ __all__ = [
     "RPCRequest",
     "Reply",
     "Request",
+    "RequestSigner",
+    "RequestTrust",
+    "SecureEnvelope",
     "StatusCode",
     "TransportHeaders",
     "broadcast_subject",
@@ -76,4 +85,5 @@ __all__ = [
     "parse_rpc_request",
     "reply_prefix",
     "reply_subject",
+    "verify_secure_request",
 ]

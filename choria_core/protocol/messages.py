@@ -12,8 +12,8 @@ This module is on the hot path (every RPC to every node goes through it), so it 
 stdlib ``json`` C encoder with compact separators and hand-written checks rather than a
 validation framework. Every decode function raises :class:`ProtocolError` only.
 
-Requests are always built "insecure" (``signature``/``pubcert`` = ``insecure``): provisioning
-mode nodes never verify request signatures.
+Requests are built "insecure" (``signature``/``pubcert`` = ``insecure``) unless a signer is
+given; :mod:`choria_core.protocol.signing` signs and verifies them.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ import json
 import re
 import time as _time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ParamSpec, TypeVar
 
 from choria_core.protocol.errors import ProtocolError, fail
+from choria_core.protocol.signing import RequestSigner, SecureEnvelope
 from choria_core.protocol.subjects import new_request_id
 
 TRANSPORT_PROTOCOL = "choria:transport:1"
@@ -181,6 +182,8 @@ class Request:
     time: int
     filter: Filter
     message: str
+    #: the received secure layer (signed text, signature, pubcert); None for built requests
+    secure: SecureEnvelope | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,15 +382,22 @@ def _request_text(req: Request) -> str:
 
 
 def encode_request(
-    req: Request, *, reply_to: str, mc_sender: str, seen_by: Sequence[tuple[str, str, str]] = ()
+    req: Request,
+    *,
+    reply_to: str,
+    mc_sender: str,
+    seen_by: Sequence[tuple[str, str, str]] = (),
+    signer: RequestSigner | None = None,
 ) -> bytes:
-    """Encode a request as ``choria:transport:1`` bytes, ready to publish on NATS."""
+    """Encode a request as ``choria:transport:1`` bytes, signed by ``signer`` if given."""
+    text = _request_text(req)
+    signature, pubcert = signer.sign_message(text) if signer else (INSECURE, INSECURE)
     secure = _dumps(
         {
             "protocol": SECURE_REQUEST_PROTOCOL,
-            "message": _request_text(req),
-            "signature": INSECURE,
-            "pubcert": INSECURE,
+            "message": text,
+            "signature": signature,
+            "pubcert": pubcert,
         }
     )
     return _transport(secure.encode("ascii"), _headers(reply_to, mc_sender, seen_by))
@@ -397,15 +407,16 @@ def encode_request(
 def decode_request(data: bytes) -> tuple[Request, TransportHeaders]:
     """Decode transport → secure request → request, applying the schema rules the node enforces.
 
-    Signatures are not verified (provisioning mode never does), but ``signature`` and
+    Signatures are not verified here (``Request.secure`` keeps them for
+    :func:`~choria_core.protocol.signing.verify_secure_request`), but ``signature`` and
     ``pubcert`` must be non-empty strings as the schema requires.
     """
     inner, headers = _open_transport(data)
     secure = _json("secure request", inner)
     _protocol("secure request", secure, SECURE_REQUEST_PROTOCOL)
     text = _str("secure request", secure, "message", nonempty=True)
-    _str("secure request", secure, "signature", nonempty=True)
-    _str("secure request", secure, "pubcert", nonempty=True)
+    signature = _str("secure request", secure, "signature", nonempty=True)
+    pubcert = _str("secure request", secure, "pubcert", nonempty=True)
 
     obj = _json("request", text)
     _protocol("request", obj, REQUEST_PROTOCOL)
@@ -429,6 +440,7 @@ def decode_request(data: bytes) -> tuple[Request, TransportHeaders]:
         time=_int("request", env, "time"),
         filter=Filter.from_json_obj(env.get("filter")),
         message=message,
+        secure=SecureEnvelope(text, signature, pubcert),
     )
     return req, headers
 

@@ -6,25 +6,59 @@ Three ways to run it (see `docs/helpers.md`):
 - persistent:  the same command with `helper_mode: persistent` (or `--persistent`)
 - python:      `helper: helpers.reference:handler` with env `REFERENCE_HELPER_CONFIG=FILE`,
                or in code `PythonHelper(make_handler(FILE))`.
+
+The configuration, helper and model classes are imported on first use (module ``__getattr__``):
+an exec-mode process answered by the fast path (`fast.py`) never loads pydantic.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from helpers.models import HelperInput, HelperOutput
-from helpers.reference.config import ReferenceConfig, ReferenceConfigError, load_reference_config
-from helpers.reference.helper import ReferenceHelper, ReferenceHelperError
+if TYPE_CHECKING:
+    from helpers.models import HelperInput, HelperOutput
+    from helpers.reference.config import (
+        ReferenceConfig,
+        ReferenceConfigError,
+        load_reference_config,
+    )
+    from helpers.reference.helper import ReferenceHelper, ReferenceHelperError
 
 CONFIG_ENV = "REFERENCE_HELPER_CONFIG"
+
+_EXPORTS = {
+    "ReferenceConfig": "helpers.reference.config",
+    "ReferenceConfigError": "helpers.reference.config",
+    "load_reference_config": "helpers.reference.config",
+    "ReferenceHelper": "helpers.reference.helper",
+    "ReferenceHelperError": "helpers.reference.helper",
+}
 
 _shared: dict[str, ReferenceHelper] = {}
 
 
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 def make_handler(path: str | Path) -> Callable[[HelperInput], Awaitable[HelperOutput]]:
     """An async handler bound to one configuration file (its own ledger and CA adapter)."""
+    from helpers.reference.config import load_reference_config
+    from helpers.reference.helper import ReferenceHelper
+
     helper = ReferenceHelper(load_reference_config(path))
 
     async def handle(inp: HelperInput) -> HelperOutput:
@@ -36,6 +70,9 @@ def make_handler(path: str | Path) -> Callable[[HelperInput], Awaitable[HelperOu
 
 async def handler(inp: HelperInput) -> HelperOutput:
     """The python-mode entry point: reads its config path from env `REFERENCE_HELPER_CONFIG`."""
+    from helpers.reference.config import ReferenceConfigError, load_reference_config
+    from helpers.reference.helper import ReferenceHelper
+
     path = os.environ.get(CONFIG_ENV, "")
     if not path:
         raise ReferenceConfigError(

@@ -1,18 +1,42 @@
-"""`python -m helpers.reference --config FILE [--persistent]`: the reference helper as a program."""
+"""`python -m helpers.reference --config FILE [--persistent]`: the reference helper as a program.
+
+In exec mode (`--config FILE` and nothing else) a request first tries the fast path
+(`helpers.reference.fast`: a pre-parsed configuration, no pydantic); when it cannot answer,
+the full path below runs on the same input bytes and refreshes the pre-parsed configuration.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from helpers.reference import CONFIG_ENV, make_handler
-from helpers.reference.config import ReferenceConfigError
-from helpers.sdk import run
+
+def _fast(argv: list[str]) -> tuple[str, bytes, bool] | None:
+    """Try the exec fast path; returns (config, input, cache_current) for the full path."""
+    from helpers.reference.fast import config_from_argv, try_exec
+
+    config = config_from_argv(argv)
+    if config is None:
+        return None
+    data = sys.stdin.buffer.read()
+    answered = try_exec(config, data, sys.stdout.buffer)
+    if answered:
+        raise SystemExit(0)
+    return config, data, answered is False
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the configuration, serve exec or persistent mode."""
+    args_list = sys.argv[1:] if argv is None else list(argv)
+    fast = _fast(args_list)
+
+    import argparse
+    import io
+    import os
+
+    from helpers.reference import CONFIG_ENV, make_handler
+    from helpers.reference.config import ReferenceConfigError
+    from helpers.sdk import run, serve_exec
+
     parser = argparse.ArgumentParser(
         prog="python -m helpers.reference",
         description="Reference provisioning helper: overlay placement, CA signing, config.",
@@ -23,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--persistent", action="store_true", help="serve one JSON object per line until EOF"
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     if not args.config:
         parser.error(f"--config FILE (or env {CONFIG_ENV}) is required")
     try:
@@ -31,7 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     except (ReferenceConfigError, ValueError, OSError) as exc:
         print(f"reference helper: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    run(handle, argv=["--persistent"] if args.persistent else [])
+    if fast is None:
+        run(handle, argv=["--persistent"] if args.persistent else [])
+        return
+    config, data, cache_current = fast
+    if not cache_current:
+        from helpers.reference.fast import write_cache
+
+        helper = handle.helper  # type: ignore[attr-defined]
+        write_cache(config, helper.cfg, helper)
+    code = serve_exec(handle, io.BytesIO(data), sys.stdout.buffer)
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

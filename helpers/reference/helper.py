@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,36 +26,15 @@ from cryptography.x509.oid import NameOID
 
 from choria_core.durations import parse_duration
 from choria_core.errors import FleetError
-from helpers.models import PROVISION_SETTING, HelperInput, HelperOutput
+from helpers.models import HelperInput, HelperOutput
 from helpers.reference.config import ReferenceConfig, ReferenceConfigError
+from helpers.reference.rules import Facts, build_configuration, rule_outcome, version_tuple
 
 log = logging.getLogger(__name__)
 
 
 class ReferenceHelperError(FleetError, reason="helper"):
     """A node the reference helper refuses to decide for (the message says why)."""
-
-
-def version_tuple(text: str) -> tuple[int, ...]:
-    """`0.29.4` / `0.99.0.20221129` / `v1.2.3-rc1` → comparable tuple of the numeric parts."""
-    parts = re.findall(r"\d+", text.split("-", 1)[0].split("+", 1)[0])
-    return tuple(int(p) for p in parts)
-
-
-def _fact_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
-
-
-def _lookup(facts: Mapping[str, Any], name: str) -> Any:
-    # Dotted names reach into nested facts ("network.site"), as the overlays policies do.
-    cur: Any = facts
-    for part in name.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
 
 
 class ReferenceHelper:
@@ -70,6 +48,7 @@ class ReferenceHelper:
             self.registry = load_sample_registry()
         else:
             self.registry = OverlayRegistry.from_yaml(cfg.path(cfg.overlays))
+        self._registry_key = self._registry_file_key()  # see _follow_registry
         self._placer_cls = Placer
         self.placer: Any = None if cfg.ledger.nats_url else Placer(self.registry, MemoryLedger())
         self._nc: Any = None
@@ -82,6 +61,13 @@ class ReferenceHelper:
             name: cfg.path(f).read_text() for name, f in cfg.policies.opa_policies.items()
         }
         self.ttl_s = parse_duration(cfg.certificate.ttl)
+        self._rule_settings = cfg.rules.model_dump()
+        self._settings = {
+            "collectives": cfg.collectives,
+            "main_collective": cfg.main_collective,
+            "configuration": cfg.configuration,
+            "overlay_configuration": cfg.overlay_configuration,
+        }
 
     # -- lazily opened resources --------------------------------------------------------------
 
@@ -123,6 +109,34 @@ class ReferenceHelper:
             await self._nc.close()
             self._nc = None
 
+    def _registry_file_key(self) -> tuple[int, int] | None:
+        if self.cfg.overlays == "sample":
+            return None
+        try:
+            st = os.stat(self.cfg.path(self.cfg.overlays))
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _follow_registry(self) -> None:
+        """Re-read the registry file when it changed (mtime, size): an overlay set to
+        ``draining`` or ``cordoned`` counts for the next placement without a restart (a file
+        that does not load is logged and the registry in use is kept)."""
+        key = self._registry_file_key()
+        if key is None or key == self._registry_key:
+            return
+        self._registry_key = key
+        from overlays import OverlayRegistry
+
+        try:
+            registry = OverlayRegistry.from_yaml(self.cfg.path(self.cfg.overlays))
+        except Exception as exc:
+            log.warning("overlay registry not reloaded, keeping the previous one: %s", exc)
+            return
+        self.registry = registry
+        if self.placer is not None:
+            self.placer.registry = registry
+
     # -- the decision --------------------------------------------------------------------------
 
     async def decide(self, inp: HelperInput) -> HelperOutput:
@@ -133,6 +147,7 @@ class ReferenceHelper:
         if ruled is not None:
             return ruled
 
+        self._follow_registry()
         placer = await self._get_placer()
         placement = await placer.place(inp.identity, facts)
         if placement.deferred or placement.overlay is None:
@@ -149,7 +164,7 @@ class ReferenceHelper:
             "region": overlay.region,
             "brokers": ",".join(overlay.brokers),
             "ssldir": ssldir,
-            "facts": _Facts(facts),
+            "facts": Facts(facts),
         }
         out = HelperOutput(
             msg=(
@@ -175,38 +190,8 @@ class ReferenceHelper:
         return out
 
     def _rules(self, inventory: Mapping[str, Any], facts: Mapping[str, Any]) -> HelperOutput | None:
-        rules = self.cfg.rules
-        for name, want in rules.shutdown_facts.items():
-            if _fact_text(_lookup(facts, name)) == want:
-                return HelperOutput(
-                    shutdown=True, msg=f"fact {name}={want}: shutting the node down"
-                )
-        if rules.min_version:
-            have = str(inventory.get("version") or "")
-            if not have or version_tuple(have) < version_tuple(rules.min_version):
-                why = f"server version {have or 'unknown'} is older than {rules.min_version}"
-                if rules.too_old_action == "shutdown":
-                    return HelperOutput(shutdown=True, msg=why)
-                if rules.too_old_action == "upgrade" and rules.upgrade_to:
-                    if not inventory.get("upgradable"):
-                        return HelperOutput(
-                            defer=True,
-                            msg=why + " and not upgradable",
-                            retry_after=rules.retry_after,
-                        )
-                    return HelperOutput(
-                        upgrade=rules.upgrade_to, msg=why + f": upgrading to {rules.upgrade_to}"
-                    )
-                return HelperOutput(defer=True, msg=why, retry_after=rules.retry_after)
-        for name, want in rules.require_facts.items():
-            have_fact = _fact_text(_lookup(facts, name))
-            if have_fact != want:
-                return HelperOutput(
-                    defer=True,
-                    msg=f"site not ready: fact {name} is {have_fact or 'unset'!s}, want {want}",
-                    retry_after=rules.retry_after,
-                )
-        return None
+        fields = rule_outcome(self._rule_settings, inventory, facts)
+        return None if fields is None else HelperOutput(**fields)
 
     async def _sign(
         self, inp: HelperInput, placement: Any, variables: Mapping[str, Any]
@@ -256,50 +241,14 @@ class ReferenceHelper:
             raise ReferenceHelperError(f"the CSR's CN {cn!r} is not the identity {identity!r}")
 
     def _configuration(self, inp: HelperInput, variables: Mapping[str, Any]) -> dict[str, str]:
-        cfg = self.cfg
-        ssldir = variables["ssldir"]
-        conf: dict[str, str] = {
-            "identity": inp.identity,
-            "plugin.choria.middleware_hosts": variables["brokers"],
-            "collectives": ",".join(cfg.collectives),
-            "main_collective": cfg.main_collective or cfg.collectives[0],
-        }
-        if inp.csr is not None:
-            conf.update(
-                {
-                    "plugin.security.provider": "file",
-                    "plugin.security.file.certificate": f"{ssldir}/certificate.pem",
-                    "plugin.security.file.key": f"{ssldir}/private.pem",
-                    "plugin.security.file.ca": f"{ssldir}/ca.pem",
-                }
-            )
-        elif inp.ed25519_pubkey is not None:
-            d = inp.ed25519_pubkey.directory or "/etc/choria"
-            conf.update(
-                {
-                    "plugin.security.provider": "choria",
-                    "plugin.security.choria.token_file": f"{d}/server.jwt",
-                    "plugin.security.choria.seed_file": f"{d}/server.seed",
-                }
-            )
-        for k, v in cfg.configuration.items():
-            conf[k] = v.format_map(variables)
-        for k, v in cfg.overlay_configuration.get(str(variables["overlay"]), {}).items():
-            conf[k] = v.format_map(variables)
-        # Never negotiable: without it the node provisions again after every restart.
-        conf[PROVISION_SETTING] = "false"
-        return conf
-
-
-class _Facts(dict[str, Any]):
-    """Facts for templates: a missing fact renders as an empty string, not a KeyError."""
-
-    def __missing__(self, key: str) -> str:
-        return ""
-
-    def __getitem__(self, key: str) -> Any:
-        value = super().__getitem__(key) if key in self else self.__missing__(key)
-        return _fact_text(value) if not isinstance(value, dict) else value
+        ed = inp.ed25519_pubkey
+        return build_configuration(
+            self._settings,
+            inp.identity,
+            variables,
+            csr=inp.csr is not None,
+            ed25519_dir=None if ed is None else ed.directory,
+        )
 
 
 __all__ = ["ReferenceConfigError", "ReferenceHelper", "ReferenceHelperError", "version_tuple"]

@@ -23,6 +23,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from choria_core.errors import FleetError
 from choria_core.protocol import is_valid_identity
@@ -43,7 +45,15 @@ from provisioner.admin.models import (
     Status,
 )
 from provisioner.admin.provider import AdminProvider
+from provisioner.fleetops.api import add_job_routes
 from provisioner.queue import NodeState
+from provisioner.revocation import (
+    RevocationError,
+    RevocationList,
+    RevocationRecord,
+    RevocationRequest,
+    RevocationService,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +132,8 @@ def create_app(
     _add_status_routes(api, provider)
     _add_control_routes(api, provider)
     _add_audit_routes(api, provider)
+    add_job_routes(api, provider)  # fleet operations (provisioner/fleetops/api.py)
+    _add_revocation_routes(api, provider)
     app.include_router(api)
     _add_page(app)
     return app
@@ -287,6 +299,85 @@ def _add_audit_routes(api: APIRouter, provider: AdminProvider) -> None:
             overlays=[
                 _overlay_fill(name, info) for name, info in sorted(provider.overlay_fill().items())
             ]
+        )
+
+
+class _GetPostRoute(APIRoute):
+    """A path served by a GET and a POST route: a wrong method names both in ``Allow``
+    (Starlette would name only the first route's)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope.get("method") not in self.methods:
+            raise StarletteHTTPException(status_code=405, headers={"Allow": "GET, POST"})
+        await super().handle(scope, receive, send)
+
+
+def _add_revocation_routes(api: APIRouter, provider: AdminProvider) -> None:
+    """``/revocations``: revoke an identity, undo it, list them (provisioner/revocation.py)."""
+    unavailable: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorBody, "description": "This replica has no revocation service."}
+    }
+    bad_body: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "The body is not JSON."}
+    }
+
+    def service() -> RevocationService:
+        found = getattr(provider, "revocation", None)
+        if not isinstance(found, RevocationService):
+            raise HTTPException(status_code=503, detail="revocation is not available here")
+        return found
+
+    async def revoke(body: RevocationRequest, request: Request) -> RevocationRecord:
+        """Revoke the identity's certificate at the CA and refuse to provision it again.
+
+        The identity is marked revoked even when the CA could not revoke (``ca_status``).
+        """
+        try:
+            return await service().revoke(body, client=_client(request))
+        except RevocationError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+
+    @api.delete(
+        "/revocations/{identity}",
+        response_model=RevocationList,
+        tags=["revocation"],
+        responses={
+            404: {"model": ErrorBody, "description": "The identity is not revoked."},
+            **unavailable,
+        },
+    )
+    async def unrevoke(
+        identity: Annotated[str, Path(max_length=MAX_IDENTITY_LENGTH, pattern=_IDENTITY_PATTERN)],
+        request: Request,
+        by: Annotated[str | None, Query(max_length=200, description="Who asks.")] = None,
+    ) -> RevocationList:
+        """Let the identity be provisioned again (its certificate stays revoked at the CA);
+        answers with the remaining revocations."""
+        svc = service()
+        try:
+            removed = await svc.undo(identity, by=by, client=_client(request))
+        except RevocationError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        if not removed:
+            raise HTTPException(status_code=404, detail="not revoked")
+        return svc.list()
+
+    async def revocations() -> RevocationList:
+        """Every revoked identity, oldest first."""
+        return service().list()
+
+    for method, endpoint, model in (
+        ("GET", revocations, RevocationList),
+        ("POST", revoke, RevocationRecord),
+    ):
+        api.add_api_route(
+            "/revocations",
+            endpoint,
+            methods=[method],
+            response_model=model,
+            tags=["revocation"],
+            responses={**unavailable, **(bad_body if method == "POST" else {})},
+            route_class_override=_GetPostRoute,
         )
 
 

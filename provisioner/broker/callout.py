@@ -10,9 +10,11 @@ service:
 3. refuses identities that are not host names (``*``, ``>``, spaces), tokens that fail
    ``jwt_tools.verify_provisioning_token`` (bad signature, expired, not yet valid, wrong purpose,
    ``alg`` none/HS256), and bad nkey nonce signatures;
-4. with pinning on, lets the first nkey that claims an identity hold it (JetStream KV bucket
+4. with ``token_governance`` on, refuses revoked tokens and tokens past their limits
+   (:mod:`provisioner.token_governance`: expiry override, identity pattern, max_identities);
+5. with pinning on, lets the first nkey that claims an identity hold it (JetStream KV bucket
    shared by all replicas) until the node's ``provisioned`` event or the pin's TTL;
-5. answers with a user JWT for the ``PROVISIONING`` account that allows exactly: subscribe
+6. answers with a user JWT for the ``PROVISIONING`` account that allows exactly: subscribe
    ``provisioning.node.<identity>`` and the four agent broadcasts; publish
    ``choria.lifecycle.event.*.provision_mode_server`` and
    ``provisioning.registration.<identity>``; and one response per request received (``resp``:
@@ -76,6 +78,7 @@ from provisioner.broker.callout_config import (
 )
 from provisioner.broker.config import AGENT_BROADCASTS, PROVISIONED_EVENT
 from provisioner.broker.pins import PinStore
+from provisioner.token_governance import TokenGovernance, TokenRefused
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,7 @@ class CalloutService:
         )
         self._nc: Any = None
         self._pins: PinStore | None = None
+        self._governance: TokenGovernance | None = None
         self._ready = False
         self._limiter = SourceRateLimiter(config.source_rate, config.source_burst)
         self._quiet = QuietRefusals(log)
@@ -211,6 +215,10 @@ class CalloutService:
             pending_size=64 * 1024 * 1024,
         )
         self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.config.workers)]
+        if self.config.token_governance.enabled:
+            self._governance = await TokenGovernance.open(
+                self._nc.jetstream(), self.config.token_governance, metrics=metrics.TOKENS
+            )
         if self.config.pinning.enabled:
             p = self.config.pinning
             self._pins = await PinStore.open(self._nc.jetstream(), p.bucket, p.ttl)
@@ -237,6 +245,9 @@ class CalloutService:
         if self._ready:
             metrics.READY.dec()
             self._ready = False
+        governance, self._governance = self._governance, None
+        if governance is not None:
+            await governance.close()
         nc, self._nc = self._nc, None
         if nc is not None:
             with contextlib.suppress(Exception):
@@ -443,6 +454,11 @@ class CalloutService:
                     "bad_nkey_signature",
                     f"identity={_printable(identity)}: nonce signature invalid",
                 )
+        if self._governance is not None:
+            try:  # revoked, expiry override, identity pattern, max_identities (in KV)
+                await self._governance.check(claims, identity)
+            except TokenRefused as exc:
+                raise Refused(exc.reason, str(exc)) from None
         await self._check_pin(identity, nkey if isinstance(nkey, str) else None)
 
         now = time.time()

@@ -18,6 +18,7 @@ from choria_core.strictmodel import (
     validate_strict,
 )
 from provisioner.broker.config import DEFAULT_PIN_BUCKET
+from provisioner.token_governance import TokenGovernanceConfig
 
 log = logging.getLogger("provisioner.broker.callout")
 
@@ -62,6 +63,8 @@ class CalloutConfig(StrictModel):
     # authorization requests per second per client address (0 = no limit), and the burst.
     source_rate: float = Field(default=10.0, ge=0)
     source_burst: int = Field(default=50, ge=1, le=1_000_000)
+    # revoked tokens and per-token limits (provisioner.token_governance), in this account's KV
+    token_governance: TokenGovernanceConfig = Field(default_factory=TokenGovernanceConfig)
 
     @field_validator("tls_ca", mode="before")
     @classmethod

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from provisioner.token_governance import GovernanceMetrics
+
 ADMITTED = Counter(
     "provisioner_broker_admitted_total",
     "Connections admitted into the PROVISIONING account by the auth callout",
@@ -38,3 +40,6 @@ DROPPED = Counter(
     "provisioner_broker_auth_dropped_total",
     "Authorization requests dropped unanswered because the callout's buffer was full",
 )
+#: Per-token admissions of token governance: provisioner_broker_token_admitted_total{token},
+#: ..._token_refused_total{token,reason}, ..._token_identities{token} (labels: short hashes).
+TOKENS = GovernanceMetrics.create("provisioner_broker")

@@ -15,7 +15,9 @@ from provisioner.cli import (
     helper,
     jwt,
     node,
+    ops,
     overlays,
+    revoke,
     run,
     status,
 )
@@ -36,8 +38,10 @@ app.add_typer(overlays.app, name="overlays", help="Overlay registry, placement a
 app.add_typer(helper.app, name="helper", help="Helper tools (dry runs).")
 app.add_typer(election.app, name="election", help="Leader election status.")
 app.add_typer(audit.app, name="audit", help="Audit log tools: verify the hash chain.")
+app.add_typer(ops.app, name="ops", help="Fleet operations jobs: re-provision nodes, paced.")
 run.register(app)
 status.register(app)
+revoke.register(app)
 demo.register(app)
 bench.register(app)
 

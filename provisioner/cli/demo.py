@@ -164,8 +164,12 @@ async def _run(options: DemoOptions, *, json_out: bool, keep_running: bool) -> i
         live = Live(console=console, refresh_per_second=8, transient=False)
         with live:
             await demo.run(lambda snap: live.update(_progress_view(snap, options.nodes)))
+            if options.run_for or options.certificate_validity:
+                await demo.keep_running(lambda s: live.update(_progress_view(s, options.nodes)))
         result = await demo.verify()
         _print_summary(console, demo, result)
+        if result.renewal is not None:
+            console.print(f"  renewal              {result.renewal}", soft_wrap=True)
         if json_out:
             sys.stdout.write(json.dumps(result.to_json(), separators=(",", ":")) + "\n")
             sys.stdout.flush()
@@ -246,14 +250,32 @@ def register(app: typer.Typer) -> None:
             True, "--tls/--no-tls", help="TLS to the brokers (mTLS on the overlay brokers)."
         ),
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic fleet's facts."),
+        certificate_validity: str | None = typer.Option(
+            None,
+            "--certificate-validity",
+            help="Issue certificates of this lifetime (e.g. 90s, 1h) and turn renewal on.",
+        ),
+        run_for: str | None = typer.Option(
+            None, "--run-for", help="Keep the fleet running this long (e.g. 240s) after its start."
+        ),
     ) -> None:
         """Provision a simulated fleet end to end on this machine, nothing to configure."""
+        from choria_core.durations import parse_duration
         from testbed.demo import DemoOptions
 
         if ca not in ("local", "cfssl"):
             raise typer.BadParameter("use local or cfssl", param_hint="--ca")
         if helper_mode not in ("python", "persistent", "exec"):
             raise typer.BadParameter("use python, persistent or exec", param_hint="--helper-mode")
+        durations: dict[str, float | None] = {}
+        for flag, value in (
+            ("--certificate-validity", certificate_validity),
+            ("--run-for", run_for),
+        ):
+            try:
+                durations[flag] = None if value is None else parse_duration(value)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint=flag) from None
         options = DemoOptions(
             nodes=nodes,
             ca=ca,  # type: ignore[arg-type]
@@ -264,6 +286,8 @@ def register(app: typer.Typer) -> None:
             timeout=timeout,
             tls=tls,
             seed=seed,
+            certificate_validity=durations["--certificate-validity"],
+            run_for=durations["--run-for"],
         )
         code = asyncio.run(_run(options, json_out=json_out, keep_running=keep_running))
         raise typer.Exit(code)

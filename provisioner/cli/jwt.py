@@ -7,7 +7,12 @@ on the command line, and private keys and tokens are written 0600.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import getpass
 import json
+import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -285,3 +290,159 @@ def verify_cmd(
         f"expires {expires})",
         highlight=False,
     )
+
+
+# ------------------------------------------------------------------------ token governance
+# `revoke` and `revoked` talk to the token governance KV bucket directly. The provisioner keeps
+# it in the PROVISIONING account (--config: the provisioner's broker, user and TLS), the auth
+# callout in the AUTH account (--callout-config: broker-auth.yaml's servers and nkey seed);
+# give both to revoke a token at both enforcement points.
+
+_CONFIG_OPT = typer.Option(
+    None, "--config", "-c", help="The provisioner YAML (its broker and token_governance.bucket)."
+)
+_CALLOUT_OPT = typer.Option(
+    None, "--callout-config", help="The auth callout's broker-auth.yaml (the AUTH account)."
+)
+_TIMEOUT_OPT = typer.Option(5.0, "--timeout", help="Seconds to wait for the broker.")
+
+
+async def _governance_buckets(
+    config: Path | None, callout_config: Path | None, timeout: float
+) -> list[tuple[str, Any, Any]]:
+    """(where, connection, KV bucket) for each configuration given."""
+    import nats
+
+    from provisioner import connection
+    from provisioner.broker.callout_config import CalloutConfigError, load_callout_config
+    from provisioner.config import ConfigError, load_config
+    from provisioner.token_governance import open_bucket
+
+    if config is None and callout_config is None:
+        raise fail("give --config (provisioner) and/or --callout-config (auth callout)", EXIT_USAGE)
+    targets: list[tuple[str, Any, str]] = []
+    try:
+        if config is not None:
+            cfg = load_config(config)
+            nc = await asyncio.wait_for(
+                connection.connect(
+                    cfg, name="provisioner-jwt", is_running=lambda: False, on_reconnect=lambda: None
+                ),
+                timeout * 4,
+            )
+            targets.append(("provisioner", nc, cfg.token_governance.bucket))
+        if callout_config is not None:
+            cc = load_callout_config(callout_config)
+            tls = ssl.create_default_context(cafile=cc.tls_ca) if cc.tls_ca else None
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=cc.servers, nkeys_seed_str=cc.auth_user_seed, tls=tls,
+                    name="provisioner-jwt", allow_reconnect=False, connect_timeout=timeout,
+                ),
+                timeout * 4,
+            )  # fmt: skip
+            targets.append(("callout", nc, cc.token_governance.bucket))
+        out = []
+        for where, nc, bucket in targets:
+            out.append((where, nc, await open_bucket(nc.jetstream(timeout=timeout), bucket)))
+        return out
+    except (ConfigError, CalloutConfigError) as exc:
+        await _close_all(targets)
+        raise fail(f"invalid configuration: {exc}", EXIT_USAGE) from None
+    except Exception as exc:  # nats-py names the server, never a password or seed
+        await _close_all(targets)
+        raise fail(f"token bucket unavailable: {type(exc).__name__}: {exc}", EXIT_FAILED) from None
+
+
+async def _close_all(targets: Any) -> None:
+    for _, nc, _ in targets:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _revoke(
+    jti: str, reason: str | None, undo: bool, buckets: list[tuple[str, Any, Any]]
+) -> None:
+    from provisioner.token_governance import revoke, unrevoke
+
+    by = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        for where, _, kv in buckets:
+            if undo:
+                lifted = await unrevoke(kv, jti)
+                typer.echo(f"{where}: " + ("revocation lifted" if lifted else "was not revoked"))
+            else:
+                await revoke(kv, jti, reason or "", by=by)
+                typer.echo(f"{where}: revoked")
+    except Exception as exc:
+        raise fail(f"could not write the token bucket: {type(exc).__name__}", EXIT_FAILED) from None
+    finally:
+        await _close_all(buckets)
+
+
+@app.command("revoke")
+def revoke_cmd(
+    jti: str = typer.Argument(..., help="The token's id (jti; `jwt view` shows it)."),
+    reason: str | None = typer.Option(None, "--reason", help="Why (required to revoke)."),
+    undo: bool = typer.Option(False, "--undo", help="Lift the revocation of JTI instead."),
+    config: Path | None = _CONFIG_OPT,
+    callout_config: Path | None = _CALLOUT_OPT,
+    timeout: float = _TIMEOUT_OPT,
+) -> None:
+    """Revoke a provisioning token by its JTI, or lift the revocation with --undo.
+
+    Every provisioner and auth callout with token_governance enabled refuses it within ~1 s.
+    """
+    from provisioner.token_governance import check_jti
+
+    if not undo and not (reason and reason.strip()):
+        raise fail("--reason TEXT is required to revoke a token", EXIT_USAGE)
+    try:
+        check_jti(jti)
+    except ValueError as exc:
+        raise fail(f"JTI: {exc}", EXIT_USAGE) from None
+
+    async def run() -> None:
+        await _revoke(jti, reason, undo, await _governance_buckets(config, callout_config, timeout))
+
+    asyncio.run(run())
+
+
+@app.command("revoked")
+def revoked_cmd(
+    config: Path | None = _CONFIG_OPT,
+    callout_config: Path | None = _CALLOUT_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON list."),
+    timeout: float = _TIMEOUT_OPT,
+) -> None:
+    """List the revoked provisioning tokens (JTI, reason, when, by whom, where)."""
+    from provisioner.token_governance import list_revoked
+
+    async def run() -> list[dict[str, Any]]:
+        buckets = await _governance_buckets(config, callout_config, timeout)
+        merged: dict[str, dict[str, Any]] = {}
+        try:
+            for where, _, kv in buckets:
+                for rec in await list_revoked(kv, timeout):
+                    merged.setdefault(rec.jti, {**rec.to_json(), "where": []})["where"].append(
+                        where
+                    )
+        except Exception as exc:
+            raise fail(
+                f"could not read the token bucket: {type(exc).__name__}", EXIT_FAILED
+            ) from None
+        finally:
+            await _close_all(buckets)
+        return sorted(merged.values(), key=lambda r: (r["revoked_at"], r["jti"]))
+
+    rows = asyncio.run(run())
+    if as_json:
+        typer.echo(json.dumps(rows, sort_keys=True))
+        return
+    if not rows:
+        typer.echo("no revoked tokens")
+    for r in rows:
+        when = _fmt_time(r["revoked_at"])
+        typer.echo(
+            f"{r['jti']}  {when}  by {r['by'] or '-'}  [{','.join(r['where'])}]  {r['reason']}"
+        )

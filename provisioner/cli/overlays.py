@@ -3,6 +3,8 @@
 - ``status``: each overlay's state and fill (from the KV ledger when ``--nats-url`` is given).
 - ``simulate``: place a synthetic fleet with the registry's policies in memory and report.
 - ``plan-drain``: which nodes would leave an overlay, and where they would go.
+- ``drain``: the same plan, or with ``--execute`` a ``drain`` job that moves them
+  (:mod:`provisioner.cli.overlays_drain`).
 - ``publish``: store the registry in a KV bucket so several provisioners share it.
 """
 
@@ -334,6 +336,68 @@ def plan_drain_cmd(
         for m in plan.moves[: limit or None]:
             moves.add_row(m.identity, m.group or "-", m.target or "(no room)", m.reason)
         con.print(moves)
+
+
+@app.command("drain")
+def drain_cmd(
+    name: str = typer.Argument(..., help="Overlay to drain."),
+    overlays: Path = _OVERLAYS_OPT,
+    assignments: Path | None = typer.Option(
+        None, "--assignments", help="JSON/YAML file: identity -> overlay (or {overlay, group})."
+    ),
+    nats_url: str | None = _URL_OPT,
+    user: str | None = _USER_OPT,
+    password: str | None = _PASSWORD_OPT,
+    bucket: str = _BUCKET_OPT,
+    limit: int = typer.Option(20, "--limit", help="Moves to list in the table (0 = all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan (or the job) as JSON."),
+    execute: bool = typer.Option(
+        False, "--execute", help="Move the nodes: a drain job through the admin API."
+    ),
+    rate: str | None = typer.Option(None, "--rate", help="With --execute: N/min, N/s or N/h."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="With --execute: provisioner YAML (admin URL and token)."
+    ),
+    url: str | None = typer.Option(None, "--url", help="With --execute: admin API base URL."),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="PROVISIONER_ADMIN_TOKEN",
+        help="Admin token (prefer the environment variable or --token-file: argv is visible).",
+    ),
+    token_file: Path | None = typer.Option(None, "--token-file", help="File holding the token."),
+) -> None:
+    """Drain overlay NAME: the plan (as plan-drain) by default; --execute moves its nodes."""
+    if not execute:
+        plan_drain_cmd(
+            name, overlays, assignments, nats_url, user, password, bucket, limit, as_json
+        )
+        return
+    from provisioner.cli.overlays_drain import execute_drain
+
+    registry = _load(overlays)
+    if name not in registry:
+        raise fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}", EXIT_USAGE)
+    if assignments is not None and nats_url is not None:
+        raise fail("give at most one of --assignments FILE or --nats-url URL", EXIT_USAGE)
+    current = None
+    if assignments is not None:
+        try:
+            current = normalize_assignments(yaml.safe_load(assignments.read_text(encoding="utf-8")))
+        except OSError as err:
+            raise fail(f"{assignments}: cannot read: {err.strerror or err}", EXIT_USAGE) from None
+        except (yaml.YAMLError, ValueError) as err:
+            raise fail(f"{assignments}: {err}", EXIT_USAGE) from None
+    elif nats_url is not None:
+        current = asyncio.run(_ledger_assignments(nats_url, user, password, bucket))
+    execute_drain(
+        registry,
+        name,
+        current,
+        rate=rate,
+        admin=(config, url, token, token_file),
+        as_json=as_json,
+    )
 
 
 @app.command()

@@ -3,13 +3,20 @@
 Exit codes: 0 after a signal, 1 when the service cannot start or its broker connection closed
 for good (so that systemd's ``Restart=on-failure`` restarts it), 2 for bad usage or
 configuration.
+
+As the anchor: ``--choria-config FILE`` reads broker, TLS and client identity settings from a
+Choria config file (:mod:`provisioner.choria_config`; our YAML wins where both set a key),
+``--pid FILE`` writes our PID (refusing to start while another live process holds the file,
+removed at exit), ``--debug`` sets ``loglevel`` to debug.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,6 +25,8 @@ from typing import Any
 
 import typer
 
+from choria_core.securefile import write_atomic
+from provisioner.choria_config import ChoriaConfigError, choria_settings
 from provisioner.cli._exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 from provisioner.config import ConfigError, ProvisionerConfig, load_config
 
@@ -126,6 +135,51 @@ async def serve(cfg: ProvisionerConfig, overrides: dict[str, Any] | None = None)
     return EXIT_OK
 
 
+def _set_in_file(cfg: ProvisionerConfig, dotted: str) -> bool:
+    """Whether the YAML file itself sets ``dotted`` (``tls.ca``)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if part not in getattr(node, "model_fields_set", ()):
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def choria_overrides(config: Path, choria_config: Path) -> dict[str, Any]:
+    """The Choria file's settings our YAML does not set itself (the YAML wins)."""
+    base = load_config(config)
+    return {k: v for k, v in choria_settings(choria_config).items() if not _set_in_file(base, k)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_pid(path: Path) -> None:
+    """Write our PID to ``path`` atomically; refuse while another live process holds it."""
+    with contextlib.suppress(OSError, ValueError):
+        held = int(path.read_text(encoding="ascii").strip()[:20])
+        if held != os.getpid() and held > 0 and _pid_alive(held):
+            raise fail(f"{path} holds the PID of a running process ({held})", EXIT_FAILED)
+    try:
+        write_atomic(path, f"{os.getpid()}\n".encode(), mode=0o644)
+    except OSError as exc:
+        raise fail(f"could not write the PID file {path}: {exc}", EXIT_FAILED) from None
+
+
+def remove_pid(path: Path) -> None:
+    """Remove ``path`` if it still holds our PID."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text(encoding="ascii").strip()[:20]) == os.getpid():
+            path.unlink()
+
+
 def register(app: typer.Typer) -> None:
     """Attach the `run` command to the main app."""
 
@@ -138,16 +192,38 @@ def register(app: typer.Typer) -> None:
             help="Broker URL (repeatable); overrides broker_urls from the file.",
         ),
         log_format: str = typer.Option("json", "--log-format", help="json or text."),
+        choria_config: Path | None = typer.Option(
+            None,
+            "--choria-config",
+            help="A Choria config file for broker, TLS and client identity settings "
+            "(our YAML wins where both set a key).",
+        ),
+        pid: Path | None = typer.Option(
+            None, "--pid", help="Write our PID to this file (removed at exit)."
+        ),
+        debug: bool = typer.Option(False, "--debug", help="Log at debug level."),
     ) -> None:
         """Run the provisioner: discover nodes and provision them until SIGINT/SIGTERM."""
         overrides: dict[str, Any] = {}
-        if broker_url:
-            overrides["broker_urls"] = list(broker_url)
         try:
+            if choria_config is not None:
+                overrides.update(choria_overrides(config, choria_config))
+            if broker_url:
+                overrides["broker_urls"] = list(broker_url)
+            if debug:
+                overrides["loglevel"] = "debug"
             cfg = load_config(config, overrides=overrides or None)
-        except ConfigError as exc:
+        except (ConfigError, ChoriaConfigError) as exc:
             raise fail(f"invalid configuration: {exc}", EXIT_USAGE) from None
         if log_format not in {"json", "text"}:
             raise fail("--log-format must be json or text", EXIT_USAGE)
         setup_logging(cfg, log_format)
-        raise typer.Exit(asyncio.run(serve(cfg, overrides or None)))
+        if pid is not None:
+            pid = pid.absolute()
+            write_pid(pid)
+        try:
+            code = asyncio.run(serve(cfg, overrides or None))
+        finally:
+            if pid is not None:
+                remove_pid(pid)
+        raise typer.Exit(code)

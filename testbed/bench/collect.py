@@ -112,6 +112,7 @@ def build_result(o: BenchOptions, st: RunState, seen: Observed) -> dict[str, Any
         "steady_nodes_per_minute": rounded(steady_rate(sorted(oc.finished)), 1),
         "floor_nodes_per_minute": floor_npm,
         "ratio_to_floor": round(nodes_per_minute / floor_npm, 4) if floor_npm else None,
+        "provisioner_floor_ratio": provisioner_floor_ratio(seen.cpu, provisioned, seen.floor),
         "cold_start_to_last_s": round(span, 2),
         "p50_s": rounded(percentile(oc.ttp, 50)),
         "p95_s": rounded(percentile(oc.ttp, 95)),
@@ -140,6 +141,22 @@ def build_result(o: BenchOptions, st: RunState, seen: Observed) -> dict[str, Any
         "timeline": thin_timeline(st.timeline),
     }
     return result
+
+
+def provisioner_floor_ratio(
+    cpu: Mapping[str, float], provisioned: int, floor: Mapping[str, Any]
+) -> float | None:
+    """Provisioner CPU per node ÷ the floor model's machine time per node (1.0 = at the floor).
+
+    The floor (``floor.model.machine_s_per_node``) is what the node's raw NATS round trips and
+    one raw signature cost on this machine; ``ratio_to_floor`` compares whole-run throughput and
+    so mostly measures the simulated fleet, this compares the provisioner process alone.
+    """
+    floor_s = (floor.get("model") or {}).get("machine_s_per_node")
+    prov_cpu = cpu.get("provisioner")
+    if not provisioned or not prov_cpu or not floor_s:
+        return None
+    return round(prov_cpu / provisioned / float(floor_s), 2)
 
 
 def _resources(cpu: dict[str, float], rss: dict[str, float], provisioned: int) -> dict[str, Any]:

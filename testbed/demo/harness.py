@@ -16,6 +16,7 @@ from cryptography import x509
 
 from provisioner.service import Provisioner, ProvisionerError
 from testbed.demo.options import DemoError, DemoOptions, DemoResult
+from testbed.demo.renewal import CertificateWatch, renewal_settings
 from testbed.demo.verify import check_nodes, overlay_connections, percentile
 from testbed.fleet import Fleet
 from testbed.isolated_broker import IsolatedBroker
@@ -50,6 +51,7 @@ def demo_stack_spec(opts: DemoOptions) -> StackSpec:
     reference helper and the provisioner with its admin API."""
     # A remote CA (cfssl) on a busy 2-core box, or a process per node, can take seconds.
     slow_helper = opts.helper_mode == "exec" or opts.ca == "cfssl"
+    validity = opts.certificate_validity
     return StackSpec(
         broker=BrokerSpec(kind="isolated", tls=opts.tls),
         ca=CASpec(
@@ -64,9 +66,14 @@ def demo_stack_spec(opts: DemoOptions) -> StackSpec:
             accounts=False,
             mutual_tls=opts.tls,
             max_connections=opts.nodes + 1000,
+            client_identity=validity is not None,  # renewal reaches the nodes through them
         ),
         helper=HelperSpec(
-            kind="reference", mode=opts.helper_mode, timeout=30 if slow_helper else 10, pool_size=2
+            kind="reference",
+            mode=opts.helper_mode,
+            timeout=30 if slow_helper else 10,
+            pool_size=2,
+            certificate_ttl=f"{round(validity)}s" if validity is not None else "30d",
         ),
         provisioner=ProvisionerSpec(
             identity=PROVISIONER_IDENTITY, site="demo", admin=True, rpc_timeout=10
@@ -100,6 +107,9 @@ class Demo:
         self.setup_s = 0.0
         self._timed_out = False
         self._fleet_task: asyncio.Task[None] | None = None
+        #: With --certificate-validity: every node's certificate on disk, watched.
+        self.watch: CertificateWatch | None = None
+        self._first_started: dict[str, float] = {}
 
     # ------------------------------------------------------------------ addresses
 
@@ -174,7 +184,11 @@ class Demo:
         say(f"reference helper ({opts.helper_mode} mode)")
         await stack.prepare_helper()
         say("provisioner and admin API")
-        prov = await stack.managed_provisioner(discovery_timeout=1.0, drain_timeout=3.0)
+        config = None
+        if opts.certificate_validity is not None:
+            renewal = renewal_settings(opts.certificate_validity, opts.nodes)
+            config = stack.provisioner_config(renewal=renewal)
+        prov = await stack.managed_provisioner(config, discovery_timeout=1.0, drain_timeout=3.0)
         prov.on_provisioned.append(self._on_provisioned)
         self.provisioner = prov
         try:
@@ -238,6 +252,8 @@ class Demo:
     def _note_normal(self) -> None:
         now = time.time()
         for node in self._local_nodes():
+            # A node's started_at moves at each restart (normal mode, renewals): keep the first.
+            self._first_started.setdefault(node.identity, node.started_at)
             if node.mode == "normal" and node.identity not in self.normal_at:
                 self.normal_at[node.identity] = now
 
@@ -273,6 +289,9 @@ class Demo:
         opts = self.options
         task = asyncio.create_task(self._start_fleet(), name="demo-fleet-start")
         self._fleet_task = task
+        if opts.certificate_validity is not None and self.watch is None:
+            self.watch = CertificateWatch(self.nodes_dir, self.identities)
+            self.watch.start()
         deadline = time.monotonic() + opts.effective_timeout()
         last_key: tuple[Any, ...] | None = None
         unchanged_since = time.monotonic()
@@ -308,6 +327,33 @@ class Demo:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(task), 0.1)
 
+    async def keep_running(
+        self, on_progress: Callable[[dict[str, Any]], None] | None = None, interval: float = 0.25
+    ) -> None:
+        """``--run-for``: keep the fleet running (renewing) until that long after its start;
+        then stop handing out renewals and wait (bounded) for the nodes renewing to be back."""
+        opts, prov = self.options, self.provisioner
+        end = (self.fleet_started_at or self.started_at) + (opts.run_for or 0.0)
+        while time.time() < end:
+            await asyncio.sleep(interval)
+            if on_progress is not None:
+                on_progress(self.progress())
+        if prov is None or opts.certificate_validity is None:
+            return
+        prov.renewal.paused = True
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:
+            snap = self.progress()
+            if on_progress is not None:
+                on_progress(snap)
+            if (
+                not prov.renewal.in_flight
+                and snap["states"].get("provisioned", 0) >= opts.nodes
+                and snap["fleet"].get("normal", 0) >= opts.nodes
+            ):
+                break
+            await asyncio.sleep(interval)
+
     # ------------------------------------------------------------------ verify
 
     def identities(self) -> list[str]:
@@ -333,6 +379,11 @@ class Demo:
             if chk.overlay and records.get(chk.identity, {}).get("state") == "provisioned":
                 overlays[chk.overlay] = overlays.get(chk.overlay, 0) + 1
         ttp, ttn = self._times_after_start(records)
+        renewal = None
+        if self.watch is not None:
+            await self.watch.stop()
+            await asyncio.to_thread(self.watch.look)
+            renewal = self.watch.summary()
         t_first = self.fleet_started_at or self.started_at
         t_last = max(self.provisioned_at.values()) if self.provisioned_at else time.time()
         span = max(1e-6, t_last - t_first)
@@ -358,11 +409,13 @@ class Demo:
             timed_out=self._timed_out,
             problems=problems,
             checks=checks,
+            renewal=renewal,
         )
 
     def _times_after_start(self, records: dict[str, Any]) -> tuple[list[float], list[float]]:
         """Seconds from node start to provisioned, and to normal mode."""
         start_times = {n.identity: n.started_at for n in self._local_nodes()}
+        start_times.update(self._first_started)
         ttp: list[float] = []
         ttn: list[float] = []
         for identity, t in self.provisioned_at.items():
@@ -392,6 +445,8 @@ class Demo:
         if self._closed:
             return
         self._closed = True
+        if self.watch is not None:
+            await self.watch.stop()
         # The provisioner first: its in-flight attempts finish quickly while the nodes are
         # still there to answer (stopping the nodes first would leave them waiting for RPC
         # timeouts). Then the nodes, then the rest in reverse start order.

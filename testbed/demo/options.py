@@ -8,6 +8,9 @@ from typing import Any, Literal
 
 from choria_core.errors import FleetError
 
+#: The shortest ``--certificate-validity`` (``testbed.demo.renewal`` explains why).
+MIN_VALIDITY_S = 40.0
+
 __all__ = [
     "DEFAULT_NODES",
     "DemoError",
@@ -50,6 +53,10 @@ class DemoOptions:
     tls: bool = True
     #: Scales the node's restart delay (go-choria restarts 2 s after ``restart`` with splay 1).
     restart_delay_scale: float = 1.0
+    #: Lifetime of the nodes' certificates (seconds); set: renewal before expiry is on.
+    certificate_validity: float | None = None
+    #: Keep the fleet running this long (seconds from its start) before the verification.
+    run_for: float | None = None
 
     def effective_timeout(self) -> float:
         if self.timeout is not None:
@@ -68,6 +75,17 @@ class DemoOptions:
             raise DemoUsageError("--start-rate must be a positive number of nodes per second")
         if self.start_rate is not None and self.processes > 1:
             raise DemoUsageError("--start-rate works with in-process nodes only (--processes 1)")
+        if self.certificate_validity is not None and not (
+            MIN_VALIDITY_S <= self.certificate_validity <= 30 * 86400
+        ):
+            raise DemoUsageError(
+                f"--certificate-validity must be between {MIN_VALIDITY_S:g}s and 30d: a renewal "
+                "takes up to ~20 s (the node restarts 2 to 11 s after the request)"
+            )
+        if self.certificate_validity is not None and self.processes > 1:
+            raise DemoUsageError("--certificate-validity works with in-process nodes only")
+        if self.run_for is not None and self.run_for < 0:
+            raise DemoUsageError("--run-for must not be negative")
 
 
 @dataclass(slots=True)
@@ -109,6 +127,9 @@ class DemoResult:
     timed_out: bool = False
     problems: list[str] = field(default_factory=list)
     checks: list[NodeCheck] = field(default_factory=list)
+    #: With --certificate-validity: renewals, renewed_nodes, expired_certificates,
+    #: max_renewals_per_10s, mean_renewals_per_10s (testbed.demo.renewal).
+    renewal: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,6 +140,7 @@ class DemoResult:
             and self.verified == self.nodes
             and self.connected == self.nodes
             and self.failed == 0
+            and (self.renewal is None or self.renewal.get("expired_certificates") == 0)
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -142,6 +164,7 @@ class DemoResult:
             "tls": self.tls,
             "timed_out": self.timed_out,
             "problems": self.problems[:20],
+            **(self.renewal or {}),
         }
 
 

@@ -143,9 +143,9 @@ async def test_timeout_kills_only_the_process_that_timed_out(tmp_path: Path) -> 
         tmp_path,
         "hang.py",
         misbehave=(
-                "try:\n        os.unlink(marker)\n    except FileNotFoundError:\n        pass\n"
-                "    else:\n        time.sleep(60)"
-            ),
+            "try:\n        os.unlink(marker)\n    except FileNotFoundError:\n        pass\n"
+            "    else:\n        time.sleep(60)"
+        ),
     )
     runner = PersistentHelper(f"{PY} {helper}", args=[str(marker)], pool_size=2, timeout=1.0)
     try:

@@ -137,6 +137,7 @@ def test_reason_enum_values_and_classification() -> None:
         "shutdown",
         "failed",
         "aborted",
+        "upgraded",
     ]
     for failure in RPCFailure:
         assert failure.code == f"rpc_{failure}"  # the values the audit log always had

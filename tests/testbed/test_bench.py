@@ -31,6 +31,7 @@ REQUIRED_KEYS = {
     "nodes_per_minute",
     "floor_nodes_per_minute",
     "ratio_to_floor",
+    "provisioner_floor_ratio",
     "p50_s",
     "p95_s",
     "provisioner_peak_rss_mb",
@@ -59,6 +60,11 @@ def test_bench_30_nodes_json_and_result_file(tmp_path: Path) -> None:
     assert result["floor_nodes_per_minute"] > 0
     assert result["ratio_to_floor"] == pytest.approx(
         result["nodes_per_minute"] / result["floor_nodes_per_minute"], abs=1e-3
+    )
+    # The provisioner's own CPU per node over the floor's machine time per node.
+    floor_s = result["floor"]["model"]["machine_s_per_node"]
+    assert result["provisioner_floor_ratio"] == pytest.approx(
+        result["cpu_s"]["provisioner"] / result["provisioned"] / floor_s, rel=0.02
     )
     assert 0 < result["p50_s"] <= result["p95_s"]
     assert result["provisioner_peak_rss_mb"] > 10

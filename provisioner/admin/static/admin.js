@@ -185,6 +185,25 @@
     byId("failures-body").replaceChildren(...rows);
   }
 
+  // Fleet operations jobs (newest first): absent or unavailable engine leaves the table empty.
+  async function refreshJobs() {
+    let data;
+    try { data = await api("/jobs"); } catch (err) { data = { jobs: [] }; }
+    const rows = data.jobs.slice().reverse().slice(0, 20).map(function (j) {
+      const tr = document.createElement("tr");
+      tr.id = "job-" + safeId(j.id);
+      const c = j.counts || {};
+      const ended = (c.done || 0) + (c.failed || 0) + (c.skipped || 0);
+      cell(tr, j.id, "identity");
+      cell(tr, j.kind);
+      cell(tr, j.state);
+      cell(tr, ended + " / " + j.total, "num");
+      cell(tr, String(c.failed || 0), "num");
+      return tr;
+    });
+    byId("jobs-body").replaceChildren(...rows);
+  }
+
   async function refresh() {
     if (!token) { showLogin(true); return; }
     try {
@@ -195,6 +214,7 @@
       renderThroughput(st.throughput);
       renderFailures(failed);
       renderOverlays(ov);
+      refreshJobs();
       showLogin(false);
       showError("");
       byId("updated").textContent = new Date().toLocaleTimeString();

@@ -10,7 +10,9 @@ import time
 from typing import Any
 
 from provisioner.admin.readmodel import Throughput
+from provisioner.audit import AuditLog
 from provisioner.queue import NodeState
+from provisioner.revocation import RevocationService
 
 
 class FleetProvider:
@@ -30,6 +32,8 @@ class FleetProvider:
         self.calls: list[str] = []
         #: The read model's own ring buffer, with 1 s intervals so a page sees it move.
         self.throughput = Throughput(interval=1.0, slots=30)
+        #: The real revocation service, in memory (no broker, no CA configured).
+        self.revocation = RevocationService(audit=AuditLog(None), provisioner="admin-test")
 
     def add(self, identity: str, state: str, *, error: str | None = None) -> None:
         now = time.time()

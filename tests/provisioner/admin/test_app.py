@@ -96,6 +96,10 @@ def test_every_protected_route_requires_the_token(
 
 def test_valid_token_opens_every_protected_route(client: TestClient) -> None:
     for method, path in _protected_routes(client):
+        if path.startswith("/api/v1/jobs"):
+            continue  # a job id or a body needed: tests/provisioner/fleetops/test_api_cli.py
+        if path.startswith("/api/v1/revocations") and method != "GET":
+            continue  # a body or a revoked identity: tests/provisioner/e2e/test_revocation.py
         assert client.request(method, path, headers=AUTH).status_code == 200, (method, path)
 
 
