@@ -90,6 +90,9 @@ class Attempt:
     inventory: str = ""
     csr: dict[str, str] | None = None
     csr_sha256: str | None = None
+    #: (CSR PEM, its public key's DER SubjectPublicKeyInfo), kept by the CSR check so the
+    #: certificate check does not parse the same CSR again.
+    csr_spki: tuple[str, bytes] | None = None
     output: HelperOutput | None = None
     server_jwt: str = ""
     key: str = ""

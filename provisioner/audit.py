@@ -266,8 +266,11 @@ class AuditLog:
             for secret in self._secrets:
                 if secret in value:
                     value = value.replace(secret, REDACTED)
-            value = _PEM_PRIVATE.sub(REDACTED, value)
-            value = _JWT_LIKE.sub(REDACTED, value)
+            # Both patterns need a literal marker: skip the regex when it is absent (hot path).
+            if "-----BEGIN " in value:
+                value = _PEM_PRIVATE.sub(REDACTED, value)
+            if "eyJ" in value:
+                value = _JWT_LIKE.sub(REDACTED, value)
             if len(value) > MAX_FIELD:
                 value = value[:MAX_FIELD] + f"...[{len(value) - MAX_FIELD} characters cut]"
             return value

@@ -17,6 +17,7 @@ counted by reason and rule (``choria_provisioner_pki_policy_refusals_total``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from datetime import UTC
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -118,6 +120,8 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
         check_csr(csr, att.identity, ctx.config.pki_policy)
     except PolicyRefusal as exc:
         raise _refused(ctx, att, Reason.CSR_POLICY, exc) from None
+    with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
+        att.csr_spki = (pem, _spki(csr.public_key()))
 
 
 def check_output(ctx: PipelineContext, att: Attempt) -> None:
@@ -196,5 +200,7 @@ def _expected_key(att: Attempt, out: HelperOutput) -> bytes | None:
             ) from None
         return _spki(key.public_key())
     if att.csr is not None:
+        if att.csr_spki is not None and att.csr_spki[0] == att.csr["csr"]:
+            return att.csr_spki[1]
         return _spki(x509.load_pem_x509_csr(att.csr["csr"].encode("utf-8")).public_key())
     return None

@@ -111,7 +111,7 @@ class Dispatcher:
 
     async def _work(self, rec: NodeRecord) -> None:
         assert self.ctx is not None
-        self.metrics.busy_workers.labels(self.site).inc()
+        self.metrics.child(self.metrics.busy_workers, self.site).inc()
         log.info("provisioning %s (attempt %d, from %s)", rec.identity, rec.attempts, rec.source)
         try:
             outcome, att = await provision(self.ctx, rec)
@@ -122,7 +122,7 @@ class Dispatcher:
             log.exception("unexpected error provisioning %s", rec.identity)
             self.outcomes.internal_error(rec)
         finally:
-            self.metrics.busy_workers.labels(self.site).dec()
+            self.metrics.child(self.metrics.busy_workers, self.site).dec()
             self._slots.release()
 
     def track(self, task: asyncio.Task[Any]) -> None:

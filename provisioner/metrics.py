@@ -136,6 +136,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._rpc_children: dict[str, Any] = {}
         self._stage_children: dict[str, Any] = {}
+        self._children: dict[tuple[Any, tuple[Any, ...]], Any] = {}
         self._anchor_metrics(self.registry)
         self._our_metrics(self.registry)
         self._inventory_metrics(self.registry)
@@ -381,6 +382,15 @@ class Metrics:
         if child is None:
             child = self._rpc_children[rpc] = self.rpc_time.labels(self.site, rpc)
         child.observe(seconds)
+
+    def child(self, metric: Any, *labels: Any) -> Any:
+        """``metric.labels(*labels)``, cached (for the per-node call sites; the label values
+        used there are bounded: site, decision, overlay name)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def rpc_error(self, rpc: str) -> None:
         self.rpc_errors.labels(self.site, rpc).inc()

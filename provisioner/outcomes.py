@@ -117,7 +117,7 @@ class Outcomes:
         if outcome.overlay:
             rec.overlay = outcome.overlay
         self._by_decision[outcome.decision](rec, outcome, att)
-        self.metrics.outcomes.labels(self.site, outcome.decision).inc()
+        self.metrics.child(self.metrics.outcomes, self.site, outcome.decision).inc()
         entry = audit_fields(att, outcome)
         entry["provisioner"] = self.identity
         entry["site"] = self.site
@@ -147,7 +147,7 @@ class Outcomes:
     def _provisioned(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         self.queue.finish(rec, NodeState.PROVISIONED)
         self.provisioned_total += 1
-        self.metrics.provisioned.labels(self.site).inc()
+        self.metrics.child(self.metrics.provisioned, self.site).inc()
         if outcome.overlay:
             self.metrics.overlay_provisioned.labels(self.site, outcome.overlay).inc()
         self._record_issued(outcome, att)

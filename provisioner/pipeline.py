@@ -292,7 +292,8 @@ async def run_helper(ctx: PipelineContext, att: Attempt) -> None:
         ctx.metrics.helper_errors.labels(ctx.metrics.site).inc()
         raise fail(att, Reason.HELPER_CRASHED, f"helper failed: {type(exc).__name__}") from None
     finally:
-        ctx.metrics.helper_time.labels(ctx.metrics.site).observe(time.monotonic() - started)
+        helper_time = ctx.metrics.child(ctx.metrics.helper_time, ctx.metrics.site)
+        helper_time.observe(time.monotonic() - started)
 
 
 async def record_issued(ctx: PipelineContext, att: Attempt) -> None:

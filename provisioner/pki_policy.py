@@ -28,6 +28,7 @@ import string
 import warnings
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -416,12 +417,19 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
+@lru_cache(maxsize=16)
+def _ca_bundle(ca_pem: str) -> tuple[x509.Certificate, ...]:
+    """The parsed CA bundle (cached: a helper returns the same few bundles for every node;
+    a bundle that does not parse raises ``ValueError`` and is not cached)."""
+    return tuple(x509.load_pem_x509_certificates(ca_pem.encode("utf-8")))
+
+
 def _chain(cert: x509.Certificate, ca_pem: str, policy: PkiPolicyConfig, now: datetime) -> None:
     """Signed by a CA of the returned bundle; with anchors, the whole bundle is anchored."""
     bundle: list[x509.Certificate] = []
     if ca_pem.strip():
         try:
-            bundle = x509.load_pem_x509_certificates(ca_pem.encode("utf-8"))
+            bundle = list(_ca_bundle(ca_pem))
         except ValueError:
             raise PolicyRefusal("chain", "the helper's CA bundle does not parse") from None
     if not bundle and not policy.anchors:

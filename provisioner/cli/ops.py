@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import typer
 
-from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
-from provisioner.cli.status import (
-    MAX_ANSWER_BYTES,
-    AdminAPIError,
-    _cell,
-    _token_from_file,
-    target_from_config,
+from provisioner.cli._admin_client import (
+    TOKEN_FILE_OPT,
+    TOKEN_OPT,
+    call,
+    reported,
+    resolve_target,
 )
+from provisioner.cli._admin_client import cell as _cell
+from provisioner.cli._exit import EXIT_USAGE, fail
 
 __all__ = ["app", "parse_rate"]
 
@@ -41,14 +42,8 @@ _JOB_ID_RE = re.compile(r"^j-[0-9a-f]{16}$")
 
 _ConfigOpt = typer.Option(None, "--config", "-c", help="Provisioner YAML: admin URL and token.")
 _UrlOpt = typer.Option(None, "--url", help="Admin API base URL (overrides --config).")
-_TokenOpt = typer.Option(
-    None,
-    "--token",
-    envvar="PROVISIONER_ADMIN_TOKEN",
-    help="Admin token (prefer the environment variable or --token-file: argv is visible).",
-    show_envvar=True,
-)
-_TokenFileOpt = typer.Option(None, "--token-file", help="File holding the token.")
+_TokenOpt = TOKEN_OPT
+_TokenFileOpt = TOKEN_FILE_OPT
 _JsonOpt = typer.Option(False, "--json", help="Print the answer as JSON.")
 _TimeoutOpt = typer.Option(10.0, "--timeout", min=0.1, max=300, help="Seconds per request.")
 
@@ -64,79 +59,23 @@ def parse_rate(text: str) -> float:
     return rate
 
 
-def _target(
-    config: Path | None, url: str | None, token: str | None, token_file: Path | None
-) -> tuple[str, str]:
-    cfg_url, cfg_token = target_from_config(config) if config is not None else (None, None)
-    if token is not None and token_file is not None:
-        raise fail("give --token or --token-file, not both", EXIT_USAGE)
-    secret = _token_from_file(token_file) if token_file is not None else (token or cfg_token)
-    base = url or cfg_url
-    if not base:
-        raise fail("no admin API address: give --url, or --config with admin.port", EXIT_USAGE)
-    if not base.startswith(("http://", "https://")) or "@" in urlsplit(base).netloc:
-        raise fail("--url must be http:// or https:// without credentials", EXIT_USAGE)
-    if not secret:
-        raise fail(
-            "no admin token: give --token-file, PROVISIONER_ADMIN_TOKEN, or --config", EXIT_USAGE
-        )
-    return base.rstrip("/"), secret
-
-
-def call(
-    base: str,
-    token: str,
+def _ask(
+    admin: tuple[Path | None, str | None, str | None, Path | None],
     method: str,
     path: str,
     *,
+    timeout: float,
     body: dict[str, Any] | None = None,
     params: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> Any:
-    """One admin API call; the JSON answer, or :class:`AdminAPIError` (never the token)."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    try:
-        with (
-            httpx.Client(
-                base_url=base, headers=headers, timeout=timeout, follow_redirects=False
-            ) as client,
-            client.stream(method, path, json=body, params=params) as resp,
-        ):
-            data = bytearray()
-            for chunk in resp.iter_bytes():
-                data += chunk
-                if len(data) > MAX_ANSWER_BYTES:
-                    raise AdminAPIError(f"{method} {path}: answer too large", reason="too_large")
-            status = resp.status_code
-    except httpx.HTTPError as exc:
-        raise AdminAPIError(
-            f"{method} {path}: cannot reach the admin API ({type(exc).__name__})",
-            reason="unreachable",
-        ) from None
-    if status in (401, 403):
-        raise AdminAPIError(f"{method} {path}: the token was refused", reason="unauthorized")
-    try:
-        answer = json.loads(bytes(data)) if data else None
-    except ValueError:
-        answer = None
-    if not 200 <= status < 300:
-        detail = answer.get("detail") if isinstance(answer, dict) else None
-        text = f": {_cell(detail, 400)}" if isinstance(detail, str) else ""
-        raise AdminAPIError(f"{method} {path}: HTTP {status}{text}", reason="http_status")
-    if not isinstance(answer, dict):
-        raise AdminAPIError(
-            f"{method} {path}: the answer is not a JSON object", reason="invalid_answer"
-        )
-    return answer
+) -> dict[str, Any]:
+    """Resolve the admin API from the options, make one call, exit 1 on its failure."""
+    base, secret = resolve_target(*admin)
+    with reported():
+        return call(base, secret, method, path, body=body, params=params, timeout=timeout)
 
 
-def _run(fn: Any) -> Any:
-    try:
-        return fn()
-    except AdminAPIError as exc:
-        raise fail(f"{exc} (reason={exc.reason})", EXIT_FAILED) from None
+def _echo_job(answer: dict[str, Any], as_json: bool) -> None:
+    typer.echo(json.dumps(answer, indent=2, sort_keys=True) if as_json else _show_job(answer))
 
 
 def _counts(job: dict[str, Any]) -> str:
@@ -189,7 +128,6 @@ def reprovision_cmd(
         per_minute = parse_rate(rate)
     except ValueError as exc:
         raise fail(str(exc), EXIT_USAGE) from None
-    base, secret = _target(config, url, token, token_file)
     body: dict[str, Any] = {
         "kind": "reprovision",
         "targets": [{"identity": i} for i in identities],
@@ -200,14 +138,9 @@ def reprovision_cmd(
     if overlay:
         body["overlay"] = overlay
     params = {"dry_run": "true"} if dry_run else None
-    answer = _run(
-        lambda: call(
-            base, secret, "POST", "/api/v1/jobs", body=body, params=params, timeout=timeout
-        )
-    )
-    if as_json:
-        typer.echo(json.dumps(answer, indent=2, sort_keys=True))
-    elif dry_run:
+    admin = (config, url, token, token_file)
+    answer = _ask(admin, "POST", "/api/v1/jobs", body=body, params=params, timeout=timeout)
+    if dry_run and not as_json:
         typer.echo(f"plan: {_cell(answer.get('total'))} nodes at {_cell(answer.get('rate'))}/min")
         for t in answer.get("targets") or []:
             if isinstance(t, dict):
@@ -217,7 +150,7 @@ def reprovision_cmd(
                     f"{_cell(t.get('overlay'))}  {_cell(brokers)}"
                 )
     else:
-        typer.echo(_show_job(answer))
+        _echo_job(answer, as_json)
 
 
 @app.command("list")
@@ -230,8 +163,7 @@ def list_cmd(
     timeout: float = _TimeoutOpt,
 ) -> None:
     """Every job with its state and progress."""
-    base, secret = _target(config, url, token, token_file)
-    answer = _run(lambda: call(base, secret, "GET", "/api/v1/jobs", timeout=timeout))
+    answer = _ask((config, url, token, token_file), "GET", "/api/v1/jobs", timeout=timeout)
     if as_json:
         typer.echo(json.dumps(answer, indent=2, sort_keys=True))
         return
@@ -245,36 +177,26 @@ def list_cmd(
         )
 
 
-@app.command("show")
-def show_cmd(
-    job_id: str = typer.Argument(..., help="The job id."),
-    as_json: bool = _JsonOpt,
-    config: Path | None = _ConfigOpt,
-    url: str | None = _UrlOpt,
-    token: str | None = _TokenOpt,
-    token_file: Path | None = _TokenFileOpt,
-    timeout: float = _TimeoutOpt,
-) -> None:
-    """One job and each of its targets."""
-    job_id = _job_id(job_id)
-    base, secret = _target(config, url, token, token_file)
-    answer = _run(lambda: call(base, secret, "GET", f"/api/v1/jobs/{job_id}", timeout=timeout))
-    typer.echo(json.dumps(answer, indent=2, sort_keys=True) if as_json else _show_job(answer))
+def _job_command(method: str, suffix: str, doc: str) -> Callable[..., None]:
+    """``ops show`` and ``ops cancel``: one call about one job, the job printed."""
+
+    def command(
+        job_id: str = typer.Argument(..., help="The job id."),
+        as_json: bool = _JsonOpt,
+        config: Path | None = _ConfigOpt,
+        url: str | None = _UrlOpt,
+        token: str | None = _TokenOpt,
+        token_file: Path | None = _TokenFileOpt,
+        timeout: float = _TimeoutOpt,
+    ) -> None:
+        path = f"/api/v1/jobs/{_job_id(job_id)}{suffix}"
+        _echo_job(_ask((config, url, token, token_file), method, path, timeout=timeout), as_json)
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command("cancel")
-def cancel_cmd(
-    job_id: str = typer.Argument(..., help="The job id."),
-    as_json: bool = _JsonOpt,
-    config: Path | None = _ConfigOpt,
-    url: str | None = _UrlOpt,
-    token: str | None = _TokenOpt,
-    token_file: Path | None = _TokenFileOpt,
-    timeout: float = _TimeoutOpt,
-) -> None:
-    """Stop a job: nodes not yet asked are skipped."""
-    job_id = _job_id(job_id)
-    base, secret = _target(config, url, token, token_file)
-    path = f"/api/v1/jobs/{job_id}/cancel"
-    answer = _run(lambda: call(base, secret, "POST", path, timeout=timeout))
-    typer.echo(json.dumps(answer, indent=2, sort_keys=True) if as_json else _show_job(answer))
+show_cmd = app.command("show")(_job_command("GET", "", "One job and each of its targets."))
+cancel_cmd = app.command("cancel")(
+    _job_command("POST", "/cancel", "Stop a job: nodes not yet asked are skipped.")
+)

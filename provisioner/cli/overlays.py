@@ -44,6 +44,10 @@ _PASSWORD_OPT = typer.Option(
     envvar="PROVISIONER_NATS_PASSWORD",
 )
 _BUCKET_OPT = typer.Option(DEFAULT_BUCKET, "--bucket", help="Ledger KV bucket.")
+_ASSIGNMENTS_OPT = typer.Option(
+    None, "--assignments", help="JSON/YAML file: identity -> overlay (or {overlay, group})."
+)
+_LIMIT_OPT = typer.Option(20, "--limit", help="Moves to list in the table (0 = all).")
 _CONNECT_TIMEOUT_S = 5.0
 
 
@@ -281,37 +285,56 @@ def simulate(
         con.print(f"  deferred {n}: {reason}", highlight=False)
 
 
-@app.command("plan-drain")
-def plan_drain_cmd(
-    name: str = typer.Argument(..., help="Overlay to drain."),
-    overlays: Path = _OVERLAYS_OPT,
-    assignments: Path | None = typer.Option(
-        None, "--assignments", help="JSON/YAML file: identity -> overlay (or {overlay, group})."
-    ),
-    nats_url: str | None = _URL_OPT,
-    user: str | None = _USER_OPT,
-    password: str | None = _PASSWORD_OPT,
-    bucket: str = _BUCKET_OPT,
-    limit: int = typer.Option(20, "--limit", help="Moves to list in the table (0 = all)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the full plan as JSON."),
-) -> None:
-    """Plan draining overlay NAME: which nodes move where (nothing is changed)."""
+def _drain_inputs(
+    overlays: Path,
+    name: str,
+    assignments: Path | None,
+    ledger: tuple[str | None, str | None, str | None, str],
+    *,
+    required: bool,
+) -> tuple[OverlayRegistry, dict[str, Assignment] | None]:
+    """The registry (NAME in it) and the nodes' assignments from ``--assignments`` or the
+    ledger (``(nats_url, user, password, bucket)``): exactly one of them when ``required``,
+    at most one otherwise (``None`` when neither is given)."""
     registry = _load(overlays)
     if name not in registry:
         raise fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}", EXIT_USAGE)
-    if (assignments is None) == (nats_url is None):
+    nats_url, user, password, bucket = ledger
+    if required and (assignments is None) == (nats_url is None):
         raise fail("give exactly one of --assignments FILE or --nats-url URL", EXIT_USAGE)
+    if assignments is not None and nats_url is not None:
+        raise fail("give at most one of --assignments FILE or --nats-url URL", EXIT_USAGE)
     if assignments is not None:
         try:
-            raw = yaml.safe_load(assignments.read_text(encoding="utf-8"))
-            current = normalize_assignments(raw)
+            return registry, normalize_assignments(
+                yaml.safe_load(assignments.read_text(encoding="utf-8"))
+            )
         except OSError as err:
             raise fail(f"{assignments}: cannot read: {err.strerror or err}", EXIT_USAGE) from None
         except (yaml.YAMLError, ValueError) as err:
             raise fail(f"{assignments}: {err}", EXIT_USAGE) from None
-    else:
-        assert nats_url is not None
-        current = asyncio.run(_ledger_assignments(nats_url, user, password, bucket))
+    if nats_url is not None:
+        return registry, asyncio.run(_ledger_assignments(nats_url, user, password, bucket))
+    return registry, None
+
+
+@app.command("plan-drain")
+def plan_drain_cmd(
+    name: str = typer.Argument(..., help="Overlay to drain."),
+    overlays: Path = _OVERLAYS_OPT,
+    assignments: Path | None = _ASSIGNMENTS_OPT,
+    nats_url: str | None = _URL_OPT,
+    user: str | None = _USER_OPT,
+    password: str | None = _PASSWORD_OPT,
+    bucket: str = _BUCKET_OPT,
+    limit: int = _LIMIT_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print the full plan as JSON."),
+) -> None:
+    """Plan draining overlay NAME: which nodes move where (nothing is changed)."""
+    registry, current = _drain_inputs(
+        overlays, name, assignments, (nats_url, user, password, bucket), required=True
+    )
+    assert current is not None
     plan = plan_drain(registry, name, current)
     if as_json:
         typer.echo(json.dumps(plan.to_dict()))
@@ -342,14 +365,12 @@ def plan_drain_cmd(
 def drain_cmd(
     name: str = typer.Argument(..., help="Overlay to drain."),
     overlays: Path = _OVERLAYS_OPT,
-    assignments: Path | None = typer.Option(
-        None, "--assignments", help="JSON/YAML file: identity -> overlay (or {overlay, group})."
-    ),
+    assignments: Path | None = _ASSIGNMENTS_OPT,
     nats_url: str | None = _URL_OPT,
     user: str | None = _USER_OPT,
     password: str | None = _PASSWORD_OPT,
     bucket: str = _BUCKET_OPT,
-    limit: int = typer.Option(20, "--limit", help="Moves to list in the table (0 = all)."),
+    limit: int = _LIMIT_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the plan (or the job) as JSON."),
     execute: bool = typer.Option(
         False, "--execute", help="Move the nodes: a drain job through the admin API."
@@ -375,21 +396,9 @@ def drain_cmd(
         return
     from provisioner.cli.overlays_drain import execute_drain
 
-    registry = _load(overlays)
-    if name not in registry:
-        raise fail(f"unknown overlay {name!r}; known: {', '.join(registry.names)}", EXIT_USAGE)
-    if assignments is not None and nats_url is not None:
-        raise fail("give at most one of --assignments FILE or --nats-url URL", EXIT_USAGE)
-    current = None
-    if assignments is not None:
-        try:
-            current = normalize_assignments(yaml.safe_load(assignments.read_text(encoding="utf-8")))
-        except OSError as err:
-            raise fail(f"{assignments}: cannot read: {err.strerror or err}", EXIT_USAGE) from None
-        except (yaml.YAMLError, ValueError) as err:
-            raise fail(f"{assignments}: {err}", EXIT_USAGE) from None
-    elif nats_url is not None:
-        current = asyncio.run(_ledger_assignments(nats_url, user, password, bucket))
+    registry, current = _drain_inputs(
+        overlays, name, assignments, (nats_url, user, password, bucket), required=False
+    )
     execute_drain(
         registry,
         name,

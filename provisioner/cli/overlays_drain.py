@@ -15,9 +15,7 @@ same output). With it:
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,22 +24,15 @@ import typer
 
 from overlays.ledger import Assignment
 from overlays.registry import OverlayRegistry
+from provisioner.cli._admin_client import AdminAPIError, call, operator, reported, resolve_target
 from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
-from provisioner.cli.ops import _show_job, _target, call, parse_rate
-from provisioner.cli.status import AdminAPIError
+from provisioner.cli.ops import _show_job, parse_rate
 from provisioner.fleetops.drain import drain_spec
 
 __all__ = ["execute_drain"]
 
 #: The most nodes one ``GET /api/v1/nodes`` page returns (the API's own limit).
 _PAGE = 100_000
-
-
-def _operator() -> str:
-    try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"[:128]
-    except (OSError, KeyError):
-        return "unknown"
 
 
 def _api_nodes(base: str, secret: str, overlay: str, timeout: float) -> list[str]:
@@ -88,20 +79,18 @@ def execute_drain(
         per_minute = parse_rate(rate) if rate is not None else None
     except ValueError as err:
         raise fail(str(err), EXIT_USAGE) from None
-    base, secret = _target(*admin)
-    try:
+    base, secret = resolve_target(*admin)
+    with reported():
         if assignments is not None:
             idents = [i for i, a in assignments.items() if a.overlay == name]
         else:
             idents = _api_nodes(base, secret, name, timeout)
         try:
-            spec = drain_spec(name, idents, rate=per_minute, created_by=_operator())
+            spec = drain_spec(name, idents, rate=per_minute, created_by=operator(128))
         except ValueError as err:
             raise fail(str(err), EXIT_FAILED) from None
         body: dict[str, Any] = spec.model_dump(mode="json", exclude_none=True)
         job = call(base, secret, "POST", "/api/v1/jobs", body=body, timeout=timeout)
-    except AdminAPIError as exc:
-        raise fail(f"{exc} (reason={exc.reason})", EXIT_FAILED) from None
     if as_json:
         typer.echo(json.dumps(job))
     else:

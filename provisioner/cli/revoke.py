@@ -20,100 +20,54 @@ with them), validated, and every text printed is escaped.
 
 from __future__ import annotations
 
-import getpass
 import json
-import socket
 import time
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import typer
 
 from choria_core.protocol import is_valid_identity
 from choria_core.remote_text import clean_remote_text
-from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
-from provisioner.cli.status import (
-    MAX_ANSWER_BYTES,
+from provisioner.cli._admin_client import (
+    CONFIG_OPT,
+    TOKEN_FILE_OPT,
+    TOKEN_OPT,
     AdminAPIError,
-    _token_from_file,
-    target_from_config,
+    operator,
+    reported,
+    request,
+    resolve_target,
 )
+from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["register", "revoke_cmd"]
 
+_M = TypeVar("_M", bound="BaseModel")
+
 _PATH = "/api/v1/revocations"
 _FAILED_CA = ("failed", "not_configured")
-
-
-def _operator() -> str:
-    try:
-        return f"{getpass.getuser()}@{socket.gethostname()}"[:200]
-    except (OSError, KeyError):
-        return "unknown"
-
-
-def call(
-    base_url: str,
-    token: str,
-    method: str,
-    path: str,
-    *,
-    body: dict[str, Any] | None = None,
-    params: dict[str, str] | None = None,
-    timeout: float = 60.0,
-) -> tuple[int, Any]:
-    """One admin API request: (status, parsed JSON body). Raises :class:`AdminAPIError`."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    try:
-        with (
-            httpx.Client(
-                base_url=base_url, headers=headers, timeout=timeout, follow_redirects=False
-            ) as client,
-            client.stream(method, path, json=body, params=params) as resp,
-        ):
-            if resp.is_redirect:
-                raise AdminAPIError(
-                    f"{method} {path}: answered with a redirect; not followed", reason="redirect"
-                )
-            if resp.status_code in (401, 403):
-                raise AdminAPIError(
-                    f"{method} {path}: the admin API refused the token ({resp.status_code})",
-                    reason="unauthorized",
-                )
-            raw = bytearray()
-            for chunk in resp.iter_bytes():
-                raw += chunk
-                if len(raw) > MAX_ANSWER_BYTES:
-                    raise AdminAPIError(f"{method} {path}: answer too large", reason="too_large")
-            status = resp.status_code
-    except httpx.HTTPError as exc:
-        raise AdminAPIError(
-            f"{method} {path}: cannot reach the admin API ({type(exc).__name__})",
-            reason="unreachable",
-        ) from None
-    try:
-        return status, json.loads(bytes(raw))
-    except ValueError:
-        raise AdminAPIError(
-            f"{method} {path}: the answer is not JSON", reason="invalid_answer"
-        ) from None
+#: Seconds per admin API request (the CA may be slow to revoke).
+_TIMEOUT = 60.0
 
 
 def _detail(answer: Any) -> str:
+    if answer is None:
+        return "the answer is not JSON"
     detail = answer.get("detail") if isinstance(answer, dict) else None
     return clean_remote_text(detail if detail is not None else answer, 300)
 
 
-def _record(answer: Any) -> Any:
+def _validated(model: type[_M], answer: Any) -> _M:
+    """``answer`` as a ``model``, or ``invalid_answer``."""
     from pydantic import ValidationError
 
-    from provisioner.revocation import RevocationRecord
-
     try:
-        return RevocationRecord.model_validate(answer)
+        return model.model_validate(answer)
     except ValidationError:
         raise AdminAPIError(
             "unexpected answer from the admin API", reason="invalid_answer"
@@ -147,7 +101,8 @@ def _shutdown_outcome(base: str, secret: str, job_id: str, wait: float) -> dict[
     deadline = time.monotonic() + wait
     state, error = "running", None
     while True:
-        status, answer = call(base, secret, "GET", f"/api/v1/jobs/{quote(job_id, safe='')}")
+        path = f"/api/v1/jobs/{quote(job_id, safe='')}"
+        status, answer = request(base, secret, "GET", path, timeout=_TIMEOUT)
         if status == 200 and isinstance(answer, dict):
             state = clean_remote_text(answer.get("state", ""), 32)
             targets = answer.get("targets")
@@ -174,11 +129,13 @@ def _do_revoke(
     as_json: bool,
     wait: float = 0.0,
 ) -> None:
-    body = {"identity": identity, "reason": reason, "shutdown": shutdown, "by": _operator()}
-    status, answer = call(base, secret, "POST", _PATH, body=body)
+    from provisioner.revocation import RevocationRecord
+
+    body = {"identity": identity, "reason": reason, "shutdown": shutdown, "by": operator(200)}
+    status, answer = request(base, secret, "POST", _PATH, body=body, timeout=_TIMEOUT)
     if status != 200:
         raise fail(f"revoke {identity}: HTTP {status}: {_detail(answer)}", EXIT_FAILED)
-    rec = _record(answer)
+    rec = _validated(RevocationRecord, answer)
     outcome = None
     if rec.shutdown == "requested" and rec.shutdown_job and wait > 0:
         outcome = _shutdown_outcome(base, secret, rec.shutdown_job, wait)
@@ -205,7 +162,9 @@ def _do_revoke(
 
 def _do_undo(base: str, secret: str, identity: str, as_json: bool) -> None:
     path = f"{_PATH}/{quote(identity, safe='')}"
-    status, answer = call(base, secret, "DELETE", path, params={"by": _operator()})
+    status, answer = request(
+        base, secret, "DELETE", path, params={"by": operator(200)}, timeout=_TIMEOUT
+    )
     if status == 404:
         raise fail(f"{identity} is not revoked", EXIT_FAILED)
     if status != 200:
@@ -217,19 +176,12 @@ def _do_undo(base: str, secret: str, identity: str, as_json: bool) -> None:
 
 
 def _do_list(base: str, secret: str, as_json: bool) -> None:
-    from pydantic import ValidationError
-
     from provisioner.revocation import RevocationList
 
-    status, answer = call(base, secret, "GET", _PATH)
+    status, answer = request(base, secret, "GET", _PATH, timeout=_TIMEOUT)
     if status != 200:
         raise fail(f"list: HTTP {status}: {_detail(answer)}", EXIT_FAILED)
-    try:
-        listing = RevocationList.model_validate(answer)
-    except ValidationError:
-        raise AdminAPIError(
-            "unexpected answer from the admin API", reason="invalid_answer"
-        ) from None
+    listing = _validated(RevocationList, answer)
     if as_json:
         typer.echo(json.dumps(listing.model_dump(), indent=2))
         return
@@ -242,30 +194,6 @@ def _do_list(base: str, secret: str, as_json: bool) -> None:
             f"{c(rec.identity, 253)}  serial={c(rec.serial or '-', 128)}  ca={rec.ca_status}  "
             f"by={c(rec.by, 120)}  reason={c(rec.reason, 200)}"
         )
-
-
-def _target(
-    config: Path | None, url: str | None, token: str | None, token_file: Path | None
-) -> tuple[str, str]:
-    cfg_url, cfg_token = target_from_config(config) if config is not None else (None, None)
-    if token is not None and token_file is not None:
-        raise fail("give --token or --token-file, not both", EXIT_USAGE)
-    secret = _token_from_file(token_file) if token_file is not None else (token or cfg_token)
-    base = url or cfg_url
-    if not base:
-        raise fail(
-            "no admin API address: give --url, or --config with admin.port or monitor_port set",
-            EXIT_USAGE,
-        )
-    if not base.startswith(("http://", "https://")) or "@" in urlsplit(base).netloc:
-        raise fail("--url must be http(s)://host:port without credentials", EXIT_USAGE)
-    if not secret:
-        raise fail(
-            "no admin token: give --token-file, PROVISIONER_ADMIN_TOKEN, or --config with "
-            "admin.token",
-            EXIT_USAGE,
-        )
-    return base.rstrip("/"), secret
 
 
 def revoke_cmd(
@@ -288,18 +216,10 @@ def revoke_cmd(
         help="With --shutdown: seconds to wait for the job's outcome (0: do not wait).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON."),
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="Provisioner YAML: admin URL and token from it."
-    ),
+    config: Path | None = CONFIG_OPT,
     url: str | None = typer.Option(None, "--url", help="Admin API base URL (overrides --config)."),
-    token: str | None = typer.Option(
-        None,
-        "--token",
-        envvar="PROVISIONER_ADMIN_TOKEN",
-        help="Admin token (prefer the environment variable or --token-file: argv is visible).",
-        show_envvar=True,
-    ),
-    token_file: Path | None = typer.Option(None, "--token-file", help="File holding the token."),
+    token: str | None = TOKEN_OPT,
+    token_file: Path | None = TOKEN_FILE_OPT,
 ) -> None:
     """Revoke a node's certificate and refuse to provision its identity until --undo."""
     modes = sum((identity is not None, undo is not None, list_))
@@ -312,16 +232,14 @@ def revoke_cmd(
         raise fail("--reason TEXT is required to revoke", EXIT_USAGE)
     if (shutdown or reason) and identity is None:
         raise fail("--reason and --shutdown go with IDENTITY", EXIT_USAGE)
-    base, secret = _target(config, url, token, token_file)
-    try:
+    base, secret = resolve_target(config, url, token, token_file)
+    with reported():
         if identity is not None:
             _do_revoke(base, secret, identity, str(reason).strip(), shutdown, as_json, wait)
         elif undo is not None:
             _do_undo(base, secret, undo, as_json)
         else:
             _do_list(base, secret, as_json)
-    except AdminAPIError as exc:
-        raise fail(f"{exc} (reason={exc.reason})", EXIT_FAILED) from None
 
 
 def register(app: typer.Typer) -> None:

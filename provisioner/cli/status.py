@@ -19,123 +19,60 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import typer
 
-from choria_core.errors import FleetError
-from provisioner.cli._exit import EXIT_FAILED, EXIT_USAGE, fail
+from provisioner.cli._admin_client import (
+    CELL_LIMIT,
+    CONFIG_OPT,
+    MAX_ANSWER_BYTES,
+    TOKEN_FILE_OPT,
+    TOKEN_OPT,
+    AdminAPIError,
+    open_client,
+    reported,
+    resolve_target,
+    send,
+)
+from provisioner.cli._admin_client import cell as _cell
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["AdminAPIError", "collect", "register", "render_table"]
+__all__ = [
+    "CELL_LIMIT",
+    "MAX_ANSWER_BYTES",
+    "AdminAPIError",
+    "collect",
+    "register",
+    "render_table",
+]
 
-#: Largest answer read from one admin API call.
-MAX_ANSWER_BYTES = 4 * 1024 * 1024
-#: Length of a text cell in the table (identities, errors), the cut marker included.
-CELL_LIMIT = 160
 #: Audit records read to find the last errors (the API serves the newest 1,000 at most).
 AUDIT_WINDOW = 1000
 _ERROR_DECISIONS = ("failed", "deferred")
 _STATES_SHOWN = ("provisioned", "failed", "deferred")
 
 
-class AdminAPIError(FleetError, RuntimeError, reason="admin_api"):
-    """The admin API could not be read; ``reason`` says why (``unreachable``, ``unauthorized``,
-    ``http_status``, ``redirect``, ``too_large``, ``invalid_answer``)."""
-
-
-# ------------------------------------------------------------------------------ where to ask
-
-
-def _loopback(host: str) -> str:
-    if host in ("", "0.0.0.0", "*"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
-def target_from_config(config_file: Path) -> tuple[str | None, str | None]:
-    """(base URL, token) from a provisioner configuration file (either may be ``None``)."""
-    from provisioner.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config_file)
-    except ConfigError as exc:
-        raise fail(f"invalid configuration: {exc}", EXIT_USAGE) from None
-    port = cfg.admin.port or cfg.monitor_port
-    url = None
-    if port:
-        host = _loopback(cfg.admin.host)
-        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    return url, cfg.admin.token
-
-
-def _token_from_file(path: Path) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise fail(f"cannot read the token file {path}: {type(exc).__name__}", EXIT_USAGE) from None
-    if not token:
-        raise fail(f"the token file {path} is empty", EXIT_USAGE)
-    return token
-
-
 # ------------------------------------------------------------------------------ asking
 
 
 def _get(client: httpx.Client, path: str, params: dict[str, Any] | None = None) -> Any:
-    import httpx
-
-    try:
-        with client.stream("GET", path, params=params) as resp:
-            if resp.is_redirect:
-                raise AdminAPIError(
-                    f"GET {path}: answered with a redirect ({resp.status_code}); not followed",
-                    reason="redirect",
-                )
-            if resp.status_code in (401, 403):
-                raise AdminAPIError(
-                    f"GET {path}: the admin API refused the token ({resp.status_code})",
-                    reason="unauthorized",
-                )
-            if resp.status_code != 200:
-                raise AdminAPIError(f"GET {path}: HTTP {resp.status_code}", reason="http_status")
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise AdminAPIError(
-                        f"GET {path}: answer larger than {MAX_ANSWER_BYTES} bytes",
-                        reason="too_large",
-                    )
-    except httpx.HTTPError as exc:
-        raise AdminAPIError(
-            f"GET {path}: cannot reach the admin API ({type(exc).__name__})", reason="unreachable"
-        ) from None
-    try:
-        return json.loads(bytes(body))
-    except ValueError:
-        raise AdminAPIError(
-            f"GET {path}: the answer is not JSON", reason="invalid_answer"
-        ) from None
+    status, answer = send(client, "GET", path, params=params)
+    if status != 200:
+        raise AdminAPIError(f"GET {path}: HTTP {status}", reason="http_status")
+    return answer
 
 
 def collect(
     base_url: str, token: str, *, timeout: float = 10.0, errors: int = 10
 ) -> dict[str, Any]:
     """Read the status, overlay fill and last errors of the provisioner at ``base_url``."""
-    import httpx
     from pydantic import ValidationError
 
     from provisioner.admin.models import AuditTail, OverlayList, Status
 
-    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-    with httpx.Client(
-        base_url=base_url, headers=headers, timeout=timeout, follow_redirects=False
-    ) as client:
+    with open_client(base_url, token, timeout) as client:
         raw_status = _get(client, "/api/v1/status")
         raw_overlays = _get(client, "/api/v1/overlays")
         raw_audit = _get(client, "/api/v1/audit", {"limit": AUDIT_WINDOW})
@@ -178,22 +115,6 @@ def collect(
 
 
 # ------------------------------------------------------------------------------ showing
-
-
-def _cell(value: object, limit: int = CELL_LIMIT) -> str:
-    """A table cell: remote text escaped (one line, no terminal escapes) and cut.
-
-    Text with nothing to escape is only cut: the service has already cleaned the texts it
-    serves, and escaping their backslashes again would make them hard to read.
-    """
-    from choria_core.remote_text import TRUNCATED_MARK, clean_remote_text
-
-    if value is None or value == "":
-        return "-"
-    text = value if isinstance(value, str) else str(value)
-    if not text.isprintable():
-        return clean_remote_text(text, limit)
-    return text if len(text) <= limit else text[: limit - len(TRUNCATED_MARK)] + TRUNCATED_MARK
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
@@ -278,50 +199,20 @@ def render_table(report: dict[str, Any]) -> str:
 
 
 def status_cmd(
-    config: Path | None = typer.Option(
-        None, "--config", "-c", help="Provisioner YAML: admin URL and token from it."
-    ),
+    config: Path | None = CONFIG_OPT,
     url: str | None = typer.Option(
         None, "--url", help="Admin API base URL, e.g. http://127.0.0.1:8222 (overrides --config)."
     ),
-    token: str | None = typer.Option(
-        None,
-        "--token",
-        envvar="PROVISIONER_ADMIN_TOKEN",
-        help="Admin token (prefer the environment variable or --token-file: argv is visible).",
-        show_envvar=True,
-    ),
-    token_file: Path | None = typer.Option(None, "--token-file", help="File holding the token."),
+    token: str | None = TOKEN_OPT,
+    token_file: Path | None = TOKEN_FILE_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     errors: int = typer.Option(10, "--errors", min=0, max=AUDIT_WINDOW, help="Last errors shown."),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, max=300, help="Seconds per request."),
 ) -> None:
     """Show leader, queue, in-flight, node counts, overlay fill and the last errors."""
-    cfg_url, cfg_token = target_from_config(config) if config is not None else (None, None)
-    if token is not None and token_file is not None:
-        raise fail("give --token or --token-file, not both", EXIT_USAGE)
-    secret = _token_from_file(token_file) if token_file is not None else (token or cfg_token)
-    base = url or cfg_url
-    if not base:
-        raise fail(
-            "no admin API address: give --url, or --config with admin.port or monitor_port set",
-            EXIT_USAGE,
-        )
-    if not base.startswith(("http://", "https://")):
-        raise fail("--url must start with http:// or https://", EXIT_USAGE)
-    if "@" in urlsplit(base).netloc:
-        # it would be printed in the report; the token has its own options
-        raise fail("--url must not carry credentials; use --token-file", EXIT_USAGE)
-    if not secret:
-        raise fail(
-            "no admin token: give --token-file, PROVISIONER_ADMIN_TOKEN, or --config with "
-            "admin.token",
-            EXIT_USAGE,
-        )
-    try:
-        report = collect(base.rstrip("/"), secret, timeout=timeout, errors=errors)
-    except AdminAPIError as exc:
-        raise fail(f"{exc} (reason={exc.reason})", EXIT_FAILED) from None
+    base, secret = resolve_target(config, url, token, token_file)
+    with reported():
+        report = collect(base, secret, timeout=timeout, errors=errors)
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
     else:

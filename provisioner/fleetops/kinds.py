@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from choria_core.errors import FleetError
+from choria_core.protocol import RPCReply
 from provisioner.fleetops.model import FleetOpsConfig, Target, bounded
 from provisioner.fleetops.overlay_client import OverlayConnections
 from provisioner.rpc import RPCError, RPCTimeout
@@ -33,7 +34,10 @@ __all__ = [
     "KindContext",
     "SendFn",
     "TargetError",
+    "acknowledged",
+    "ask_node",
     "get_kind",
+    "refusal",
     "register_kind",
 ]
 
@@ -104,7 +108,10 @@ def get_kind(name: str) -> JobKind:
 _PERMANENT = ("Incorrect provision token", "Unknown action", "Unknown agent", "not in provisioning")
 
 
-async def _send_reprovision(ctx: KindContext, target: Target) -> str:
+async def ask_node(ctx: KindContext, target: Target, action: str) -> RPCReply:
+    """Send ``choria_provision#<action>`` with the provisioning token to ``target`` on its
+    overlay: the node's reply, or :class:`TargetError` for a missing token, an overlay out of
+    reach (retry), or no reply (retry, ambiguous: the node may have acted)."""
     if not ctx.token:
         raise TargetError("no provisioning token is configured (token:)", retry=False)
     try:
@@ -112,10 +119,10 @@ async def _send_reprovision(ctx: KindContext, target: Target) -> str:
     except FleetError as exc:
         raise TargetError(str(exc), retry=True) from None
     try:
-        reply = await rpc.request_once(
+        return await rpc.request_once(
             target.identity,
             "choria_provision",
-            "reprovision",
+            action,
             {"token": ctx.token},
             ctx.config.rpc_timeout,
         )
@@ -125,14 +132,29 @@ async def _send_reprovision(ctx: KindContext, target: Target) -> str:
         ) from None
     except RPCError as exc:
         raise TargetError(bounded(exc), retry=True, ambiguous=True) from None
+
+
+def acknowledged(reply: RPCReply) -> str:
+    """The short message of a reply that is ``ok`` (bounded)."""
+    return bounded(reply.data.get("message", "") if isinstance(reply.data, dict) else "")
+
+
+def refusal(reply: RPCReply, permanent: tuple[str, ...]) -> TargetError:
+    """The :class:`TargetError` of a reply that is not ``ok``: no retry when its status message
+    holds one of ``permanent`` (case-insensitive)."""
+    message = bounded(reply.statusmsg)
+    final = any(p.lower() in message.lower() for p in permanent)
+    return TargetError(f"status {reply.statuscode}: {message}", retry=not final)
+
+
+async def _send_reprovision(ctx: KindContext, target: Target) -> str:
+    reply = await ask_node(ctx, target, "reprovision")
     if reply.ok:
         ctx.expect_back(target.identity)
-        return bounded(reply.data.get("message", "") if isinstance(reply.data, dict) else "")
-    message = bounded(reply.statusmsg)
-    if "already in provisioning mode" in message:
+        return acknowledged(reply)
+    if "already in provisioning mode" in bounded(reply.statusmsg):
         return "the node is already in provisioning mode"
-    permanent = any(p.lower() in message.lower() for p in _PERMANENT)
-    raise TargetError(f"status {reply.statuscode}: {message}", retry=not permanent)
+    raise refusal(reply, _PERMANENT)
 
 
 async def _confirm_reprovision(ctx: KindContext, target: Target) -> Confirmation:

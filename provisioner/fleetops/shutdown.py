@@ -31,12 +31,14 @@ from provisioner.fleetops.kinds import (
     Confirmation,
     JobKind,
     KindContext,
-    TargetError,
+    acknowledged,
+    ask_node,
+    refusal,
     register_kind,
 )
 from provisioner.fleetops.model import JobSpec, Target, bounded
 from provisioner.fleetops.plan import PlanError
-from provisioner.rpc import RPCError, RPCTimeout
+from provisioner.rpc import RPCError
 
 if TYPE_CHECKING:
     from provisioner.fleetops.engine import FleetOps
@@ -56,31 +58,10 @@ ShutdownAnswer = tuple[Literal["requested", "not_available", "failed"], str | No
 
 
 async def _send_shutdown(ctx: KindContext, target: Target) -> str:
-    if not ctx.token:
-        raise TargetError("no provisioning token is configured (token:)", retry=False)
-    try:
-        rpc = await ctx.connections.client(target.overlay)
-    except FleetError as exc:
-        raise TargetError(str(exc), retry=True) from None
-    try:
-        reply = await rpc.request_once(
-            target.identity,
-            "choria_provision",
-            "shutdown",
-            {"token": ctx.token},
-            ctx.config.rpc_timeout,
-        )
-    except RPCTimeout:
-        raise TargetError(
-            f"no reply within {ctx.config.rpc_timeout:g}s", retry=True, ambiguous=True
-        ) from None
-    except RPCError as exc:
-        raise TargetError(bounded(exc), retry=True, ambiguous=True) from None
+    reply = await ask_node(ctx, target, "shutdown")
     if reply.ok:
-        return bounded(reply.data.get("message", "") if isinstance(reply.data, dict) else "")
-    message = bounded(reply.statusmsg)
-    permanent = any(p.lower() in message.lower() for p in _PERMANENT)
-    raise TargetError(f"status {reply.statuscode}: {message}", retry=not permanent)
+        return acknowledged(reply)
+    raise refusal(reply, _PERMANENT)
 
 
 async def _confirm_shutdown(ctx: KindContext, target: Target) -> Confirmation:
