@@ -12,11 +12,14 @@ import fnmatch
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from overlays.model import Overlay, PinRule
+# Types only: the reference helper's exec fast path imports the pure functions below and must
+# not load pydantic (overlays.model).
+if TYPE_CHECKING:
+    from overlays.model import Overlay, PinRule
 
-Tiers = list[list[Overlay]]
+Tiers: TypeAlias = "list[list[Overlay]]"
 
 
 def fact_value(facts: Mapping[str, Any], name: str) -> str | None:
@@ -38,7 +41,12 @@ def fact_value(facts: Mapping[str, Any], name: str) -> str | None:
 
 def pin_matches(rule: PinRule, facts: Mapping[str, Any]) -> bool:
     """True if every fact in the rule's ``match`` equals one of its glob patterns."""
-    for name, patterns in rule.match.items():
+    return match_facts(rule.match, facts)
+
+
+def match_facts(match: Mapping[str, str | Sequence[str]], facts: Mapping[str, Any]) -> bool:
+    """True if every fact named in ``match`` equals one of its glob patterns."""
+    for name, patterns in match.items():
         value = fact_value(facts, name)
         if value is None:
             return False
@@ -64,9 +72,14 @@ def hrw_unit(key: str, overlay: str) -> float:
 
 def weighted_score(key: str, overlay: Overlay) -> float:
     """Weighted rendezvous score: an overlay wins a key with probability ∝ its weight."""
-    if overlay.weight <= 0:
+    return weighted_unit(key, overlay.name, overlay.weight)
+
+
+def weighted_unit(key: str, name: str, weight: float) -> float:
+    """:func:`weighted_score` of an overlay given by name and weight."""
+    if weight <= 0:
         return -math.inf
-    return -overlay.weight / math.log(hrw_unit(key, overlay.name))
+    return -weight / math.log(hrw_unit(key, name))
 
 
 def rank(

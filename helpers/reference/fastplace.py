@@ -15,14 +15,13 @@ caller runs the full path instead.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from choria_core.errors import FleetError
+from overlays.policy import fact_value, hrw_unit, match_facts, weighted_unit
 
 
 class Unsupported(FleetError, reason="fast_path_unsupported"):
@@ -78,39 +77,6 @@ def registry_data(registry: Any) -> dict[str, Any]:
     }
 
 
-def fact_value(facts: Mapping[str, Any], name: str) -> str | None:
-    """Same as `overlays.policy.fact_value`."""
-    value: Any = facts.get(name) if name in facts else None
-    if value is None and "." in name:
-        value = facts
-        for part in name.split("."):
-            if not isinstance(value, Mapping) or part not in value:
-                return None
-            value = value[part]
-    if value is None or isinstance(value, Mapping | list):
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    return text or None
-
-
-def _pin_matches(match: Mapping[str, Any], facts: Mapping[str, Any]) -> bool:
-    for name, patterns in match.items():
-        value = fact_value(facts, name)
-        if value is None:
-            return False
-        options = [patterns] if isinstance(patterns, str) else patterns
-        if not any(fnmatch.fnmatchcase(value, p) for p in options):
-            return False
-    return True
-
-
-def _hrw(key: str, overlay: str) -> float:
-    digest = hashlib.blake2b(f"{key}\x00{overlay}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
-
-
 def _rank(ranker: str, tier: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     # The ledger is empty: every fill level is 0.
     if ranker == "least_filled":
@@ -120,19 +86,17 @@ def _rank(ranker: str, tier: list[dict[str, Any]], key: str) -> list[dict[str, A
                 (0.0 / o["weight"] if o["weight"] else math.inf)
                 if o["capacity"]
                 else (math.inf / o["weight"] if o["weight"] else math.inf),
-                -_hrw(key, o["name"]),
+                -hrw_unit(key, o["name"]),
             ),
         )
     if ranker == "weighted":
 
         def score(o: dict[str, Any]) -> float:
-            if o["weight"] <= 0:
-                return -math.inf
-            return -o["weight"] / math.log(_hrw(key, o["name"]))
+            return weighted_unit(key, o["name"], o["weight"])
 
         return sorted(tier, key=lambda o: -score(o))
     if ranker == "hash":
-        return sorted(tier, key=lambda o: -_hrw(key, o["name"]))
+        return sorted(tier, key=lambda o: -hrw_unit(key, o["name"]))
     raise Unsupported(f"ranker {ranker!r}")
 
 
@@ -166,7 +130,7 @@ def _plan(reg: Mapping[str, Any], facts: Mapping[str, Any]) -> tuple[Any, str] |
     pin_label = ""
     for policy in cfg["policies"][:-1]:
         if policy == "pinned" and cfg["pins"]:
-            rule = next((r for r in cfg["pins"] if _pin_matches(r["match"], facts)), None)
+            rule = next((r for r in cfg["pins"] if match_facts(r["match"], facts)), None)
             if rule is None:
                 continue
             pin_label = rule["label"]

@@ -269,6 +269,15 @@ def test_versions_compare_like_the_anchor() -> None:
     assert not same_version("1:1.2", "1.2") and not same_version("1.2~rc1", "1.2")
 
 
+def test_hostile_versions_compare_without_crashing() -> None:
+    """A node's version is node input: huge epochs, control characters and junk only compare."""
+    huge_epoch = "9" * 10_000 + ":1.0"  # past int()'s digit limit: treated as epoch 0
+    assert same_version(huge_epoch, "1.0")
+    assert not same_version("\x1b[2J1.0\n", "1.1")
+    assert not same_version("-" * 100_000, "0.30.0")
+    assert same_version("", "") and not same_version("", "1.0")
+
+
 async def test_current_version_not_upgradable_and_no_repository(
     prov_env: ProvEnv, stop_nodes: None, tmp_path: Path
 ) -> None:
