@@ -8,7 +8,8 @@ verify it against the signer's public key; the node reads it unverified.
 Verification is deliberately explicit: the JOSE header is parsed here, before PyJWT sees the
 token, and only ``RS256``/``RS384``/``RS512``/``EdDSA`` with a key of the matching type are
 accepted. That closes ``alg: none`` and the RSA-public-key-as-HMAC-secret confusion attack by
-construction rather than by trusting a library default.
+construction rather than by trusting a library default. The signature itself is checked by
+:mod:`jwt_tools.jws` with PyJWT's rules and order (PyJWT still creates tokens).
 
 No secret (``cht``, ``chpwd``, the JWT itself) is ever put in an exception message.
 """
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from choria_core.errors import FleetError
 from jwt_tools.base64url import b64url_decode
+from jwt_tools.jws import JWSError, VerifiedSignatures, check_claim_types, jws_signing_input
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -63,6 +65,8 @@ MAX_NUMERIC_DATE = 253_402_300_799
 DEFAULT_MAX_LIFETIME_S = 10 * 365 * 86400.0
 DEFAULT_LEEWAY_S = 30.0
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: Provisioning tokens whose signature a configured key verified (a fleet shares one token).
+VERIFIED = VerifiedSignatures()
 
 
 class TokenError(FleetError, reason="token"):
@@ -419,7 +423,7 @@ def verify_provisioning_token(
     to ``choria`` in the returned claims.
     """
     text = _normalise(token)
-    header, _ = decode_unverified(text)
+    header, claims = decode_unverified(text)
     alg = header.get("alg")
     if not isinstance(alg, str):
         raise TokenError("the JWT header has no 'alg'", reason="malformed")
@@ -444,39 +448,19 @@ def verify_provisioning_token(
             reason="wrong_key_type",
         )
 
-    claims: dict[str, Any] | None = None
-    for candidate in candidates:
-        try:
-            claims = jwt.decode(
-                text,
-                candidate,
-                algorithms=[alg],
-                # times are checked below against our own clock (``now``), audience is unused
-                options={
-                    "verify_signature": True,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": False,
-                    "verify_iss": False,
-                    "require": [],
-                },
-            )
-            break
-        except jwt.InvalidSignatureError:
-            continue
-        except jwt.InvalidAlgorithmError:
-            continue
-        except jwt.DecodeError:
-            raise TokenError("the token could not be decoded", reason="malformed") from None
-        except jwt.PyJWTError as exc:
+    # The signature, checked as PyJWT's ``jwt.decode`` did (jwt_tools.jws: same rules and
+    # order, one regular expression per segment instead of a per-character loop).
+    try:
+        signing_input, signature = jws_signing_input(text, header)
+        if not VERIFIED.verify(alg, text, candidates, signing_input, signature):
             raise TokenError(
-                f"the token was refused: {exc.__class__.__name__}", reason="malformed"
-            ) from None
-    if claims is None:
-        raise TokenError(
-            "the token signature does not match the verification key", reason="bad_signature"
-        )
+                "the token signature does not match the verification key", reason="bad_signature"
+            )
+        check_claim_types(claims)
+    except JWSError as exc:
+        if exc.kind == "DecodeError":
+            raise TokenError("the token could not be decoded", reason="malformed") from None
+        raise TokenError(f"the token was refused: {exc.kind}", reason="malformed") from None
 
     _check_times(
         claims,

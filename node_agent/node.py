@@ -60,12 +60,24 @@ from node_agent.provision_agent import PROVISION_SETTING, ProvisionAgent
 from node_agent.release import DEFAULT_MAX_BYTES, installed_version
 from node_agent.transport import ConnectOptions, Link, SharedConnections, connect_own
 
-__all__ = ["NodeAgent", "NodeError", "NodeMode"]
+__all__ = ["NodeAgent", "NodeError", "NodeMode", "Transport"]
 
 log = logging.getLogger(__name__)
 
 NodeMode = Literal["provisioning", "normal", "stopped"]
+Transport = Literal["nats-py", "lean"]
 ALIVE_INTERVAL = 1800.0
+
+
+def _check_choices(key_type: str, transport: str) -> None:
+    if key_type not in ("rsa", "ec"):
+        raise ValueError(f"unknown key type {key_type!r}: use 'rsa' or 'ec'")
+    if transport not in ("nats-py", "lean"):
+        raise ValueError(f"unknown transport {transport!r}: use 'nats-py' or 'lean'")
+
+
+def _read_config_or_none(path: Path) -> dict[str, str] | None:
+    return read_config(path) if path.exists() else None
 
 
 class NodeAgent:
@@ -77,6 +89,7 @@ class NodeAgent:
     node on a shared connection (benchmarks); ``restart_delay_scale`` scales restart/shutdown
     delays (tests: 0.01 makes the 2 s restart 20 ms). ``version``, ``allow_update`` (go-choria's
     ``provision.allow_update``) and ``release_max_bytes``: see :mod:`node_agent.release`.
+    ``transport``: ``nats-py``, or ``lean`` (:mod:`node_agent.leannats`, the fleet's default).
     """
 
     def __init__(
@@ -99,14 +112,15 @@ class NodeAgent:
         version: str = NODE_VERSION,
         allow_update: bool = False,
         release_max_bytes: int = DEFAULT_MAX_BYTES,
+        transport: Transport = "nats-py",
     ) -> None:
         if not is_valid_identity(identity):
             raise ValueError(f"invalid node identity {identity!r}")
-        if key_type not in ("rsa", "ec"):
-            raise ValueError(f"unknown key type {key_type!r}: use 'rsa' or 'ec'")
+        _check_choices(key_type, transport)
         self.identity = identity
         self.token_path = Path(token_path) if token_path is not None else None
         self.state_dir = Path(state_dir).absolute()
+        self._config_path = self.state_dir / "server.conf"
         self.ssl_root = Path(ssl_root).absolute() if ssl_root is not None else self.state_dir
         self.key_type: KeyType = key_type
         self.key_pool = key_pool
@@ -121,7 +135,7 @@ class NodeAgent:
         self._facts_file = Path(facts_file) if facts_file is not None else None
         self._broker_urls = list(broker_urls) if broker_urls else None
         self._tls_ca = Path(tls_ca) if tls_ca is not None else None
-        self._shared = shared
+        self._shared, self._lean = shared, transport == "lean"
         self._alive_events = alive_events
         self._base_version = self._version = version
         self._allow_update = allow_update
@@ -148,12 +162,12 @@ class NodeAgent:
     @property
     def config_path(self) -> Path:
         """The Choria config file (``<state_dir>/server.conf``)."""
-        return self.state_dir / "server.conf"
+        return self._config_path
 
     @property
     def default_ssldir(self) -> Path:
         """``<dir(config)>/ssl``: where ``gencsr`` writes, as go-choria in provisioning mode."""
-        return self.config_path.parent / "ssl"
+        return self.state_dir / "ssl"
 
     @property
     def ssldir(self) -> Path:
@@ -260,16 +274,11 @@ class NodeAgent:
         """True while connected and serving in the current mode."""
         return self._ready.is_set() and self.mode != "stopped"
 
-    def _read_config_or_none(self) -> dict[str, str] | None:
-        if not self.config_path.exists():
-            return None
-        return read_config(self.config_path)
-
     def check_restart_config(self) -> None:
         """Refuse to restart into a config that cannot be loaded or still provisions."""
         path = self.config_path
         try:
-            cfg = self._read_config_or_none()
+            cfg = _read_config_or_none(self.config_path)
             if cfg is None:
                 raise ConfigFileError("the file does not exist")
             provisioning = wants_provisioning(cfg, self._claims)
@@ -291,7 +300,7 @@ class NodeAgent:
         self._claims = self._token_text = None  # forgotten even if the token is now unreadable
         self._claims, self._token_text = read_token(self.token_path)
         self._version = installed_version(self.state_dir) or self._base_version
-        cfg = self._read_config_or_none()
+        cfg = _read_config_or_none(self.config_path)
         try:
             provisioning = wants_provisioning(cfg, self._claims)
         except ValueError as exc:
@@ -322,7 +331,8 @@ class NodeAgent:
             broker_urls=self._broker_urls,
             tls_ca=self._tls_ca,
         )
-        self._requests.provisioning_mode(self._claims, ca=self._tls_ca, ssldir=self.ssldir)
+        ssldir = self.ssldir if self._claims.get("chs") is True else None  # only chs needs it
+        self._requests.provisioning_mode(self._claims, ca=self._tls_ca, ssldir=ssldir)
         self._main_collective = PROVISIONING_COLLECTIVE
         self._requests.agents = {
             "rpcutil": RPCUtilAgent(self),
@@ -362,7 +372,7 @@ class NodeAgent:
             )
         else:
             self._requests.link = await connect_own(
-                opts, subjects, on_message, stopping=self._stopping
+                opts, subjects, on_message, stopping=self._stopping, lean=self._lean
             )
         self.mode = mode
         self.boots += 1

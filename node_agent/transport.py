@@ -22,12 +22,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from choria_core.natsconn import being_cancelled, sync_flush
+from node_agent.leannats import LeanConnection, NatsError
 
 __all__ = [
     "ConnectOptions",
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 
 Handler = Callable[[str, bytes], Awaitable[None]]
+T = TypeVar("T")
 
 
 class _ChoriaClient(Client):
@@ -120,44 +122,23 @@ def _server_url(nc: Client) -> str:
     return f"{url.scheme}://{url.hostname}:{url.port}"
 
 
-async def _connect(opts: ConnectOptions, stopping: asyncio.Event | None) -> Client:
-    """Connect, retrying with exponential backoff (capped at ``max_backoff``) until it works
-    or ``stopping`` is set. Reconnects after that are nats-py's, forever."""
+async def _retrying(
+    opts: ConnectOptions, stopping: asyncio.Event | None, attempt: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``attempt`` until it connects, with exponential backoff (capped at ``max_backoff``),
+    or until ``stopping`` is set."""
     delay = 0.5
     while True:
-        nc = _ChoriaClient()
-
-        async def _error_cb(exc: Exception, _name: str = opts.name) -> None:
-            log.debug("nats error name=%s: %s", _name, exc)
-
-        kwargs: dict[str, Any] = {
-            "servers": opts.urls,
-            "name": opts.name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 2,
-            "connect_timeout": opts.connect_timeout,
-            "error_cb": _error_cb,
-            "pending_size": 1024 * 1024,
-        }
-        if opts.token is not None:
-            kwargs["token"] = opts.token
-        if opts.user is not None:
-            kwargs["user"] = opts.user
-            kwargs["password"] = opts.password or ""
-        if opts.tls is not None:
-            kwargs["tls"] = opts.tls
-            kwargs["tls_hostname"] = None
         try:
-            await nc.connect(**kwargs)
-            return nc
+            return await attempt()
         except Exception as exc:
             if stopping is not None and stopping.is_set():
                 raise
             log.info(
-                "connect failed name=%s (%s), retrying in %.1fs",
+                "connect failed name=%s (%s%s), retrying in %.1fs",
                 opts.name,
                 type(exc).__name__,
+                f": {exc}" if isinstance(exc, NatsError) else "",  # the broker's -ERR text
                 delay,
             )
             wait = delay * random.uniform(0.5, 1.5)
@@ -170,6 +151,40 @@ async def _connect(opts: ConnectOptions, stopping: asyncio.Event | None) -> Clie
                 except TimeoutError:
                     pass
             delay = min(delay * 2, opts.max_backoff)
+
+
+async def _connect(opts: ConnectOptions, stopping: asyncio.Event | None) -> Client:
+    """Connect with nats-py, retrying until it works or ``stopping`` is set. Reconnects after
+    that are nats-py's, forever."""
+
+    async def _error_cb(exc: Exception, _name: str = opts.name) -> None:
+        log.debug("nats error name=%s: %s", _name, exc)
+
+    kwargs: dict[str, Any] = {
+        "servers": opts.urls,
+        "name": opts.name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 2,
+        "connect_timeout": opts.connect_timeout,
+        "error_cb": _error_cb,
+        "pending_size": 1024 * 1024,
+    }
+    if opts.token is not None:
+        kwargs["token"] = opts.token
+    if opts.user is not None:
+        kwargs["user"] = opts.user
+        kwargs["password"] = opts.password or ""
+    if opts.tls is not None:
+        kwargs["tls"] = opts.tls
+        kwargs["tls_hostname"] = None
+
+    async def _attempt() -> Client:
+        nc = _ChoriaClient()
+        await nc.connect(**kwargs)
+        return nc
+
+    return await _retrying(opts, stopping, _attempt)
 
 
 @dataclass(slots=True)
@@ -211,8 +226,15 @@ async def connect_own(
     handler: Handler,
     *,
     stopping: asyncio.Event | None = None,
+    lean: bool = False,
 ) -> Link:
-    """One connection for one node, subscribed to ``subjects``; messages go to ``handler``."""
+    """One connection for one node, subscribed to ``subjects``; messages go to ``handler``.
+
+    ``lean`` uses :class:`node_agent.leannats.LeanConnection` instead of nats-py: the same
+    NATS client protocol and login, without nats-py's per-connection and per-subscription
+    tasks (the fleet simulator's default)."""
+    if lean:
+        return await _connect_lean(opts, subjects, handler, stopping)
     nc = await _connect(opts, stopping)
     link = _OwnLink(nc)
 
@@ -227,6 +249,30 @@ async def connect_own(
         await link.close()
         raise
     return link
+
+
+async def _connect_lean(
+    opts: ConnectOptions,
+    subjects: Sequence[str],
+    handler: Handler,
+    stopping: asyncio.Event | None,
+) -> Link:
+    async def _attempt() -> LeanConnection:
+        conn = LeanConnection(
+            opts.urls,
+            name=opts.name,
+            subjects=subjects,
+            handler=handler,
+            token=opts.token,
+            user=opts.user,
+            password=opts.password,
+            tls=opts.tls,
+            connect_timeout=opts.connect_timeout,
+        )
+        await conn.open()  # CONNECT, every SUB and a PING: the PONG means all were accepted
+        return conn
+
+    return await _retrying(opts, stopping, _attempt)
 
 
 # --- shared connections -------------------------------------------------------------------------

@@ -29,9 +29,17 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from ca_adapters.verify import CSRSignatureError, load_verified_csr
 from helpers.models import HelperOutput, provisioning_left_enabled
 from provisioner.attempt import Attempt, PipelineContext, PipelineError, fail
-from provisioner.pki_policy import PolicyRefusal, check_certificate, check_csr, render_sans, show
+from provisioner.pki_policy import (
+    PolicyRefusal,
+    check_certificate,
+    check_csr,
+    load_certificate,
+    render_sans,
+    show,
+)
 from provisioner.pki_policy import spki as _spki
 from provisioner.reasons import Reason
 
@@ -89,14 +97,19 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
     try:
         if len(pem) > MAX_CSR_PEM:
             raise ValueError("too long")
-        csr = x509.load_pem_x509_csr(pem.encode("utf-8"))
+        # Parsed and its signature verified once per node: the helper (python mode) and the
+        # CA adapter get the same verified CSR from this cache (ca_adapters.verify).
+        csr = load_verified_csr(pem)
+    except CSRSignatureError:
+        att.csr_sha256 = csr_fingerprint(pem)
+        raise fail(
+            att, Reason.CSR_INVALID, f"CSR from {att.identity} has an invalid signature"
+        ) from None
     except ValueError:
         raise fail(
             att, Reason.CSR_INVALID, f"CSR from {att.identity} could not be parsed"
         ) from None
     att.csr_sha256 = hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
-    if not csr.is_signature_valid:
-        raise fail(att, Reason.CSR_INVALID, f"CSR from {att.identity} has an invalid signature")
     cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     cn = cns[0] if cns else ""
     if cn != att.identity:
@@ -117,7 +130,7 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
     if denied:
         raise fail(att, Reason.CSR_DENIED, denied)
     try:
-        check_csr(csr, att.identity, ctx.config.pki_policy)
+        check_csr(csr, att.identity, ctx.config.pki_policy, signature_verified=True)
     except PolicyRefusal as exc:
         raise _refused(ctx, att, Reason.CSR_POLICY, exc) from None
     with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
@@ -163,7 +176,7 @@ def check_output(ctx: PipelineContext, att: Attempt) -> None:
 def _check_helper_certificate(ctx: PipelineContext, att: Attempt, out: HelperOutput) -> None:
     """The certificate must parse, belong to the key the node will hold and obey the policy."""
     try:
-        cert = x509.load_pem_x509_certificate(out.certificate.encode("utf-8"))
+        cert = load_certificate(out.certificate)
     except ValueError:
         raise fail(
             att, Reason.HELPER_REFUSED, "helper returned a certificate that does not parse"

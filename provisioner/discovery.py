@@ -88,8 +88,13 @@ class Discovery:
         interval: float = 60.0,
         timeout: float = 2.0,
         window: float = 0.3,
+        on_truncated: Callable[[], int] | None = None,
     ) -> None:
         self.nc = nc
+        #: Called when a sweep ran into its timeout while nodes were still answering: the
+        #: sweep cannot tell which waiting nodes are gone, so they must not be aged out by it.
+        self._on_truncated = on_truncated
+        self.truncated_sweeps = 0
         self.rpc = rpc
         self._add = add
         self.metrics = metrics
@@ -192,6 +197,7 @@ class Discovery:
             self._sweeps_started += 1
             self.metrics.discover_cycles.labels(self.metrics.site).inc()
             loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 nodes = await self.rpc.discover(timeout=self.timeout, window=self.window)
             except Exception as exc:
@@ -209,7 +215,23 @@ class Discovery:
             self.last_sweep_found = added
             self.last_sweep_answered = len(nodes)
             log.info("discovery found %d provisionable nodes, %d newly queued", len(nodes), added)
+            if nodes and self.last_sweep - started >= self.timeout:
+                self._truncated(len(nodes))
             return len(nodes)
+
+    def _truncated(self, answered: int) -> None:
+        """A sweep cut off by its timeout while replies were still arriving (a large backlog
+        answering a busy provisioner): the waiting nodes it did not hear are not known to be
+        gone, so they count as seen now instead of being aged out as stale later."""
+        self.truncated_sweeps += 1
+        refreshed = self._on_truncated() if self._on_truncated is not None else 0
+        log.info(
+            "discovery stopped at its %gs timeout with %d answers still coming; %d waiting "
+            "nodes it did not hear count as seen",
+            self.timeout,
+            answered,
+            refreshed,
+        )
 
     async def _sweep_loop(self) -> None:
         while True:

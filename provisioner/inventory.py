@@ -31,13 +31,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from choria_core.remote_text import clean_remote_text as clean
+from provisioner.pki_policy import load_certificate
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class IssuedCertificate(BaseModel):
         cls, pem: str, *, identity: str, overlay: str | None = None
     ) -> IssuedCertificate:
         """The record of an x509 certificate (PEM); ``ValueError`` when it does not parse."""
-        cert = x509.load_pem_x509_certificate(pem.encode("utf-8"))
+        cert = load_certificate(pem)  # the certificate check's parse (cached)
         return cls(
             identity=identity,
             serial=format(cert.serial_number, "x"),

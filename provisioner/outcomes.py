@@ -149,7 +149,7 @@ class Outcomes:
         self.provisioned_total += 1
         self.metrics.child(self.metrics.provisioned, self.site).inc()
         if outcome.overlay:
-            self.metrics.overlay_provisioned.labels(self.site, outcome.overlay).inc()
+            self.metrics.child(self.metrics.overlay_provisioned, self.site, outcome.overlay).inc()
         self._record_issued(outcome, att)
         log.info(
             "provisioned %s in %.3fs overlay=%s",

@@ -50,6 +50,7 @@ __all__ = [
     "check_certificate",
     "check_csr",
     "load_anchors",
+    "load_certificate",
     "render_sans",
 ]
 
@@ -260,10 +261,20 @@ def _quiet_subject(obj: x509.CertificateSigningRequest | x509.Certificate) -> x5
 # ----------------------------------------------------------------------------- the CSR
 
 
-def check_csr(csr: x509.CertificateSigningRequest, identity: str, policy: PkiPolicyConfig) -> None:
-    """The node's CSR asks for nothing but a leaf certificate for ``identity`` (see module)."""
+def check_csr(
+    csr: x509.CertificateSigningRequest,
+    identity: str,
+    policy: PkiPolicyConfig,
+    *,
+    signature_verified: bool = False,
+) -> None:
+    """The node's CSR asks for nothing but a leaf certificate for ``identity`` (see module).
+
+    ``signature_verified``: the caller obtained ``csr`` from
+    :func:`ca_adapters.verify.load_verified_csr`, which verified its signature already.
+    """
     _signature_hash(csr, "CSR")
-    if not csr.is_signature_valid:
+    if not signature_verified and not csr.is_signature_valid:
         raise PolicyRefusal("signature", "CSR signature does not verify")
     _subject(_quiet_subject(csr), identity, policy.csr_allowed_attributes, "CSR", empty_ok=True)
     for attribute in csr.attributes:
@@ -415,6 +426,32 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
+
+
+#: Certificates :func:`load_certificate` remembers, and the longest PEM it remembers (a leaf
+#: is 0.6-2 KiB): at most ~4 MiB retained, whatever a helper returns.
+CERTIFICATE_CACHE = 256
+CERTIFICATE_CACHE_MAX_PEM = 16384
+
+
+def load_certificate(pem: str) -> x509.Certificate:
+    """The first certificate of a PEM text, parsed once per distinct text.
+
+    A node's certificate is read by the audit record, the certificate check and the inventory
+    record of the same attempt; a parsed certificate is immutable, so they share one parse
+    (``ValueError`` when it does not parse; failures are not cached; a PEM longer than
+    :data:`CERTIFICATE_CACHE_MAX_PEM` is parsed without being remembered).
+    """
+    if len(pem) > CERTIFICATE_CACHE_MAX_PEM:
+        return _parse_certificate(pem)
+    return _cached_certificate(pem)
+
+
+def _parse_certificate(pem: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode("utf-8"))
+
+
+_cached_certificate = lru_cache(maxsize=CERTIFICATE_CACHE)(_parse_certificate)
 
 
 @lru_cache(maxsize=16)

@@ -340,6 +340,14 @@ class WorkQueue:
         rec.last_error = "not seen for too long; will be queued again when it is discovered"
         self._set_state(rec, NodeState.STALE, now)
 
+    def refresh_waiting(self, *, now: float | None = None) -> int:
+        """Count every waiting node as seen ``now`` (a truncated discovery sweep: see
+        :meth:`provisioner.discovery.Discovery`); returns how many were refreshed."""
+        now = time.time() if now is None else now
+        for ident in self._waiting:
+            self._records[ident].discovered_at = now
+        return len(self._waiting)
+
     def evict_stale(self, max_age: float, *, now: float | None = None) -> int:
         """Mark waiting nodes not seen for ``max_age`` seconds as stale; prune old history.
 

@@ -176,6 +176,12 @@ class _Pending:
         self.wrong = 0
 
 
+def _expire(future: asyncio.Future[str]) -> None:
+    """A request's time is up: its waiter gets ``TimeoutError`` (unless answered already)."""
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 def request_signer(ident: ClientIdentity | None) -> RequestSigner | None:
     """The signer of requests for a client identity: its JWT or PEM certificate as ``pubcert``."""
     if ident is None:
@@ -369,9 +375,13 @@ class RPCClient:
             await self.nc.publish(
                 directed_subject(self.collective, identity), payload, reply=reply_to
             )
-            assert pending.future is not None
+            future = pending.future
+            assert future is not None
+            # A timer on the future itself: asyncio.wait_for would wrap it in another future
+            # and callbacks on every request (thousands in flight), for the same outcome.
+            timer = loop.call_later(timeout, _expire, future)
             try:
-                text = await asyncio.wait_for(pending.future, timeout)
+                text = await future
             except TimeoutError:
                 extra = (
                     f" ({pending.wrong} replies from other senders were discarded)"
@@ -384,6 +394,8 @@ class RPCClient:
                     rpc=rpc,
                     reason=RPCFailure.WRONG_SENDER if pending.wrong else RPCFailure.TIMEOUT,
                 ) from None
+            finally:
+                timer.cancel()
         finally:
             self._pending.pop(req.requestid, None)
         try:

@@ -225,6 +225,7 @@ class Provisioner:
             lifecycle_component=cfg.lifecycle_component,
             interval=cfg.interval,
             timeout=self._discovery_timeout,
+            on_truncated=self.queue.refresh_waiting,
         )
         await self.audit.start()
         self.metrics.queue_capacity.labels(cfg.site).set(cfg.queue_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import psutil
 
 from node_agent.facts import synthetic_facts, synthetic_identity
 from node_agent.keys import KeyPool, KeyType
-from node_agent.node import NodeAgent, NodeError
+from node_agent.node import NodeAgent, NodeError, Transport
 from node_agent.transport import SharedConnections
 
 __all__ = ["Fleet", "FleetSpec", "count_modes"]
@@ -39,6 +40,12 @@ __all__ = ["Fleet", "FleetSpec", "count_modes"]
 log = logging.getLogger(__name__)
 
 Connections = Literal["per-node", "shared"]
+#: ``nats-py`` makes per-node connections use nats-py instead of the lean client (A/B runs).
+TRANSPORT_ENV = "FLEET_TRANSPORT"
+#: The worker processes' log level (default WARNING; INFO shows connect retries).
+LOG_LEVEL_ENV = "FLEET_LOG_LEVEL"
+#: Set to a directory to run each worker process under cProfile (``fleet-<start>.pstats`` there).
+PROFILE_ENV = "FLEET_PROFILE_DIR"
 _COUNT_KEYS = ("total", "starting", "provisioning", "normal", "stopped", "failed")
 
 
@@ -60,6 +67,7 @@ class FleetSpec:
     tls_ca: str | None = None
     connect_concurrency: int = 64
     report_interval: float = 0.25
+    transport: str = "lean"
 
 
 def count_modes(nodes: Sequence[NodeAgent], failed: int = 0, starting: int = 0) -> dict[str, int]:
@@ -101,6 +109,7 @@ class _LocalFleet:
                 shared=self.shared,
                 restart_delay_scale=spec.restart_delay_scale,
                 durable=False,
+                transport="nats-py" if spec.transport == "nats-py" else "lean",
             )
             for i in range(spec.start, spec.start + spec.count)
         ]
@@ -161,7 +170,10 @@ class Fleet:
         restart_delay_scale: float = 1.0,
         tls_ca: Path | None = None,
         connect_concurrency: int = 64,
+        transport: Transport | None = None,
     ) -> None:
+        if transport is None:
+            transport = "nats-py" if os.environ.get(TRANSPORT_ENV) == "nats-py" else "lean"
         if nodes < 0:
             raise ValueError("nodes must be >= 0")
         if processes < 1:
@@ -186,6 +198,7 @@ class Fleet:
             key_pool=key_pool,
             tls_ca=str(tls_ca) if tls_ca else None,
             connect_concurrency=connect_concurrency,
+            transport=transport,
         )
         self._local: _LocalFleet | None = None
         self._workers: list[_Worker] = []
@@ -299,6 +312,11 @@ class Fleet:
 
 async def _worker_main(spec: FleetSpec) -> None:
     fleet = _LocalFleet(spec)
+    # The nodes live as long as the process: keep them (and the imported modules) out of the
+    # cyclic collector's way, and collect young objects less often.
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+    gc_stats = _gc_timer() if os.environ.get("FLEET_GC_STATS") else None
     proc = psutil.Process()
 
     def report(event: str) -> None:
@@ -317,6 +335,24 @@ async def _worker_main(spec: FleetSpec) -> None:
         report("counts")
     await fleet.stop()
     report("stopped")
+    if gc_stats is not None:
+        sys.stderr.write(f"gc: {gc_stats} cpu: {time.process_time():.2f}s\n")
+
+
+def _gc_timer() -> dict[str, float]:
+    stats = {"collections": 0, "seconds": 0.0, "gen2": 0}
+    started = [0.0]
+
+    def _cb(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            stats["collections"] += 1
+            stats["gen2"] += info["generation"] == 2
+            stats["seconds"] += time.process_time() - started[0]
+
+    gc.callbacks.append(_cb)
+    return stats
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -325,8 +361,38 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("spec", help="FleetSpec as JSON")
     args = parser.parse_args(argv)
     spec = FleetSpec(**json.loads(args.spec))
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    asyncio.run(_worker_main(spec))
+    logging.basicConfig(
+        level=os.environ.get(LOG_LEVEL_ENV, "WARNING").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    profile_dir = os.environ.get(PROFILE_ENV)
+    if not profile_dir:
+        asyncio.run(_worker_main(spec))
+        return
+    # Developer aid: profile this worker (cProfile, CPU time) or sample it (pyinstrument when
+    # FLEET_PROFILER=pyinstrument) and leave <dir>/fleet-<start>.{pstats,txt} behind.
+    if os.environ.get("FLEET_PROFILER") == "pyinstrument":
+        from pyinstrument import Profiler
+
+        sampler = Profiler(interval=0.0005, async_mode="disabled")
+        sampler.start()
+        try:
+            asyncio.run(_worker_main(spec))
+        finally:
+            sampler.stop()
+            text = sampler.output_text(unicode=False, show_all=False)
+            (Path(profile_dir) / f"fleet-{spec.start}.txt").write_text(text)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        asyncio.run(_worker_main(spec))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(Path(profile_dir) / f"fleet-{spec.start}.pstats"))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import logging
 import secrets
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ca_adapters import LocalCA
 from helpers.examples import cfssl_authsign, gobuild
-from helpers.reference import CONFIG_ENV, make_handler
+from helpers.reference import CONFIG_ENV, forkserver, make_handler
 from helpers.reference.config import CertificateSettings, ReferenceConfig
 from jwt_tools import (
     create_provisioning_token,
@@ -51,12 +52,7 @@ from jwt_tools import (
     write_public_file,
 )
 from overlays import load_sample_registry
-from provisioner.config import (
-    AdminConfig,
-    Features,
-    ProvisionerConfig,
-    TLSConfig,
-)
+from provisioner.config import AdminConfig, Features, ProvisionerConfig, TLSConfig
 from provisioner.helper_runner import HelperRunner, PythonHelper
 from provisioner.service import Provisioner
 from testbed.ca_servers import start_cfssl, start_openbao
@@ -145,6 +141,8 @@ class HelperSpec(_Spec):
     pool_size: int | None = None
     #: lifetime of the certificates the reference helper asks for (seconds or "30d")
     certificate_ttl: str = "30d"
+    #: exec mode: answer through the reference helper's fork server (its light client)
+    fork_server: bool = False
 
 
 class ProvisionerSpec(_Spec):
@@ -209,6 +207,7 @@ class Stack:
         self.overlays_path: Path | None = None
         self._cfssl_env: dict[str, str] = {}
         self._helper_command = spec.helper.command
+        self._fork_dir = ""  # the fork server's directory (short: it holds a socket)
 
     # ------------------------------------------------------------------ addresses
 
@@ -444,6 +443,11 @@ class Stack:
             await asyncio.to_thread(self._write_reference_config)
             if h.mode == "python":
                 self._helper_command = "helpers.reference:handler"
+            elif h.mode == "exec" and h.fork_server:
+                self._fork_dir = fork_dir = tempfile.mkdtemp(prefix="rh-fork-")
+                self._helper_command = forkserver.client_command(self.helper_config_path)
+                cfg = self.helper_config_path
+                self.push_cleanup("fork server", lambda: forkserver.astop_server(cfg, fork_dir))
             else:
                 self._helper_command = (
                     f"{sys.executable} -m helpers.reference --config {self.helper_config_path}"
@@ -482,7 +486,8 @@ class Stack:
         config file in python mode; the example helpers' cfssl settings and brokers)."""
         h = self.spec.helper
         if h.kind == "reference":
-            return {CONFIG_ENV: str(self.helper_config_path)}
+            fork = {forkserver.DIR_ENV: self._fork_dir} if self._fork_dir else {}
+            return {CONFIG_ENV: str(self.helper_config_path), **fork}
         if h.kind in ("lean", "go"):
             return {**self._cfssl_env, "BROKERS": self.overlay_brokers["overlay"].url}
         return {}

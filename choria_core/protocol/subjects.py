@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import re
-import uuid
+from functools import lru_cache
 
 from choria_core.protocol.errors import ProtocolError
 from choria_core.remote_text import clean_remote_text
@@ -90,6 +91,7 @@ def broadcast_subject(collective: str, agent: str) -> str:
     return f"{_token('collective', collective)}.broadcast.agent.{_token('agent', agent)}"
 
 
+@lru_cache(maxsize=64)
 def reply_prefix(collective: str, callerid: str) -> str:
     """Reply subject prefix of a caller: ``<collective>.reply.<md5hex(callerid)>``.
 
@@ -115,4 +117,8 @@ def lifecycle_subject(event_type: str, component: str) -> str:
 
 def new_request_id() -> str:
     """A new v1 request id: 32 lowercase hex characters (UUIDv4 without hyphens, like Go)."""
-    return uuid.uuid4().hex
+    # = uuid.uuid4().hex (16 random bytes, version 4, RFC 4122 variant) without the UUID object
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()

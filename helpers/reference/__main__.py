@@ -1,8 +1,12 @@
-"""`python -m helpers.reference --config FILE [--persistent]`: the reference helper as a program.
+"""`python -m helpers.reference --config FILE [--persistent | --fork-server]`: the helper.
 
 In exec mode (`--config FILE` and nothing else) a request first tries the fast path
 (`helpers.reference.fast`: a pre-parsed configuration, no pydantic); when it cannot answer,
 the full path below runs on the same input bytes and refreshes the pre-parsed configuration.
+
+With `--fork-server` the same request is answered by a child of a warm fork server
+(`forkserver.py`; this process is only its light client, `forkserver_client.py`), or here
+when no server can take it.
 """
 
 from __future__ import annotations
@@ -24,9 +28,24 @@ def _fast(argv: list[str]) -> tuple[str, bytes, bool] | None:
     return config, data, answered is False
 
 
+def _fork_server(args: list[str]) -> None:
+    """`--fork-server`: the fork server's client; `--fork-server-daemon`: the server itself."""
+    if "--fork-server-daemon" in args:
+        from helpers.reference.forkserver import serve
+
+        serve([a for a in args if a != "--fork-server-daemon"])
+        return
+    from helpers.reference.forkserver_client import run
+
+    run([a for a in args if a != "--fork-server"], main)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, load the configuration, serve exec or persistent mode."""
     args_list = sys.argv[1:] if argv is None else list(argv)
+    if "--fork-server" in args_list or "--fork-server-daemon" in args_list:
+        _fork_server(args_list)
+        return
     fast = _fast(args_list)
 
     import argparse
@@ -46,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--persistent", action="store_true", help="serve one JSON object per line until EOF"
+    )
+    parser.add_argument(  # handled before parsing (see _fork_server); listed for --help
+        "--fork-server",
+        action="store_true",
+        help="exec mode, answered by a child of a warm fork server (docs/helpers.md)",
     )
     args = parser.parse_args(args_list)
     if not args.config:

@@ -9,7 +9,9 @@ service:
    identity from the connection name (or the user name);
 3. refuses identities that are not host names (``*``, ``>``, spaces), tokens that fail
    ``jwt_tools.verify_provisioning_token`` (bad signature, expired, not yet valid, wrong purpose,
-   ``alg`` none/HS256), and bad nkey nonce signatures;
+   ``alg`` none/HS256), and bad nkey nonce signatures (a token that passed is remembered, by
+   hash, until its expiry: :mod:`provisioner.broker.tokencache`; the xkey boxes and server
+   keys are derived once per server: :mod:`provisioner.broker.codec`);
 4. with ``token_governance`` on, refuses revoked tokens and tokens past their limits
    (:mod:`provisioner.token_governance`: expiry override, identity pattern, max_identities);
 5. with pinning on, lets the first nkey that claims an identity hold it (JetStream KV bucket
@@ -55,17 +57,12 @@ from choria_core.protocol.subjects import is_valid_identity
 from jwt_tools.keys import VerifyKey, load_verify_keys
 from jwt_tools.nats_jwt import (
     PREFIX_ACCOUNT,
-    PREFIX_SERVER,
     CurveKey,
     NatsJWTError,
     NKey,
     authorization_response_claims,
-    decode_jwt,
-    encode_jwt,
     user_claims,
     verify_nonce_signature,
-    xkey_open,
-    xkey_seal,
 )
 from jwt_tools.tokens import TokenError, verify_provisioning_token
 from provisioner.broker import metrics
@@ -76,8 +73,10 @@ from provisioner.broker.callout_config import (
     PinningConfig,
     load_callout_config,
 )
+from provisioner.broker.codec import JWTSigner, ServerKeys
 from provisioner.broker.config import AGENT_BROADCASTS, PROVISIONED_EVENT
 from provisioner.broker.pins import PinStore
+from provisioner.broker.tokencache import VerifiedTokens
 from provisioner.token_governance import TokenGovernance, TokenRefused
 
 log = logging.getLogger(__name__)
@@ -186,6 +185,10 @@ class CalloutService:
         self._keys: list[VerifyKey] = (
             list(verify_keys) if verify_keys is not None else load_verify_keys(config.verify_keys)
         )
+        # Derived once: the servers' keys and boxes, our signer, the tokens already verified.
+        self._server_keys = ServerKeys(self._xkey)
+        self._signer = JWTSigner(self._issuer)
+        self.tokens = VerifiedTokens(self._verify_token, leeway=config.token_leeway)
         self._nc: Any = None
         self._pins: PinStore | None = None
         self._governance: TokenGovernance | None = None
@@ -336,8 +339,8 @@ class CalloutService:
         )
 
     def _seal(self, body: dict[str, Any], server_xkey: str | None) -> bytes:
-        token = encode_jwt(body, self._issuer).encode()
-        return xkey_seal(self._xkey, server_xkey, token) if server_xkey else token
+        token = self._signer.encode(body).encode()
+        return self._server_keys.seal(server_xkey, token) if server_xkey else token
 
     async def handle(self, data: bytes, headers: Mapping[str, str] | None) -> bytes | None:
         """Decide one authorization request; returns the (sealed) response or None.
@@ -366,7 +369,8 @@ class CalloutService:
             )
             self.stats.admitted += 1
             metrics.ADMITTED.inc()
-            log.debug("admitted identity=%s", _printable(identity))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("admitted identity=%s", _printable(identity))
         except Refused as exc:
             body = authorization_response_claims(
                 user_nkey=user_nkey, server_id=server_id, error=f"refused: {exc.reason}: {exc}"
@@ -399,8 +403,8 @@ class CalloutService:
             # server that would also expose node credentials inside the AUTH account.
             raise Refused("unencrypted_request", "authorization request is not xkey-sealed")
         try:
-            raw = xkey_open(self._xkey, server_xkey, data)
-            claims = decode_jwt(raw.decode("ascii"), allowed_issuer_prefixes=[PREFIX_SERVER])
+            raw = self._server_keys.open(server_xkey, data)
+            claims = self._server_keys.decode_request(raw.decode("ascii"))
         except (NatsJWTError, UnicodeDecodeError) as exc:
             raise Refused("bad_request", f"unreadable authorization request: {exc}") from exc
         nats_claims = claims.get("nats")
@@ -436,7 +440,7 @@ class CalloutService:
         if not isinstance(token, str) or not token:
             raise Refused("no_token", f"identity={_printable(identity)} presented no token")
         try:
-            claims = verify_provisioning_token(token, self._keys, leeway_s=self.config.token_leeway)
+            claims = self.tokens.verify(token)
         except TokenError as exc:
             # TokenError messages are written for operators and carry no secret.
             raise Refused(exc.reason, f"identity={_printable(identity)}: {exc}") from None
@@ -477,7 +481,12 @@ class CalloutService:
             resp_ttl_s=self.config.response_ttl,
             expires=expires,
         )
-        return identity, encode_jwt(user, self._issuer, now=now)
+        return identity, self._signer.encode(user, now=now)
+
+    def _verify_token(self, token: str, now: float) -> dict[str, Any]:
+        return verify_provisioning_token(
+            token, self._keys, now=now, leeway_s=self.config.token_leeway
+        )
 
     async def _check_pin(self, identity: str, nkey: str | None) -> None:
         if self._pins is None:

@@ -80,6 +80,14 @@ HelperPoolSize = Annotated[
     int,
     typer.Option("--helper-pool-size", min=1, help="Persistent helper processes / python threads."),
 ]
+HelperForkServer = Annotated[
+    bool,
+    typer.Option(
+        "--helper-fork-server/--no-helper-fork-server",
+        help="Exec mode: the reference helper answers through its fork server (a light client "
+        "per node, the work forked from a warm server).",
+    ),
+]
 Broker = Annotated[
     str,
     typer.Option(
@@ -130,6 +138,7 @@ def bench_cmd(
     sim_dir: SimDir = "auto",
     concurrency: Concurrency = 256,
     helper_pool_size: HelperPoolSize = 2,
+    helper_fork_server: HelperForkServer = False,
     broker: Broker = "auto",
     callout_mode: CalloutMode = "process",
     tls: TLS = False,
@@ -161,6 +170,7 @@ def bench_cmd(
         sim_dir=sim_dir,
         concurrency=concurrency,
         helper_pool_size=helper_pool_size,
+        helper_fork_server=helper_fork_server,
         broker=broker,  # type: ignore[arg-type]
         callout_mode=callout_mode,  # type: ignore[arg-type]
         tls=tls,

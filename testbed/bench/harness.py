@@ -35,7 +35,13 @@ from testbed.bench.options import (
 )
 from testbed.bench.profile import render_profile
 from testbed.bench.results import default_results_dir, render_markdown, write_result
-from testbed.bench.sampler import ProcSampler, children_matching, pid_finder, safe_children
+from testbed.bench.sampler import (
+    ProcSampler,
+    children_matching,
+    fork_server_finder,
+    pid_finder,
+    safe_children,
+)
 from testbed.bench.stats import audit_timings, count_lines, loadavg, parse_prometheus, sample
 from testbed.fleet import Fleet
 from testbed.process import ServerNotAvailable, reap_children
@@ -78,6 +84,7 @@ def bench_stack_spec(o: BenchOptions) -> StackSpec:
             mode=o.helper_mode,
             timeout=60 if o.helper_mode == "exec" else 30,
             pool_size=o.helper_pool_size,
+            fork_server=o.helper_fork_server,
         ),
         provisioner=ProvisionerSpec(
             identity=PROVISIONER_IDENTITY,
@@ -206,7 +213,14 @@ class Bench:
         proc = psutil.Process(self.prov_proc.pid)
         self.sampler.set_provisioner(proc)
         self.sampler.add_role("provisioner", lambda: [proc] if proc.is_running() else [])
-        self.sampler.add_role("helpers", lambda: [c for c in safe_children(proc) if c.is_running()])
+        # Exec helpers are children; the reference helper's fork server is detached (its own
+        # session), so it is found by its command line, and the children it reaped count too.
+        fork_servers = fork_server_finder(self.stack.helper_config_path)
+        self.sampler.add_role(
+            "helpers",
+            lambda: [c for c in safe_children(proc) if c.is_running()] + fork_servers(),
+            reaped=True,
+        )
 
     async def _wait_ready(self, proc: subprocess.Popen[bytes], http: httpx.AsyncClient) -> None:
         deadline = time.monotonic() + 60
@@ -361,9 +375,7 @@ class Bench:
         out: list[dict[str, Any]] = []
         offset = 0
         while True:
-            resp = await self._http.get(
-                "/api/v1/nodes", params={"limit": 100_000, "offset": offset}
-            )
+            resp = await self._http.get("/api/v1/nodes", params={"limit": 20_000, "offset": offset})
             resp.raise_for_status()
             body = resp.json()
             page = body.get("nodes", body) if isinstance(body, dict) else body
@@ -408,7 +420,8 @@ class Bench:
             setup={
                 "broker": o.broker_kind(),
                 "ca": CA_LABELS[o.ca],
-                "helper": HELPER_LABELS.get(o.helper, f"reference helper, {o.helper_mode} mode"),
+                "helper": HELPER_LABELS.get(o.helper, f"reference helper, {o.helper_mode} mode")
+                + (", fork server" if o.helper_fork_server else ""),
                 "callout_mode": o.callout_mode if o.broker_kind() == "callout" else None,
                 "simulator_files": "tmpfs" if is_tmpfs_path(self.sim_dir) else "disk",
             },

@@ -96,6 +96,9 @@ class BenchOptions:
     #: nodes in flight in the provisioner (its ``concurrency``)
     concurrency: int = 256
     helper_pool_size: int = 2
+    #: exec mode: the reference helper answers through its fork server (a light client per
+    #: node; the work is done by a child forked from a warm server)
+    helper_fork_server: bool = False
     #: "auto": the auth-callout broker for per-node connections, the static go-choria layout for
     #: shared connections (a shared connection carries many identities, which the callout's
     #: per-identity permissions rightly refuse).
@@ -131,6 +134,7 @@ class BenchOptions:
     def default_name(self) -> str:
         conns = "shared" if self.connections == "shared" else "pernode"
         mode = f"{self.helper}-exec" if self.helper != "reference" else self.helper_mode
+        mode += "-fork" if self.helper_fork_server else ""
         return f"{self.nodes}-{mode}-{self.ca}-{self.key_type}-{conns}"
 
     def validate(self) -> None:
@@ -172,6 +176,8 @@ class BenchOptions:
         return None
 
     def _combination_problem(self) -> str | None:
+        if self.helper_fork_server and (self.helper != "reference" or self.helper_mode != "exec"):
+            return "--helper-fork-server needs --helper reference --helper-mode exec"
         if self.connections == "shared" and self.broker == "callout":
             return (
                 "--connections shared needs --broker static: a shared connection carries many "
@@ -185,6 +191,12 @@ class BenchOptions:
             return (
                 f"{per_process} per-node connections per simulator process exceed the open-file "
                 f"limit ({soft}): use more --sim-processes or --connections shared"
+            )
+        if self.connections == "per-node" and soft and self.nodes + 1000 > soft:
+            return (
+                f"{self.nodes} per-node connections exceed the open-file limit ({soft}) that "
+                "nats-server and the overlay broker inherit (each holds one socket per node): "
+                "raise it (ulimit -n) or use --connections shared"
             )
         return None
 

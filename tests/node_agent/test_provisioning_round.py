@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from choria_core import ecdh
-from node_agent.node import NodeAgent
+from node_agent.node import NodeAgent, Transport
 from node_agent.transport import tls_context
 from testbed.natsserver import NatsServer, start_nats_server
 from tests.node_agent.client import TOKEN, EventLog, ProvClient, write_token
@@ -40,7 +40,10 @@ def _overlay(tmp_path: Path, ca: ThrowawayCA) -> NatsServer:
     return start_nats_server(tmp_path / "overlay", config_text=text)
 
 
-async def test_full_provisioning_round(nats_server: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["nats-py", "lean"])
+async def test_full_provisioning_round(
+    nats_server: NatsServer, tmp_path: Path, transport: Transport
+) -> None:
     ca = ThrowawayCA.create()
     overlay = _overlay(tmp_path, ca)
     watcher_cert, watcher_key = ca.issue_files(tmp_path / "watcher", "watcher.example.net")
@@ -60,6 +63,7 @@ async def test_full_provisioning_round(nats_server: NatsServer, tmp_path: Path) 
         key_type="rsa",  # the go-choria default
         restart_delay_scale=0.01,
         durable=False,
+        transport=transport,  # normal mode over mutual TLS with either client
     )
     try:
         await node.start()

@@ -9,6 +9,7 @@ from typing import Any
 import nats
 import pytest
 
+from choria_core.natsconn import sync_flush
 from choria_core.protocol import encode_event, new_event
 from provisioner.discovery import Discovery
 from provisioner.metrics import Metrics
@@ -143,3 +144,58 @@ async def test_long_identities_are_refused_counted_and_logged_bounded(
         assert len(lines) == 1 and len(lines[0]) < 250 and "too_long, 4607 characters" in lines[0]
     finally:
         await disc.stop()
+
+
+async def _chatty_fleet(nc: Any, count: int, gap: float) -> Any:
+    """A responder that answers one discovery ping as ``count`` nodes, one every ``gap`` s."""
+    from choria_core.protocol import broadcast_subject, decode_request, encode_reply, new_reply
+    from provisioner.rpc import COLLECTIVE
+
+    async def answer(msg: Any) -> None:
+        req, headers = decode_request(msg.data)
+        for i in range(count):
+            sender = f"n{i}.example.net"
+            reply = new_reply(req, senderid=sender, message="pong")
+            await nc.publish(headers.reply_to or msg.reply, encode_reply(reply, mc_sender=sender))
+            await nc.flush()
+            await asyncio.sleep(gap)
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_ping(msg: Any) -> None:  # answer in the background: nats-py runs callbacks in turn
+        task = asyncio.create_task(answer(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    sub = await nc.subscribe(broadcast_subject(COLLECTIVE, "discovery"), cb=on_ping)
+    await sync_flush(nc)
+    return sub
+
+
+async def test_truncated_sweep_counts_waiting_nodes_as_seen(conns: tuple[Any, Any]) -> None:
+    nc, pub = conns
+    metrics = Metrics(site="t")
+    refreshed: list[int] = []
+    rpc = RPCClient(nc, identity="disc-test.example.net", metrics=metrics)
+    await rpc.start()
+
+    def on_truncated() -> int:
+        refreshed.append(1)
+        return 7
+
+    # window > timeout: once answers arrive, only the timeout ends the sweep (no load flakes)
+    disc = Discovery(nc, rpc, Collector(), metrics, interval=3600, timeout=0.5, window=1.0,
+                     on_truncated=on_truncated)  # fmt: skip
+    sub = await _chatty_fleet(pub, count=40, gap=0.05)  # answers for 2 s
+    try:
+        answered = await disc.discover_now()
+        assert 0 < answered < 40  # cut off by the 0.5 s timeout
+        assert refreshed == [1] and disc.truncated_sweeps == 1
+        await asyncio.sleep(2.2)  # let the first burst finish
+        await sub.unsubscribe()
+        sub = await _chatty_fleet(pub, count=3, gap=0.01)  # answers, then falls quiet
+        disc.timeout, disc.window = 5.0, 0.3
+        assert await disc.discover_now() == 3
+        assert refreshed == [1] and disc.truncated_sweeps == 1  # a complete sweep: no refresh
+    finally:
+        await sub.unsubscribe()

@@ -106,6 +106,23 @@ def test_stale_nodes_are_evicted_and_skipped() -> None:
     assert q.add("old", now=401) is AddResult.ADDED
 
 
+def test_refreshed_waiting_nodes_are_not_aged_out() -> None:
+    """A truncated discovery sweep refreshes every waiting node: none goes stale because of
+    a sweep that could not hear it (the 100,000-node backlog case)."""
+    q = WorkQueue()
+    q.add("a", now=0)
+    q.add("b", now=10)
+    busy = q.take_nowait(now=10)  # "a" in flight: not waiting, not refreshed
+    assert q.refresh_waiting(now=100) == 1
+    assert q.evict_stale(120, now=200) == 0
+    rec = q.take_nowait(now=215, max_age=120)
+    assert rec is not None and rec.identity == "b" and busy is not None
+    # without the refresh the same node would have been stale at 215
+    q2 = WorkQueue()
+    q2.add("b", now=10)
+    assert q2.take_nowait(now=215, max_age=120) is None
+
+
 def test_in_flight_nodes_are_never_stale() -> None:
     q = WorkQueue()
     q.add("busy", now=0)

@@ -20,7 +20,7 @@ from testbed.bench import (
     parse_prometheus,
     stage_percentiles,
 )
-from testbed.bench.options import is_tmpfs_path, simulator_dir
+from testbed.bench.options import is_tmpfs_path, nofile_limits, simulator_dir
 from testbed.ca_servers import CFSSL_HINT
 from testbed.natsserver import INSTALL_HINT
 from tests.support import require_binary, require_go_example
@@ -120,6 +120,11 @@ def test_bad_options_are_usage_errors_exit_2_before_anything_starts(tmp_path: Pa
         BenchOptions(tls=True, connections="shared").validate()
     with pytest.raises(BenchUsageError, match="--callout-mode must be process or task"):
         BenchOptions(callout_mode="thread").validate()  # type: ignore[arg-type]
+    soft = nofile_limits()[0]
+    if soft:  # the brokers inherit the limit and hold one socket per per-node connection
+        with pytest.raises(BenchUsageError, match="that nats-server and the overlay broker"):
+            BenchOptions(nodes=soft, sim_processes=max(4, soft // 1000)).validate()
+        BenchOptions(nodes=soft, connections="shared", broker="static").validate()
     proc = subprocess.run(
         [sys.executable, "-m", "provisioner", "bench", "--helper-mode", "bogus",
          "--workdir", str(tmp_path / "work")],

@@ -102,3 +102,33 @@ async def test_fleet_reaches_normal_mode(nats_server: NatsServer, tmp_path: Path
         await prov.stop()
         await fleet.stop()
         overlay.stop()
+
+
+@pytest.mark.parametrize(("env", "lean"), [(None, True), ("nats-py", False)])
+async def test_fleet_transport_defaults_to_the_lean_client(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    env: str | None,
+    lean: bool,
+) -> None:
+    from node_agent.leannats import LeanConnection
+    from testbed.fleet import TRANSPORT_ENV
+
+    if env is None:
+        monkeypatch.delenv(TRANSPORT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TRANSPORT_ENV, env)
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(20, token, None, tmp_path / "fleet", key_type="ec")
+    client = await ProvClient.connect(nats_server)
+    try:
+        await fleet.start()
+        links = [n._link for n in fleet.local_nodes]
+        assert all(isinstance(link, LeanConnection) is lean for link in links)
+        assert set(await client.discover(window=1.0, expect=20)) == set(fleet.identities())
+        assert _connections(nats_server) == 21  # still one connection per node
+    finally:
+        await client.close()
+        await fleet.stop()
+    assert fleet.counts()["stopped"] == 20

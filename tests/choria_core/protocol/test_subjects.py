@@ -136,3 +136,22 @@ def test_longest_dns_names_are_valid() -> None:
     assert identity_problem(longest) is None
     assert is_valid_identity("a" * 63 + ".example.net")
     assert len(directed_subject("provisioning", longest)) < 4096
+
+
+def test_new_request_id_is_a_version_4_uuid_like_go() -> None:
+    """Built from random bytes without the UUID object: still a UUIDv4 (version, variant)."""
+    import uuid
+
+    for _ in range(500):
+        parsed = uuid.UUID(new_request_id())
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_reply_prefix_is_cached_but_still_refuses_bad_input() -> None:
+    from choria_core.protocol import reply_prefix
+
+    assert reply_prefix("provisioning", "choria=a") is reply_prefix("provisioning", "choria=a")
+    for collective, callerid in (("provisioning", ""), ("a b", "choria=a")):
+        for _ in range(2):  # a refusal is not cached
+            with pytest.raises(ProtocolError):
+                reply_prefix(collective, callerid)
