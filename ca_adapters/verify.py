@@ -29,6 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from choria_core.errors import FleetError
+
 from .base import CAError, CAVerificationError, SignRequest, SignResult
 
 DEFAULT_MAX_VALIDITY_S = 398 * 86400.0
@@ -229,8 +231,10 @@ def _check_eku(cert: x509.Certificate, fail: _Fail) -> None:
         raise fail(f"extendedKeyUsage lacks {', '.join(missing)}")
 
 
-class CSRSignatureError(ValueError):
+class CSRSignatureError(FleetError, ValueError):
     """The CSR parsed but its self-signature does not verify."""
+
+    reason = "csr"
 
 
 #: How many verified CSRs :func:`load_verified_csr` remembers (by their exact PEM text), and

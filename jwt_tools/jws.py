@@ -42,6 +42,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from choria_core.errors import FleetError
+
 __all__ = [
     "JWSError",
     "VerifiedSignatures",
@@ -59,8 +61,10 @@ _RSA_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 
 
-class JWSError(ValueError):
+class JWSError(FleetError, ValueError):
     """The token is refused; ``kind`` names the PyJWT exception class it corresponds to."""
+
+    reason = "token"
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

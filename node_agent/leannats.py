@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from choria_core.errors import FleetError
+
 __all__ = [
     "MAX_CONTROL_LINE",
     "MAX_INBOX",
@@ -71,8 +73,10 @@ CLIENT_VERSION = "node-agent-lean/1"
 _SUBJECT = re.compile(r"[!-~]{1,512}")
 
 
-class NatsError(ConnectionError):
+class NatsError(FleetError, ConnectionError):
     """The broker refused us (``-ERR``), broke the protocol, or the connection is closed."""
+
+    reason = "nats"
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,8 +63,8 @@ __all__ = [
 _CHECK_EVERY_S = 1.0
 
 
-class _Stop(BaseException):
-    """SIGTERM: stop serving."""
+class _Stop(SystemExit):
+    """SIGTERM: stop serving (a SystemExit, so no ``except Exception`` swallows it)."""
 
 
 def _log(msg: str) -> None:
