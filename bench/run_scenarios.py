@@ -37,6 +37,8 @@ SCENARIOS: dict[str, list[str]] = {
     "1k-python": ["--nodes", "1000", "--helper-mode", "python"],
     "1k-persistent": ["--nodes", "1000", "--helper-mode", "persistent"],
     "1k-exec": ["--nodes", "1000", "--helper-mode", "exec"],
+    # exec mode, each exec the reference helper's fork-server client (docs/helpers.md)
+    "1k-exec-fork": ["--nodes", "1000", "--helper-mode", "exec", "--helper-fork-server"],
     "1k-cfssl": ["--nodes", "1000", "--helper-mode", "python", "--ca", "cfssl"],
     "1k-openbao": ["--nodes", "1000", "--helper-mode", "python", "--ca", "openbao"],
     "1k-rsa": ["--nodes", "1000", "--helper-mode", "python", "--key-type", "rsa"],
@@ -51,6 +53,14 @@ SCENARIOS: dict[str, list[str]] = {
     "10k-go-exec": ["--nodes", "10000", "--helper", "go", *_EXAMPLE_EXEC],
     "10k-python-shared": ["--nodes", "10000", "--helper-mode", "python", "--connections", "shared"],
     "60k-python-shared": ["--nodes", "60000", "--helper-mode", "python", "--connections", "shared"],
+    "100k-python-shared": [
+        "--nodes",
+        "100000",
+        "--helper-mode",
+        "python",
+        "--connections",
+        "shared",
+    ],
     "60k-persistent-shared": [
         "--nodes",
         "60000",
