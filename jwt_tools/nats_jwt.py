@@ -22,7 +22,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import nacl.exceptions
@@ -304,11 +304,14 @@ def decode_jwt(
     allowed_issuer_prefixes: Sequence[int] | None = None,
     now: float | None = None,
     check_times: bool = True,
+    issuer_key: Callable[[str], NKey] | None = None,
 ) -> dict[str, Any]:
     """Verify a NATS JWT signed by the nkey in its ``iss`` and return its claims.
 
     Raises :class:`NatsJWTError` on a bad header, signature, issuer type or (when
-    ``check_times``) an ``exp``/``nbf`` outside the current time.
+    ``check_times``) an ``exp``/``nbf`` outside the current time. ``issuer_key``, when given,
+    turns the ``iss`` text into its key and checks its type instead of ``NKey.from_public_key``
+    and ``allowed_issuer_prefixes`` (the auth callout remembers its servers' keys).
     """
     if not isinstance(token, str):
         raise NatsJWTError("JWT must be text")
@@ -329,10 +332,13 @@ def decode_jwt(
     issuer = claims.get("iss")
     if not isinstance(issuer, str):
         raise NatsJWTError("JWT has no issuer")
-    allowed = allowed_issuer_prefixes if allowed_issuer_prefixes is not None else _SIGNING_PREFIXES
-    key = NKey.from_public_key(issuer)
-    if key.prefix not in allowed:
-        raise NatsJWTError("JWT issuer has the wrong key type")
+    if issuer_key is not None:
+        key = issuer_key(issuer)
+    else:
+        allowed = allowed_issuer_prefixes
+        key = NKey.from_public_key(issuer)
+        if key.prefix not in (allowed if allowed is not None else _SIGNING_PREFIXES):
+            raise NatsJWTError("JWT issuer has the wrong key type")
     try:
         signature = b64url_decode(parts[2])
     except ValueError as exc:

@@ -32,7 +32,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.public
 
-from jwt_tools.base64url import b64url_decode, b64url_encode
+from jwt_tools.base64url import b64url_encode
 from jwt_tools.nats_jwt import (
     JWT_HEADER,
     PREFIX_CURVE,
@@ -41,6 +41,7 @@ from jwt_tools.nats_jwt import (
     CurveKey,
     NatsJWTError,
     NKey,
+    decode_jwt,
     decode_public_key,
 )
 
@@ -50,7 +51,6 @@ __all__ = ["JWTSigner", "ServerKeys"]
 MAX_SERVERS = 64
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_ALGORITHMS = ("ed25519-nkey", "ed25519")
 
 
 def _json(obj: Mapping[str, Any]) -> bytes:
@@ -103,41 +103,10 @@ class ServerKeys:
         return key
 
     def decode_request(self, token: str, *, now: float | None = None) -> dict[str, Any]:
-        """Verify a JWT signed by a server nkey (its ``iss``) and return its claims."""
-        if not isinstance(token, str):
-            raise NatsJWTError("JWT must be text")
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise NatsJWTError("JWT does not have three segments")
-        try:
-            header = json.loads(b64url_decode(parts[0]))
-            claims = json.loads(b64url_decode(parts[1]))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise NatsJWTError("JWT header or claims are not JSON") from exc
-        if not isinstance(header, dict) or not isinstance(claims, dict):
-            raise NatsJWTError("JWT header or claims are not objects")
-        if str(header.get("typ", "")).upper() != "JWT":
-            raise NatsJWTError("JWT header typ is not JWT")
-        if header.get("alg") not in _ALGORITHMS:
-            raise NatsJWTError("JWT algorithm is not ed25519-nkey")
-        issuer = claims.get("iss")
-        if not isinstance(issuer, str):
-            raise NatsJWTError("JWT has no issuer")
-        key = self._issuer(issuer)
-        try:
-            signature = b64url_decode(parts[2])
-        except ValueError as exc:
-            raise NatsJWTError("JWT segment is not base64url") from exc
-        if not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
-            raise NatsJWTError("JWT signature does not verify")
-        t = now if now is not None else time.time()
-        exp = claims.get("exp")
-        if isinstance(exp, int | float) and exp and t > exp:
-            raise NatsJWTError("JWT has expired")
-        nbf = claims.get("nbf")
-        if isinstance(nbf, int | float) and nbf and t < nbf:
-            raise NatsJWTError("JWT is not valid yet")
-        return claims
+        """Verify a JWT signed by a server nkey (its ``iss``) and return its claims: the
+        checks of ``decode_jwt(..., allowed_issuer_prefixes=[PREFIX_SERVER])``, with the
+        server's key remembered."""
+        return decode_jwt(token, now=now, issuer_key=self._issuer)
 
 
 class JWTSigner:
