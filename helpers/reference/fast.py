@@ -39,7 +39,6 @@ from helpers.reference.rules import Facts, build_configuration, output_json, rul
 CACHE_ENV = "REFERENCE_HELPER_CACHE_DIR"
 CACHE_FORMAT = 1
 MAX_CACHE_BYTES = 4 << 20
-_MODE_ENV = "PROVISIONER_HELPER_MODE"
 _LOCAL_CA_KEYS = frozenset({"type", "name", "cert", "key", "chain", "validity", "max_validity"})
 
 
@@ -353,14 +352,11 @@ def _sign_for(
 
 
 def config_from_argv(argv: Sequence[str]) -> str | None:
-    """The `--config` path when ``argv`` asks for exec mode and nothing else; else None."""
-    if os.environ.get(_MODE_ENV, "").lower() == "persistent":
-        return None
-    if len(argv) == 2 and argv[0] == "--config" and argv[1]:
-        return argv[1]
-    if len(argv) == 1 and argv[0].startswith("--config=") and len(argv[0]) > 9:
-        return argv[0][9:]
-    return None
+    """The `--config` path when ``argv`` asks for exec mode and nothing else; else None (the
+    rule the fork-server client applies too, written once there: it must stay stdlib-only)."""
+    from helpers.reference.forkserver_client import exec_config
+
+    return exec_config(list(argv))
 
 
 def try_exec(config: str, data: bytes, stdout: IO[bytes]) -> bool | None:

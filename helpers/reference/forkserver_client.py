@@ -120,7 +120,7 @@ def locate(config: str) -> Location | None:
 
 
 def exec_config(argv: list[str]) -> str | None:
-    """The `--config` path when ``argv`` is a plain exec request (as `fast.config_from_argv`)."""
+    """The `--config` path when ``argv`` is a plain exec request (also `fast.config_from_argv`)."""
     if os.environ.get(_MODE_ENV, "").lower() == "persistent":
         return None
     if len(argv) == 2 and argv[0] == "--config" and argv[1]:
