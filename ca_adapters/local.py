@@ -5,7 +5,9 @@ keys are supported, and node CSRs may carry RSA (>= 2048 bit), EC (P-256/384/521
 keys. Issued certificates have CN = SAN = identity (plus extra SANs), EKU serverAuth +
 clientAuth, a critical KeyUsage, a random 159-bit serial and a configurable lifetime.
 
-``sign_sync`` is the fast path used in-process (the python helper mode). ``sign`` runs it
+``sign_sync`` is the fast path used in-process (the python helper mode). It writes the leaf's
+DER itself from a per-CA template (:mod:`ca_adapters.leafcert`, byte-identical to what
+``CertificateBuilder`` writes; ~0.06 ms less per certificate). ``sign`` runs it
 inline for EC CA keys and in a worker thread for RSA CA keys. Measured on the 2-core dev box:
 an EC sign (CSR parse + build + P-256 signature) takes ~0.15 ms, a thread hop ~0.06 ms, and
 offloading cuts EC throughput from ~6700/s to ~4100/s, so EC stays on the loop. An RSA-2048
@@ -27,19 +29,25 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from choria_core.securefile import write_atomic
 
 from .base import CAError, SignRequest, SignResult, crl_reason, parse_serial
-from .verify import check_request_names, dump_pem_chain, parse_csr, serial_hex
+from .leafcert import LeafTemplate
+from .verify import (
+    check_request_names,
+    dump_pem_chain,
+    parse_csr,
+    serial_hex,
+    verified_csr_key,
+)
 
 CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 KeyType = Literal["ec", "ecdsa", "rsa"]
@@ -109,6 +117,8 @@ class LocalCA:
         self._ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski)
         self._chain_pem = dump_pem_chain([cert, *self.chain])
+        # What every leaf shares (issuer, algorithm, fixed extensions), encoded once.
+        self._leaf = LeafTemplate(cert.subject, key, self._hash, self._aki)
         #: Where the CRL is published (None: kept in memory only).
         self.crl_path = Path(crl_path) if crl_path is not None else None
         self._crl: x509.CertificateRevocationList | None = None
@@ -257,8 +267,8 @@ class LocalCA:
     def sign_sync(self, req: SignRequest) -> SignResult:
         """Sign synchronously (no I/O). Raises :class:`CAError` (permanent) on bad input."""
         check_request_names(req, ca=self.name)
-        csr = parse_csr(req.csr_pem, ca=self.name)
-        node_key = csr.public_key()
+        csr = parse_csr(req.csr_pem, ca=self.name)  # parsed, its signature verified (cached)
+        node_key, node_spki = verified_csr_key(req.csr_pem, csr)
         self._check_node_key(node_key)
         ttl = self.validity_s if req.ttl_s is None else req.ttl_s
         if ttl <= 0:
@@ -267,47 +277,25 @@ class LocalCA:
         not_after = min(
             now + timedelta(seconds=min(ttl, self.max_validity_s)), self.cert.not_valid_after_utc
         )
-        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in req.all_dns_names()]
-        sans += [x509.IPAddress(ip_address(ip)) for ip in dict.fromkeys(req.ip_sans)]
-        is_rsa = isinstance(node_key, rsa.RSAPublicKey)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req.identity)]))
-            .issuer_name(self.cert.subject)
-            .public_key(node_key)  # checked by _check_node_key
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=is_rsa,  # RSA key transport (TLS 1.2 RSA kx)
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(self._aki, critical=False)
-            .sign(self.key, self._hash)
+        not_before = (now - _BACKDATE).replace(microsecond=0)
+        not_after = not_after.replace(microsecond=0)  # DER times are whole seconds
+        serial = x509.random_serial_number()
+        template = self._leaf
+        tbs = template.tbs(
+            identity=req.identity,
+            dns_names=req.all_dns_names(),
+            ip_addresses=tuple(dict.fromkeys(req.ip_sans)),
+            spki=node_spki,  # the parsed key re-encoded (never the CSR's bytes), checked above
+            node_rsa=isinstance(node_key, rsa.RSAPublicKey),
+            serial=serial,
+            not_before=not_before,
+            not_after=not_after,
         )
         return SignResult(
-            certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            certificate_pem=template.sign(tbs),
             chain_pem=self._chain_pem,
-            serial=serial_hex(cert),
-            not_after=cert.not_valid_after_utc,
+            serial=serial_hex(serial),
+            not_after=not_after,
         )
 
     async def sign(self, req: SignRequest) -> SignResult:

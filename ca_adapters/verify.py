@@ -27,6 +27,7 @@ from functools import lru_cache
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from choria_core.errors import FleetError
@@ -270,6 +271,32 @@ def _verified_csr(csr_pem: str) -> x509.CertificateSigningRequest:
 _cached_verified_csr = lru_cache(maxsize=VERIFIED_CSR_CACHE)(_verified_csr)
 
 
+def verified_csr_key(
+    csr_pem: str, csr: x509.CertificateSigningRequest | None = None
+) -> tuple[PublicKeyTypes, bytes]:
+    """The public key of a verified CSR and its DER SubjectPublicKeyInfo, once per PEM text.
+
+    Loading the key from the CSR costs about as much as parsing it; the provisioner's CSR
+    check, the python-mode helper's CA and the certificate check each need it. Same rules as
+    :func:`load_verified_csr` (only keys of CSRs that verify are remembered; errors are raised
+    again on every call: ``ValueError``, :class:`CSRSignatureError`, ``UnsupportedAlgorithm``
+    for a key type ``cryptography`` does not know). The key object is immutable.
+    """
+    if len(csr_pem) > VERIFIED_CSR_MAX_PEM:
+        # not remembered; ``csr``: the caller's verified CSR of this PEM, not verified again
+        key = (csr if csr is not None else load_verified_csr(csr_pem)).public_key()
+        return key, _spki(key)
+    return _cached_csr_key(csr_pem)
+
+
+def _csr_key(csr_pem: str) -> tuple[PublicKeyTypes, bytes]:
+    key = load_verified_csr(csr_pem).public_key()
+    return key, _spki(key)
+
+
+_cached_csr_key = lru_cache(maxsize=VERIFIED_CSR_CACHE)(_csr_key)
+
+
 def parse_csr(csr_pem: str, *, ca: str) -> x509.CertificateSigningRequest:
     """Parse a CSR and check its self-signature (proof the node holds the key)."""
     try:
@@ -280,9 +307,10 @@ def parse_csr(csr_pem: str, *, ca: str) -> x509.CertificateSigningRequest:
         raise CAError(f"{ca}: the CSR is not valid PEM: {exc}", ca=ca) from exc
 
 
-def serial_hex(cert: x509.Certificate) -> str:
-    """Colon-separated lowercase hex, the way Vault and openssl print serials."""
-    raw = format(cert.serial_number, "x")
+def serial_hex(cert: x509.Certificate | int) -> str:
+    """Colon-separated lowercase hex, the way Vault and openssl print serials (of a
+    certificate's serial number, or of the number itself)."""
+    raw = format(cert if isinstance(cert, int) else cert.serial_number, "x")
     raw = raw if len(raw) % 2 == 0 else "0" + raw
     return ":".join(raw[i : i + 2] for i in range(0, len(raw), 2))
 

@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,17 @@ def read_token(path: Path | None) -> tuple[dict[str, Any] | None, str | None]:
     except (OSError, UnicodeDecodeError) as exc:
         raise NodeError(f"cannot read provisioning token {path}: {exc}") from exc
     try:
-        claims = parse_provisioning_token_unverified(text)
+        claims = dict(_parse_token(text))  # a copy: every node owns its claims
     except TokenError as exc:
         raise NodeError(f"unusable provisioning token {path}: {exc}") from exc
     return claims, text
+
+
+@lru_cache(maxsize=16)
+def _parse_token(text: str) -> dict[str, Any]:
+    # A simulated fleet's nodes (and every boot of one node) read the same token file: the
+    # file is read each time, its text parsed once. A refused token raises, and is not cached.
+    return parse_provisioning_token_unverified(text)
 
 
 def wants_provisioning(cfg: Mapping[str, str] | None, claims: Mapping[str, Any] | None) -> bool:

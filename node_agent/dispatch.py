@@ -91,7 +91,8 @@ class RequestDispatcher:
         self.identity = identity
         self.stats = stats
         self.collectives: list[str] = [PROVISIONING_COLLECTIVE]
-        self.agents: dict[str, Agent] = {}
+        self._agents: dict[str, Agent] = {}
+        self._agent_names = ["discovery"]
         self.link: Link | None = None
         #: Who may sign requests (``chs: true``); None accepts unsigned requests.
         self.trust: RequestTrust | None = None
@@ -101,9 +102,19 @@ class RequestDispatcher:
         self.tasks: set[asyncio.Task[Any]] = set()
 
     @property
+    def agents(self) -> dict[str, Agent]:
+        """The agents answered besides ``discovery``, by name (set for each mode)."""
+        return self._agents
+
+    @agents.setter
+    def agents(self, agents: dict[str, Agent]) -> None:
+        self._agents = agents
+        self._agent_names = sorted(["discovery", *agents])
+
+    @property
     def agent_names(self) -> list[str]:
         """Loaded agents (``discovery`` is always loaded)."""
-        return sorted(["discovery", *self.agents])
+        return list(self._agent_names)
 
     def set_mode(self, collectives: list[str], trust: RequestTrust | None) -> None:
         """The collectives answered and who must sign requests (None: unsigned is fine)."""
@@ -152,7 +163,7 @@ class RequestDispatcher:
                 req,
                 identity=self.identity,
                 collectives=self.collectives,
-                agents=self.agent_names,
+                agents=self._agent_names,
             )
         except ProtocolError as exc:
             self._count("ttlexpired" if str(exc).startswith("ttl") else "filtered")

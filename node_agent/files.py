@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "read_config",
     "render_config",
     "resolve_ssldir",
+    "write_file",
 ]
 
 _LINE_RE = re.compile(r"^(.+?)\s*=\s*(.+)$")
@@ -133,11 +135,12 @@ def resolve_ssldir(requested: str, ssl_root: Path) -> Path:
         raise UnsafePathError("ssldir must be a non-empty path without control characters")
     if not os.path.isabs(requested):
         raise UnsafePathError(f"ssldir {requested!r} must be an absolute path")
-    root = Path(os.path.realpath(ssl_root))
-    resolved = Path(os.path.realpath(requested))
-    if resolved != root and root not in resolved.parents:
-        raise UnsafePathError(f"ssldir {requested!r} is outside the permitted root {str(root)!r}")
-    return resolved
+    root = os.path.realpath(ssl_root)
+    resolved = os.path.realpath(requested)
+    # both are absolute and normalised: inside means equal, or below root + separator
+    if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
+        raise UnsafePathError(f"ssldir {requested!r} is outside the permitted root {root!r}")
+    return Path(resolved)
 
 
 def check_policy_name(name: str, suffix: str) -> str:
@@ -159,6 +162,27 @@ def check_policy_name(name: str, suffix: str) -> str:
 
 
 # --- writing -------------------------------------------------------------------------------
+
+
+def write_file(path: str | os.PathLike[str], data: bytes, mode: int, *, durable: bool) -> None:
+    """Replace ``path`` atomically with ``data`` and ``mode`` (tight from the first byte):
+    :func:`choria_core.securefile.write_atomic`; ``durable`` adds the fsync."""
+    write_atomic(path, data, mode, durable=durable)
+
+
+def _existing(path: str) -> tuple[bytes, int] | None:
+    """Content and mode of the regular file at ``path`` (symlinks followed); None if there is
+    nothing there; IsADirectoryError for anything else (a directory, a dangling symlink)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            raise IsADirectoryError(f"{path} exists and is not a regular file") from None
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(f"{path} exists and is not a regular file")
+    with open(path, "rb") as fh:
+        return fh.read(), st.st_mode & 0o7777
 
 
 @dataclass(slots=True)
@@ -216,7 +240,7 @@ class FileTransaction:
             for u in reversed(undo):
                 try:
                     if u.kind == "restore":
-                        write_atomic(u.path, u.data, u.mode, durable=self._durable)
+                        write_file(u.path, u.data, u.mode, durable=self._durable)
                     elif u.kind == "unlink":
                         u.path.unlink(missing_ok=True)
                     elif u.kind == "rmdir":
@@ -231,27 +255,23 @@ class FileTransaction:
         if op.kind == "mkdir":
             missing: list[Path] = []
             p = op.path
-            while not p.exists():
+            while not os.path.exists(p):
                 missing.append(p)
                 p = p.parent
             for d in reversed(missing):
                 try:
-                    d.mkdir(mode=op.mode)
+                    os.mkdir(d, op.mode)
                 except FileExistsError:
-                    if d.is_dir():  # created concurrently (another node in this process)
+                    if os.path.isdir(d):  # created concurrently (another node in this process)
                         continue
                     raise
                 os.chmod(d, op.mode)  # mkdir's mode is filtered by the umask
                 undo.append(_Undo("rmdir", d))
             return
-        old: tuple[bytes, int] | None = None
-        if op.path.is_file():
-            old = (op.path.read_bytes(), op.path.stat().st_mode & 0o7777)
-        elif op.path.exists() or op.path.is_symlink():
-            raise IsADirectoryError(f"{op.path} exists and is not a regular file")
+        old = _existing(os.fspath(op.path))
         if op.kind == "write":
-            write_atomic(op.path, op.data, op.mode, durable=self._durable)
+            write_file(op.path, op.data, op.mode, durable=self._durable)
             undo.append(_Undo("restore", op.path, *old) if old else _Undo("unlink", op.path))
         elif op.kind == "delete" and old is not None:
-            op.path.unlink()
+            os.unlink(op.path)
             undo.append(_Undo("restore", op.path, *old))

@@ -28,6 +28,7 @@ import os
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ from choria_core.protocol import (
     new_event,
 )
 from node_agent.agents import NODE_VERSION, AgentError, ChoriaUtilAgent, RPCUtilAgent
+from node_agent.alive import alive_clock
 from node_agent.boot import (
     PROVISIONING_COLLECTIVE,
     NodeError,
@@ -78,6 +80,15 @@ def _check_choices(key_type: str, transport: str) -> None:
 
 def _read_config_or_none(path: Path) -> dict[str, str] | None:
     return read_config(path) if path.exists() else None
+
+
+@lru_cache(maxsize=64)
+def _broadcast_subjects(collectives: tuple[str, ...], agents: tuple[str, ...]) -> list[str]:
+    # the same for every node of a mode: validated and built once per process
+    return [broadcast_subject(c, a) for c in collectives for a in agents]
+
+
+_lifecycle_subject = lru_cache(maxsize=64)(lifecycle_subject)
 
 
 class NodeAgent:
@@ -121,6 +132,7 @@ class NodeAgent:
         self.token_path = Path(token_path) if token_path is not None else None
         self.state_dir = Path(state_dir).absolute()
         self._config_path = self.state_dir / "server.conf"
+        self._default_ssldir = self.state_dir / "ssl"
         self.ssl_root = Path(ssl_root).absolute() if ssl_root is not None else self.state_dir
         self.key_type: KeyType = key_type
         self.key_pool = key_pool
@@ -149,7 +161,7 @@ class NodeAgent:
         self._ready = asyncio.Event()
         self._restarting = False
         self._noted_ssldir: Path | None = None
-        self._alive_handle: asyncio.TimerHandle | None = None
+        self._alive_ticket: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -167,7 +179,7 @@ class NodeAgent:
     @property
     def default_ssldir(self) -> Path:
         """``<dir(config)>/ssl``: where ``gencsr`` writes, as go-choria in provisioning mode."""
-        return self.state_dir / "ssl"
+        return self._default_ssldir
 
     @property
     def ssldir(self) -> Path:
@@ -364,7 +376,7 @@ class NodeAgent:
         collectives = self._requests.collectives
         subjects = [directed_subject(c, self.identity) for c in collectives]
         agents = ["discovery", *self._requests.agents]
-        subjects += [broadcast_subject(c, a) for c in collectives for a in agents]
+        subjects += _broadcast_subjects(tuple(collectives), tuple(agents))
         on_message = self._requests.on_message
         if self._shared is not None:
             self._requests.link = await self._shared.attach(
@@ -384,9 +396,9 @@ class NodeAgent:
 
     async def _teardown(self) -> None:
         self._ready.clear()
-        if self._alive_handle is not None:
-            self._alive_handle.cancel()
-            self._alive_handle = None
+        if self._alive_ticket is not None:
+            alive_clock().cancel(self._alive_ticket)
+            self._alive_ticket = None
         link, self._requests.link = self._requests.link, None
         if link is not None:
             await link.close()
@@ -406,7 +418,7 @@ class NodeAgent:
         event = new_event(
             event_type, identity=self.identity, component=component, version=version, **extra
         )
-        await self._link.publish(lifecycle_subject(event_type, component), encode_event(event))
+        await self._link.publish(_lifecycle_subject(event_type, component), encode_event(event))
         self.stats["events"] = self.stats.get("events", 0) + 1
 
     async def publish_event(self, event_type: str, *, new_version: str | None = None) -> None:
@@ -414,10 +426,11 @@ class NodeAgent:
         await self._publish_event_now(event_type, new_version)
 
     def _schedule_alive(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._alive_handle = loop.call_later(delay, self._alive_tick)
+        # one loop timer for every node of the process (node_agent.alive), not one each
+        self._alive_ticket = alive_clock().schedule(delay, self._alive_tick)
 
     def _alive_tick(self) -> None:
+        self._alive_ticket = None
         self._spawn(self._publish_event_now("alive"))
         self._schedule_alive(ALIVE_INTERVAL)
 

@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from choria_core import ecdh
 from choria_core.protocol import RPCReply, StatusCode
 from choria_core.remote_text import clean_remote_text
-from choria_core.securefile import write_atomic
 from node_agent.agents import AgentError, Envelope, NodeHost, decode_args, go_duration
 from node_agent.files import (
     ConfigFileError,
@@ -43,6 +42,7 @@ from node_agent.files import (
     read_config,
     render_config,
     resolve_ssldir,
+    write_file,
 )
 from node_agent.keys import CSRFieldError, build_csr, generate_private_key
 from node_agent.release import ReleaseError, ReleaseRequest, apply_release
@@ -68,7 +68,7 @@ async def _io(durable: bool, func: Callable[..., T], *args: Any, **kwargs: Any) 
 
 def _write_config(path: Path, text: str, durable: bool) -> None:
     # Write through a symlinked config file, like go-choria, rather than replacing the link.
-    write_atomic(Path(os.path.realpath(path)), text.encode("utf-8"), 0o600, durable=durable)
+    write_file(os.path.realpath(path), text.encode("utf-8"), 0o600, durable=durable)
 
 
 # --- choria_provision ------------------------------------------------------------------------
@@ -90,6 +90,9 @@ class ProvisionAgent:
     timeout: float = 20.0
     _mutex: asyncio.Lock = field(default_factory=asyncio.Lock)
     _lock: _Lock = field(default_factory=_Lock)
+    #: The private.pem bytes the last ``gencsr`` wrote and its public key (SPKI PEM): a
+    #: ``configure`` that finds exactly these bytes knows the public key without parsing them.
+    _own_key: tuple[bytes, str] | None = None
 
     _SPECS: ClassVar[dict[str, dict[str, type]]] = {
         "jwt": {"token": str},
@@ -116,6 +119,7 @@ class ProvisionAgent:
     def reset(self) -> None:
         """Forget the lock (a restarted go-choria process starts with none)."""
         self._lock = _Lock()
+        self._own_key = None
 
     async def dispatch(self, action: str, data: dict[str, Any], env: Envelope) -> RPCReply:
         """Decode the arguments and run the action under the agent mutex."""
@@ -197,9 +201,7 @@ class ProvisionAgent:
         seed = os.urandom(32)
         key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(
-            directory / "server.seed", seed.hex().encode(), 0o600, durable=self.host.durable
-        )
+        write_file(directory / "server.seed", seed.hex().encode(), 0o600, durable=self.host.durable)
         pub = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
@@ -233,6 +235,7 @@ class ProvisionAgent:
             await _io(self.host.durable, tx.commit)
         except OSError as exc:
             raise AgentError(f"Could not write the key and CSR: {exc.strerror}") from exc
+        self._own_key = (csr.key_pem, csr.public_key_pem)
         return {"csr": csr.csr_pem, "public_key": csr.public_key_pem, "ssldir": str(ssldir)}
 
     async def _configure(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
@@ -332,20 +335,8 @@ class ProvisionAgent:
             if existing.is_file():
                 key_pem = existing.read_bytes()
                 own_key = True
-        if key_pem is not None:
-            try:
-                key = serialization.load_pem_private_key(
-                    key_pem, password=None, unsafe_skip_rsa_key_validation=own_key
-                )
-                matches = key.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                ) == cert.public_key().public_bytes(
-                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                )
-            except (ValueError, TypeError) as exc:
-                raise AgentError("TLS Setup Failed: the private key could not be loaded") from exc
-            if not matches:
-                raise AgentError("TLS Setup Failed: certificate does not match the private key")
+        if key_pem is not None and not self._matches(cert, key_pem, own_key):
+            raise AgentError("TLS Setup Failed: certificate does not match the private key")
         tx.mkdir(ssldir, 0o700)
         tx.write(ssldir / "certificate.pem", cert_pem.encode("ascii"), 0o644)
         tx.write(ssldir / "ca.pem", ca_pem.encode("ascii"), 0o644)
@@ -353,6 +344,27 @@ class ProvisionAgent:
             tx.write(ssldir / "private.pem", key_pem, 0o600)
             tx.delete(ssldir / "csr.pem")
         return ssldir
+
+    def _matches(self, cert: x509.Certificate, key_pem: bytes, own_key: bool) -> bool:
+        """Whether ``cert`` is for the private key ``key_pem`` (compared as SPKI)."""
+        try:
+            cert_spki = cert.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            memo = self._own_key
+            if own_key and memo is not None and hmac.compare_digest(memo[0], key_pem):
+                return cert_spki == memo[1].encode("ascii")  # the key gencsr made and wrote
+            key = serialization.load_pem_private_key(
+                key_pem, password=None, unsafe_skip_rsa_key_validation=own_key
+            )
+            return bool(
+                key.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+                == cert_spki
+            )
+        except (ValueError, TypeError) as exc:
+            raise AgentError("TLS Setup Failed: the private key could not be loaded") from exc
 
     def _stage_policies(
         self, tx: FileTransaction, policies: dict[str, str], suffix: str, rel: Path

@@ -15,6 +15,7 @@ authentication and broker permissions and exists only for very large benchmarks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -22,13 +23,16 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-
-from choria_core.natsconn import being_cancelled, sync_flush
 from node_agent.leannats import LeanConnection, NatsError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+# nats-py (and choria_core.natsconn, which uses it) is imported only by the code paths that use
+# it: the fleet simulator's worker processes run on the lean client and skip ~0.1 s of imports.
 
 __all__ = [
     "ConnectOptions",
@@ -44,24 +48,32 @@ log = logging.getLogger(__name__)
 #: How long closing a node's own connection may take before it is abandoned: nats-py's close
 #: flushes pending data and waits for the socket to close; a restart must not hang on that.
 CLOSE_TIMEOUT = 5.0
+#: Members a shared connection hands a broadcast to before it lets other messages through.
+FANOUT_SLICE = 500
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 T = TypeVar("T")
 
 
-class _ChoriaClient(Client):
-    """nats-py client that sends ``auth_token`` alongside ``user``/``pass`` like go-choria."""
+@functools.cache
+def _choria_client() -> type[Client]:
+    """The nats-py client class that sends ``auth_token`` alongside ``user``/``pass`` like
+    go-choria (made on first use)."""
+    from nats.aio.client import Client
 
-    def _connect_command(self) -> bytes:
-        cmd: bytes = super()._connect_command()
-        token = self.options.get("token")
-        if token is None or self.options.get("user") is None:
-            return cmd
-        head, _, rest = cmd.partition(b" ")
-        options = json.loads(rest.strip())
-        if "auth_token" not in options:
-            options["auth_token"] = token() if callable(token) else token
-        return head + b" " + json.dumps(options, sort_keys=True).encode() + b"\r\n"
+    class _ChoriaClient(Client):
+        def _connect_command(self) -> bytes:
+            cmd: bytes = super()._connect_command()
+            token = self.options.get("token")
+            if token is None or self.options.get("user") is None:
+                return cmd
+            head, _, rest = cmd.partition(b" ")
+            options = json.loads(rest.strip())
+            if "auth_token" not in options:
+                options["auth_token"] = token() if callable(token) else token
+            return head + b" " + json.dumps(options, sort_keys=True).encode() + b"\r\n"
+
+    return _ChoriaClient
 
 
 @dataclass(slots=True)
@@ -180,7 +192,7 @@ async def _connect(opts: ConnectOptions, stopping: asyncio.Event | None) -> Clie
         kwargs["tls_hostname"] = None
 
     async def _attempt() -> Client:
-        nc = _ChoriaClient()
+        nc = _choria_client()()
         await nc.connect(**kwargs)
         return nc
 
@@ -210,6 +222,8 @@ class _OwnLink:
             if transport is not None:
                 transport.close()
         except asyncio.CancelledError:
+            from choria_core.natsconn import being_cancelled
+
             if being_cancelled():
                 raise
             # nats-py's close cancels its own reader, flusher and reconnect tasks; caught
@@ -235,6 +249,8 @@ async def connect_own(
     tasks (the fleet simulator's default)."""
     if lean:
         return await _connect_lean(opts, subjects, handler, stopping)
+    from choria_core.natsconn import sync_flush
+
     nc = await _connect(opts, stopping)
     link = _OwnLink(nc)
 
@@ -300,6 +316,8 @@ class _SharedConn:
         Broadcast subjects are subscribed one by one rather than with ``*``: the provisioning
         account's node permissions list them individually.
         """
+        from choria_core.natsconn import sync_flush
+
         changed = False
         if collective not in self.collectives:
             self.collectives.add(collective)
@@ -318,9 +336,15 @@ class _SharedConn:
             self.broadcasts.add((collective, agent))
 
             async def _broadcast(msg: Msg, _c: str = collective, _a: str = agent) -> None:
-                for member in list(self.members.values()):
-                    if _c in member.collectives and _a in member.agents:
-                        await member.handler(msg.subject, msg.data)
+                members = [
+                    m for m in self.members.values() if _c in m.collectives and _a in m.agents
+                ]
+                for n, member in enumerate(members, 1):
+                    await member.handler(msg.subject, msg.data)
+                    if n % FANOUT_SLICE == 0:
+                        # A broadcast to 50,000 members takes seconds: let the directed
+                        # requests of the nodes being provisioned through in between.
+                        await asyncio.sleep(0)
 
             await self.nc.subscribe(f"{collective}.broadcast.agent.{agent}", cb=_broadcast)
             changed = True

@@ -29,11 +29,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from ca_adapters.verify import CSRSignatureError, load_verified_csr
+from ca_adapters.verify import CSRSignatureError, load_verified_csr, verified_csr_key
 from helpers.models import HelperOutput, provisioning_left_enabled
 from provisioner.attempt import Attempt, PipelineContext, PipelineError, fail
 from provisioner.pki_policy import (
     PolicyRefusal,
+    _quiet_subject,
     check_certificate,
     check_csr,
     load_certificate,
@@ -110,7 +111,10 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
             att, Reason.CSR_INVALID, f"CSR from {att.identity} could not be parsed"
         ) from None
     att.csr_sha256 = hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
-    cns = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    # parsed without warnings (a malformed attribute is refused by the policy, not logged);
+    # the parse is kept by the CSR object, so check_csr reads the same subject for free
+    subject = _quiet_subject(csr)
+    cns = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     cn = cns[0] if cns else ""
     if cn != att.identity:
         raise fail(
@@ -129,12 +133,15 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
     denied = _denied(ctx, names)
     if denied:
         raise fail(att, Reason.CSR_DENIED, denied)
+    key: Any = None
+    with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
+        # loaded once per node: the python-mode helper's CA and check_output use it too
+        key, key_der = verified_csr_key(pem, csr)
+        att.csr_spki = (pem, key_der)
     try:
-        check_csr(csr, att.identity, ctx.config.pki_policy, signature_verified=True)
+        check_csr(csr, att.identity, ctx.config.pki_policy, signature_verified=True, public_key=key)
     except PolicyRefusal as exc:
         raise _refused(ctx, att, Reason.CSR_POLICY, exc) from None
-    with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
-        att.csr_spki = (pem, _spki(csr.public_key()))
 
 
 def check_output(ctx: PipelineContext, att: Attempt) -> None:

@@ -118,6 +118,11 @@ def client_identity(config: ProvisionerConfig) -> ClientIdentity | None:
     return ident
 
 
+#: A direct message handler: (subject, payload, inline status or None); see
+#: :meth:`_ChoriaClient.route_direct`.
+DirectHandler = Callable[[bytes, bytes, str | None], None]
+
+
 class _ChoriaClient(_NatsClient):
     """nats-py, sending a Choria client's CONNECT: with a client JWT, go-choria (nats.go)
     sends ``user``/``pass`` (the provisioner user), ``auth_token`` and ``jwt`` (the client
@@ -125,6 +130,45 @@ class _ChoriaClient(_NatsClient):
     once a signature callback is set, so they are put back here."""
 
     choria_jwt: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: subscription id -> synchronous message handler (:meth:`route_direct`)
+        self._direct: dict[int, DirectHandler] = {}
+
+    def route_direct(self, sub: Any, handler: DirectHandler) -> None:
+        """Hand ``sub``'s messages to ``handler(subject, data, status)`` as they are parsed.
+
+        For the RPC reply subscription: no ``Msg`` object, no queue, no task switch and no
+        coroutine per message. The subscription itself stays registered with nats-py (it is
+        sent again after a reconnect and unsubscribed as usual); its own buffer and task are
+        simply never used, so nothing waits to be dropped: the handler (decode, match, set a
+        future) runs as the bytes are read, the way the read loop runs. ``status`` is the
+        inline status of a header-only message (``"503"``: no responders), else None.
+        """
+        self._direct[sub._id] = handler
+
+    def unroute_direct(self, sub: Any) -> None:
+        """Stop handing ``sub``'s messages to a direct handler."""
+        self._direct.pop(sub._id, None)
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handler = self._direct.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        status = None
+        if headers:
+            parsed = await self._process_headers(headers)
+            status = parsed.get("Status") if parsed else None
+        try:
+            handler(subject, data, status)
+        except Exception as exc:  # as nats-py does for a callback: reported, the reader goes on
+            await self._error_cb(exc)
 
     def _connect_command(self) -> bytes:
         line = super()._connect_command()

@@ -40,6 +40,8 @@ AddFn = Callable[[str, str], AddResult]
 
 #: Refused identities are logged at most once per this many seconds (with the count since).
 REFUSAL_LOG_INTERVAL = 10.0
+#: Periodic sweeps deferred in a row at most while a large backlog waits (see Discovery).
+MAX_DEFERRED = 4
 
 
 def refuse_identity(
@@ -89,8 +91,15 @@ class Discovery:
         timeout: float = 2.0,
         window: float = 0.3,
         on_truncated: Callable[[], int] | None = None,
+        backlog: Callable[[], int] | None = None,
     ) -> None:
         self.nc = nc
+        #: How many nodes wait now (the queue): a periodic sweep whose answers the last,
+        #: truncated sweep showed cannot all be read is deferred while this many still wait.
+        self._backlog = backlog
+        self._last_truncated = False
+        self._deferred_in_row = 0
+        self.deferred_sweeps = 0
         #: Called when a sweep ran into its timeout while nodes were still answering: the
         #: sweep cannot tell which waiting nodes are gone, so they must not be aged out by it.
         self._on_truncated = on_truncated
@@ -139,6 +148,11 @@ class Discovery:
                 pending_msgs_limit=1_000_000,
                 pending_bytes_limit=256 * 1024 * 1024,
             )
+            route = getattr(self.nc, "route_direct", None)
+            if route is not None:
+                # the provisioner's own client: events are parsed as they are read (no message
+                # object, queue or task switch each); see connection._ChoriaClient.route_direct
+                route(self._sub, self._on_direct_event)
             # listening must mean the server has the SUB (nats-py's flush() alone can overtake it)
             await sync_flush(self.nc)
         if sweep:
@@ -149,6 +163,9 @@ class Discovery:
         self._active = False
         if self._sub is not None:
             sub, self._sub = self._sub, None
+            unroute = getattr(self.nc, "unroute_direct", None)
+            if unroute is not None:
+                unroute(sub)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
                 # once paused, the server must stop routing this queue group's events to us
@@ -160,13 +177,20 @@ class Discovery:
 
     # ------------------------------------------------------------------ events
     async def _on_event(self, msg: Any) -> None:
+        self._event(msg.subject, msg.data)
+
+    def _on_direct_event(self, subject: bytes, data: bytes, status: str | None) -> None:
+        self._event(subject, data)
+
+    def _event(self, subject: str | bytes, data: bytes) -> None:
         try:
-            event = parse_event(msg.data)
+            event = parse_event(data)
         except ProtocolError as exc:
             self.metrics.discovery_errors.labels(self.metrics.site).inc()
+            shown = subject.decode("utf-8", "replace") if isinstance(subject, bytes) else subject
             log.warning(
                 "ignoring undecodable lifecycle event on %s: %s",
-                msg.subject,
+                clean_remote_text(shown, 300),  # the subject's last tokens are the sender's
                 clean_remote_text(str(exc), 200),
             )
             return
@@ -215,7 +239,8 @@ class Discovery:
             self.last_sweep_found = added
             self.last_sweep_answered = len(nodes)
             log.info("discovery found %d provisionable nodes, %d newly queued", len(nodes), added)
-            if nodes and self.last_sweep - started >= self.timeout:
+            self._last_truncated = bool(nodes) and self.last_sweep - started >= self.timeout
+            if self._last_truncated:
                 self._truncated(len(nodes))
             return len(nodes)
 
@@ -233,10 +258,39 @@ class Discovery:
             refreshed,
         )
 
+    def _defer_sweep(self) -> bool:
+        """Whether this periodic sweep is deferred: the last sweep was cut off by its timeout
+        and at least as many nodes as it could read still wait. Such a sweep would make every
+        waiting node answer (CPU on every node, the broker and here) only to be cut off again;
+        the waiting nodes count as seen instead. At most ``MAX_DEFERRED`` in a row, so a node
+        whose startup event was lost is still found while a large backlog drains."""
+        if self._backlog is None or not self._last_truncated:
+            return False
+        if self._deferred_in_row >= MAX_DEFERRED:
+            return False
+        waiting = self._backlog()
+        if waiting < max(1, self.last_sweep_answered):
+            return False
+        self._deferred_in_row += 1
+        self.deferred_sweeps += 1
+        refreshed = self._on_truncated() if self._on_truncated is not None else 0
+        log.info(
+            "discovery sweep deferred: %d nodes wait, the last sweep read %d answers before its "
+            "%gs timeout; %d waiting nodes count as seen",
+            waiting,
+            self.last_sweep_answered,
+            self.timeout,
+            refreshed,
+        )
+        return True
+
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             if not self._active:
                 log.debug("skipping discovery while paused")
                 continue
+            if self._defer_sweep():
+                continue
+            self._deferred_in_row = 0
             await self.discover_now()

@@ -23,6 +23,7 @@ bounded); a record that does not validate is skipped and logged, never trusted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -36,6 +37,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from choria_core.errors import FleetError
 from choria_core.remote_text import clean_remote_text as clean
 from provisioner.pki_policy import load_certificate
 
@@ -45,6 +47,7 @@ __all__ = [
     "ISSUED_BUCKET",
     "KINDS",
     "Inventory",
+    "InventoryWriteError",
     "IssuedCertificate",
     "Kind",
     "issued_records",
@@ -61,6 +64,16 @@ KINDS: tuple[Kind, ...] = ("x509", "server_jwt")
 MAX_RECORD_BYTES = 4096
 #: How long :meth:`Inventory.all` waits for the bucket's next record.
 READ_TIMEOUT = 5.0
+
+#: How long a write waits for the stream's acknowledgement (as nats-py's JetStream default).
+WRITE_TIMEOUT = 5.0
+#: Largest acknowledgement accepted (``{"stream":"KV_...","seq":N}`` is ~50 bytes).
+MAX_ACK_BYTES = 1024
+
+
+class InventoryWriteError(FleetError, reason="inventory"):
+    """A record was not stored: no acknowledgement in time, or the stream refused it."""
+
 
 _Hex = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[0-9a-f]+$")]
 _Text = Annotated[str, Field(min_length=1, max_length=253)]
@@ -191,11 +204,96 @@ async def read_all(kv: Any, parse: Callable[[bytes], Any], what: str) -> list[An
     return out
 
 
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(InventoryWriteError("no acknowledgement from the stream in time"))
+
+
+class _AckedWriter:
+    """KV puts as plain publishes whose stream acknowledgements come back on one subscription.
+
+    What ``KeyValue.put`` does (publish on ``$KV.<bucket>.<key>``, wait for the stream's
+    ``PubAck``), without nats-py's request machinery per write (a task-backed ``wait_for``, a
+    message object and a queue hop for the answer): one wildcard inbox subscription for every
+    acknowledgement, handled as it is read (the connection's direct route), a future and a
+    timer per write. A write still completes only once the stream has stored the record; a
+    refusal (``{"error": ...}``), no stream (no responders), a malformed or foreign
+    acknowledgement or none within ``timeout`` raises :class:`InventoryWriteError`, which the
+    caller logs and counts.
+    """
+
+    def __init__(self, nc: Any, bucket: str, timeout: float = WRITE_TIMEOUT) -> None:
+        self._nc = nc
+        self._subject = f"$KV.{bucket}."
+        self._stream = f"KV_{bucket}"
+        self._timeout = timeout
+        self._prefix = ""
+        self._sub: Any = None
+        self._next = 0
+        self._waiting: dict[bytes, asyncio.Future[None]] = {}
+
+    @classmethod
+    async def open(cls, nc: Any, bucket: str) -> _AckedWriter | None:
+        """The writer, or None when ``nc`` has no direct route (then ``KeyValue.put``)."""
+        route = getattr(nc, "route_direct", None)
+        if route is None:
+            return None
+        writer = cls(nc, bucket)
+        writer._prefix = nc.new_inbox()
+        writer._sub = await nc.subscribe(writer._prefix + ".*")
+        route(writer._sub, writer._on_ack)
+        return writer
+
+    def _on_ack(self, subject: bytes, data: bytes, status: str | None) -> None:
+        future = self._waiting.get(subject[subject.rfind(b".") + 1 :])
+        if future is None or future.done():
+            return  # late (timed out already) or not ours
+        if not data:
+            why = "no stream for the bucket" if status == "503" else f"status {status}"
+            future.set_exception(InventoryWriteError(f"not stored: {why}"))
+            return
+        try:
+            ack = json.loads(data) if len(data) <= MAX_ACK_BYTES else None
+        except (ValueError, RecursionError):
+            ack = None
+        if not isinstance(ack, dict):
+            future.set_exception(InventoryWriteError("malformed acknowledgement"))
+        elif "error" in ack:
+            error = ack["error"]
+            text = error.get("description") if isinstance(error, dict) else None
+            future.set_exception(
+                InventoryWriteError(f"the stream refused the record: {clean(str(text), 200)}")
+            )
+        elif ack.get("stream") != self._stream or type(ack.get("seq")) is not int:
+            future.set_exception(InventoryWriteError("acknowledgement from another stream"))
+        else:
+            future.set_result(None)
+
+    async def put(self, key: str, value: bytes) -> None:
+        self._next += 1
+        token = format(self._next, "x")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting[token.encode()] = future
+        try:
+            await self._nc.publish(self._subject + key, value, reply=f"{self._prefix}.{token}")
+            timer = loop.call_later(self._timeout, _expire, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+        finally:
+            del self._waiting[token.encode()]
+
+
 class Inventory:
     """Issued certificates by identity and kind, in JetStream KV or (``kv=None``) in memory."""
 
-    def __init__(self, kv: Any | None = None, *, max_memory: int = 1_000_000) -> None:
+    def __init__(
+        self, kv: Any | None = None, *, max_memory: int = 1_000_000, writer: Any = None
+    ) -> None:
         self._kv = kv
+        self._writer: _AckedWriter | None = writer
         self._memory: dict[str, IssuedCertificate] = {}
         self._max_memory = max_memory
 
@@ -213,7 +311,7 @@ class Inventory:
             "fleet-provisioner issued certificates",
             max_value_size=MAX_RECORD_BYTES,
         )
-        return cls(kv)
+        return cls(kv, writer=await _AckedWriter.open(getattr(js, "_nc", None), bucket))
 
     async def record(self, cert: IssuedCertificate) -> None:
         """Store ``cert`` as the identity's current record of its kind."""
@@ -224,7 +322,10 @@ class Inventory:
             while len(self._memory) > self._max_memory:
                 del self._memory[next(iter(self._memory))]
             return
-        await self._kv.put(key, cert.to_bytes())
+        if self._writer is not None:
+            await self._writer.put(key, cert.to_bytes())
+        else:
+            await self._kv.put(key, cert.to_bytes())
 
     async def get(self, identity: str, kind: Kind = "x509") -> IssuedCertificate | None:
         """The identity's current record of ``kind`` (None when unknown or invalid)."""

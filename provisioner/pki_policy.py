@@ -267,11 +267,14 @@ def check_csr(
     policy: PkiPolicyConfig,
     *,
     signature_verified: bool = False,
+    public_key: Any = None,
 ) -> None:
     """The node's CSR asks for nothing but a leaf certificate for ``identity`` (see module).
 
     ``signature_verified``: the caller obtained ``csr`` from
     :func:`ca_adapters.verify.load_verified_csr`, which verified its signature already.
+    ``public_key``: the CSR's public key when the caller loaded it already
+    (:func:`ca_adapters.verify.verified_csr_key`); None loads it here.
     """
     _signature_hash(csr, "CSR")
     if not signature_verified and not csr.is_signature_valid:
@@ -299,7 +302,7 @@ def check_csr(
             raise PolicyRefusal(
                 "san", f"CSR subjectAltName may only be the identity, not {show(shown)}"
             )
-    check_key(csr.public_key(), policy, "CSR")
+    check_key(csr.public_key() if public_key is None else public_key, policy, "CSR")
 
 
 def _signature_hash(obj: x509.CertificateSigningRequest | x509.Certificate, what: str) -> None:

@@ -247,6 +247,11 @@ class RPCClient:
                 pending_msgs_limit=self.pending_msgs_limit,
                 pending_bytes_limit=self.pending_bytes_limit,
             )
+            route = getattr(self.nc, "route_direct", None)
+            if route is not None:
+                # The provisioner's own client: replies are handled as they are read (no
+                # message object, queue or task switch each); see _ChoriaClient.route_direct.
+                route(self._sub, self._on_direct_reply)
 
     def _watch_slow_consumer(self) -> None:
         """Count the reply subscription's drops instead of logging each one.
@@ -290,6 +295,9 @@ class RPCClient:
 
     async def close(self) -> None:
         if self._sub is not None:
+            unroute = getattr(self.nc, "unroute_direct", None)
+            if unroute is not None:
+                unroute(self._sub)
             try:
                 await self._sub.unsubscribe()
             except Exception as exc:  # connection already closed: nothing to release
@@ -306,16 +314,29 @@ class RPCClient:
 
     # ------------------------------------------------------------------ replies
     async def _on_reply(self, msg: Any) -> None:
-        if not msg.data and (getattr(msg, "headers", None) or {}).get("Status") == "503":
+        status = (getattr(msg, "headers", None) or {}).get("Status") if not msg.data else None
+        self._reply(msg.subject, msg.data, status)
+
+    def _on_direct_reply(self, subject: bytes, data: bytes, status: str | None) -> None:
+        self._reply(subject, data, status)
+
+    def _reply(self, subject: str | bytes, data: bytes, status: str | None) -> None:
+        if not data and status == "503":
             # The server's "no responders" status: the request has a NATS reply subject and
             # nobody was subscribed (a node restarting, a discovery of nobody). Not a reply.
             self.no_responders += 1
             return
         try:
-            reply, headers = decode_reply(msg.data)
+            reply, headers = decode_reply(data)
         except ProtocolError as exc:
             self.bad_replies += 1
-            log.debug("discarding undecodable reply on %s: %s", msg.subject, exc)
+            if log.isEnabledFor(logging.DEBUG):
+                shown = (
+                    subject.decode("utf-8", "replace") if isinstance(subject, bytes) else subject
+                )
+                log.debug(
+                    "discarding undecodable reply on %s: %s", clean_remote_text(shown, 300), exc
+                )
             return
         pending = self._pending.get(reply.requestid)
         if pending is None:
@@ -367,7 +388,7 @@ class RPCClient:
         pending = _Pending(identity, loop.create_future())
         self._pending[req.requestid] = pending
         try:
-            reply_to = reply_subject(self.collective, self.callerid, req.requestid)
+            reply_to = f"{self._prefix}.{req.requestid}"  # = reply_subject(...), md5 once
             payload = encode_request(
                 req, reply_to=reply_to, mc_sender=self.identity, signer=self.signer
             )

@@ -226,6 +226,7 @@ class Provisioner:
             interval=cfg.interval,
             timeout=self._discovery_timeout,
             on_truncated=self.queue.refresh_waiting,
+            backlog=lambda: self.queue.waiting,
         )
         await self.audit.start()
         self.metrics.queue_capacity.labels(cfg.site).set(cfg.queue_size)

@@ -26,13 +26,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
 from node_agent.facts import synthetic_facts, synthetic_identity
 from node_agent.keys import KeyPool, KeyType
-from node_agent.node import NodeAgent, NodeError, Transport
+from node_agent.node import NodeAgent, NodeError, NodeMode, Transport
 from node_agent.transport import SharedConnections
 
 __all__ = ["Fleet", "FleetSpec", "count_modes"]
@@ -83,44 +83,94 @@ def count_modes(nodes: Sequence[NodeAgent], failed: int = 0, starting: int = 0) 
     return counts
 
 
+class _FleetNode(NodeAgent):
+    """A simulated node that keeps its fleet's per-mode tally as its mode changes (so a count
+    report is O(1), not a walk over every node) and makes its synthetic facts when asked
+    (``rpcutil#inventory``, ``get_fact``) instead of holding them for its whole life."""
+
+    def __init__(self, tally: dict[str, int], index: int, seed: int, **kwargs: Any) -> None:
+        self._tally = tally
+        self._mode: NodeMode | None = None
+        self._index, self._seed = index, seed
+        super().__init__(**kwargs)
+
+    @property
+    def mode(self) -> NodeMode:
+        assert self._mode is not None
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: NodeMode) -> None:
+        old, self._mode = self._mode, value
+        if old != value:
+            if old is not None:
+                self._tally[old] -= 1
+            self._tally[value] = self._tally.get(value, 0) + 1
+
+    def facts(self) -> dict[str, Any]:
+        # Deterministic in (index, seed): the same answer every time, no per-node copy kept.
+        return synthetic_facts(self._index, self._seed)
+
+
 class _LocalFleet:
-    """The nodes of one process, all in the running event loop."""
+    """The nodes of one process, all in the running event loop.
+
+    Nodes are made as they start (a few workers of ``connect_concurrency`` each take the next
+    index), so the first node is up at once rather than after every node object exists."""
 
     def __init__(self, spec: FleetSpec) -> None:
         self.spec = spec
         self.shared = SharedConnections() if spec.connections == "shared" else None
         workdir = Path(spec.workdir)
-        pool = (
+        self._pool = (
             KeyPool(workdir / "keypool", spec.key_type, offset=spec.start)  # type: ignore[arg-type]
             if spec.key_pool
             else None
         )
-        key_type: KeyType = "rsa" if spec.key_type == "rsa" else "ec"
-        self.nodes = [
-            NodeAgent(
-                identity=synthetic_identity(i, spec.domain),
-                token_path=Path(spec.token_path),
-                state_dir=workdir / "nodes" / synthetic_identity(i, spec.domain),
-                facts=synthetic_facts(i, spec.seed),
-                key_type=key_type,
-                broker_urls=spec.broker_urls,
-                tls_ca=Path(spec.tls_ca) if spec.tls_ca else None,
-                key_pool=pool,
-                shared=self.shared,
-                restart_delay_scale=spec.restart_delay_scale,
-                durable=False,
-                transport="nats-py" if spec.transport == "nats-py" else "lean",
-            )
-            for i in range(spec.start, spec.start + spec.count)
-        ]
+        self._nodes_dir = (workdir / "nodes").absolute()
+        self._token_path = Path(spec.token_path)
+        self._tls_ca = Path(spec.tls_ca) if spec.tls_ca else None
+        self._key_type: KeyType = "rsa" if spec.key_type == "rsa" else "ec"
+        self._transport: Transport = "nats-py" if spec.transport == "nats-py" else "lean"
+        #: Nodes by mode, kept by the nodes themselves (see :class:`_FleetNode`).
+        self.tally: dict[str, int] = {}
+        self.nodes: list[NodeAgent] = []
         self.failed = 0
-        self.starting = len(self.nodes)
+        self.starting = spec.count
+        #: Move the nodes made so far out of the cyclic collector's way every this many nodes
+        #: (worker processes only: ``gc.freeze`` is process-wide).
+        self.freeze_every = 0
+
+    def _make(self, i: int) -> NodeAgent:
+        identity = synthetic_identity(i, self.spec.domain)
+        node = _FleetNode(
+            self.tally,
+            i,
+            self.spec.seed,
+            identity=identity,
+            token_path=self._token_path,
+            state_dir=self._nodes_dir / identity,
+            facts=None,
+            key_type=self._key_type,
+            broker_urls=self.spec.broker_urls,
+            tls_ca=self._tls_ca,
+            key_pool=self._pool,
+            shared=self.shared,
+            restart_delay_scale=self.spec.restart_delay_scale,
+            durable=False,
+            transport=self._transport,
+        )
+        self.nodes.append(node)
+        if self.freeze_every and len(self.nodes) % self.freeze_every == 0:
+            gc.freeze()
+        return node
 
     async def start(self) -> None:
-        sem = asyncio.Semaphore(max(1, self.spec.connect_concurrency))
+        indices = iter(range(self.spec.start, self.spec.start + self.spec.count))
 
-        async def _one(node: NodeAgent) -> None:
-            async with sem:
+        async def _worker() -> None:
+            for i in indices:
+                node = self._make(i)
                 try:
                     await node.start()
                 except (NodeError, OSError) as exc:
@@ -129,10 +179,21 @@ class _LocalFleet:
                 finally:
                     self.starting -= 1
 
-        await asyncio.gather(*(_one(n) for n in self.nodes))
+        workers = min(max(1, self.spec.connect_concurrency), max(1, self.spec.count))
+        await asyncio.gather(*(_worker() for _ in range(workers)))
 
     def counts(self) -> dict[str, int]:
-        return count_modes(self.nodes, self.failed, self.starting)
+        """Counts by mode, as :func:`count_modes` over every node would give (nodes not made
+        yet are ``stopped``, then counted as ``starting``), in O(1)."""
+        counts = dict.fromkeys(_COUNT_KEYS, 0)
+        for mode, n in self.tally.items():
+            if mode in counts:
+                counts[mode] += n
+        counts["total"] = self.spec.count
+        counts["stopped"] += self.spec.count - len(self.nodes) - self.failed - self.starting
+        counts["failed"] = self.failed
+        counts["starting"] = self.starting
+        return counts
 
     async def stop(self) -> None:
         await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
@@ -312,8 +373,9 @@ class Fleet:
 
 async def _worker_main(spec: FleetSpec) -> None:
     fleet = _LocalFleet(spec)
+    fleet.freeze_every = 2_000
     # The nodes live as long as the process: keep them (and the imported modules) out of the
-    # cyclic collector's way, and collect young objects less often.
+    # cyclic collector's way (again once they all exist), and collect young objects less often.
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
     gc_stats = _gc_timer() if os.environ.get("FLEET_GC_STATS") else None
@@ -325,6 +387,7 @@ async def _worker_main(spec: FleetSpec) -> None:
         sys.stdout.flush()
 
     await fleet.start()
+    gc.freeze()
     report("ready")
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -26,7 +26,6 @@ import base64
 import binascii
 import functools
 import hashlib
-import json
 import time as _time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +35,22 @@ from choria_core.protocol.errors import ProtocolError, fail
 from choria_core.protocol.node_checks import check_request as check_request
 from choria_core.protocol.signing import RequestSigner, SecureEnvelope
 from choria_core.protocol.subjects import new_request_id
+from choria_core.protocol.transport import TRANSPORT_PROTOCOL as TRANSPORT_PROTOCOL
+from choria_core.protocol.transport import TransportHeaders as TransportHeaders
+from choria_core.protocol.transport import (
+    _b64encode,
+    _dumps,
+    _headers,
+    _int,
+    _json,
+    _nested,
+    _open_transport,
+    _protocol,
+    _str,
+    _string,
+    _transport,
+)
 
-TRANSPORT_PROTOCOL = "choria:transport:1"
 SECURE_REQUEST_PROTOCOL = "choria:secure:request:1"
 SECURE_REPLY_PROTOCOL = "choria:secure:reply:1"
 REQUEST_PROTOCOL = "choria:request:1"
@@ -51,55 +64,6 @@ _REQUIRED_FILTER_KEYS = ("fact", "cf_class", "identity", "compound")
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-_string = json.encoder.encode_basestring_ascii  # one JSON string literal, as _dumps writes it
-_loads = json.loads
-
-
-def _json(layer: str, data: bytes | str) -> dict[str, Any]:
-    try:
-        obj = _loads(data)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
-        raise ProtocolError(f"{layer}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(obj, dict):
-        fail(f"{layer}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def _str(layer: str, obj: dict[str, Any], key: str, *, nonempty: bool = False) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        fail(f"{layer}: field {key!r} must be a string")
-    if nonempty and not value:
-        fail(f"{layer}: field {key!r} must not be empty")
-    return value
-
-
-def _int(layer: str, obj: dict[str, Any], key: str) -> int:
-    value = obj.get(key)
-    if type(value) is not int:  # bool is an int subclass and not acceptable
-        fail(f"{layer}: field {key!r} must be an integer")
-    return value
-
-
-def _protocol(layer: str, obj: dict[str, Any], expected: str) -> None:
-    proto = obj.get("protocol")
-    if proto != expected:
-        shown = proto if isinstance(proto, str) else type(proto).__name__
-        fail(f"{layer}: protocol {shown!r} is not {expected!r}")
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _b64decode_strict(layer: str, text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError(f"{layer}: not valid standard base64 with padding") from None
-
 
 # --------------------------------------------------------------------------- filter
 
@@ -201,97 +165,7 @@ class Reply:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class TransportHeaders:
-    """The ``choria:transport:1`` headers this implementation uses (federation is ignored)."""
-
-    reply_to: str | None = None
-    mc_sender: str | None = None
-    seen_by: tuple[tuple[str, str, str], ...] = ()
-
-
 # --------------------------------------------------------------------------- transport
-
-
-_TRANSPORT_HEAD = _dumps({"protocol": TRANSPORT_PROTOCOL, "data": ""})[:-2].encode("ascii")
-
-
-def _transport(data: bytes, headers: dict[str, Any]) -> bytes:
-    # Byte for byte ``_dumps({"protocol": ..., "data": b64, "headers": headers})``: base64 text
-    # needs no JSON escaping, so the (large) data string is not scanned again by the encoder.
-    return b"".join(
-        (
-            _TRANSPORT_HEAD,  # {"protocol":"choria:transport:1","data":"
-            base64.b64encode(data),
-            b'","headers":',
-            _dumps(headers).encode("ascii"),
-            b"}",
-        )
-    )
-
-
-def _nested(text: str) -> str:
-    """The JSON string literal of ``text``, itself the output of :data:`_dumps`.
-
-    Such text is printable ASCII only (``ensure_ascii`` escapes everything else), so the only
-    characters to escape are the backslash and the double quote: two ``str.replace`` passes
-    give exactly what the encoder would, several times faster on a few kilobytes.
-    """
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _headers(
-    reply_to: str | None, mc_sender: str | None, seen_by: Sequence[tuple[str, str, str]]
-) -> dict[str, Any]:
-    headers: dict[str, Any] = {}
-    if reply_to:
-        headers["reply-to"] = reply_to
-    if mc_sender:
-        headers["mc_sender"] = mc_sender
-    if seen_by:
-        headers["seen-by"] = [list(t) for t in seen_by]
-    return headers
-
-
-def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
-    raw = obj.get("headers")
-    if raw is None:
-        return TransportHeaders()
-    if not isinstance(raw, dict):
-        fail("transport: 'headers' must be an object")
-    reply_to = raw.get("reply-to")
-    mc_sender = raw.get("mc_sender")
-    if reply_to is not None and not isinstance(reply_to, str):
-        fail("transport: header 'reply-to' must be a string")
-    if mc_sender is not None and not isinstance(mc_sender, str):
-        fail("transport: header 'mc_sender' must be a string")
-    seen = raw.get("seen-by")
-    seen_by: tuple[tuple[str, str, str], ...] = ()
-    if seen is not None:
-        if not isinstance(seen, list):
-            fail("transport: header 'seen-by' must be a list")
-        triples = []
-        for item in seen:
-            if (
-                not isinstance(item, list)
-                or len(item) != 3
-                or not all(isinstance(s, str) for s in item)
-            ):
-                fail("transport: header 'seen-by' items must be [in, processor, out] strings")
-            triples.append((item[0], item[1], item[2]))
-        seen_by = tuple(triples)
-    return TransportHeaders(reply_to=reply_to or None, mc_sender=mc_sender or None, seen_by=seen_by)
-
-
-def _open_transport(data: bytes) -> tuple[bytes, TransportHeaders]:
-    if not isinstance(data, bytes | bytearray | memoryview | str):
-        fail(f"transport: expected bytes, got {type(data).__name__}")
-    if isinstance(data, memoryview):
-        data = data.tobytes()
-    obj = _json("transport", data)
-    _protocol("transport", obj, TRANSPORT_PROTOCOL)
-    inner = _b64decode_strict("transport data", _str("transport", obj, "data", nonempty=True))
-    return inner, _parse_headers(obj)
 
 
 def _guard(func: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -387,7 +261,80 @@ def new_request(
     return req
 
 
+@functools.lru_cache(maxsize=256)
+def _envelope_middle(senderid: str, callerid: str, collective: str, agent: str, ttl: int) -> str:
+    """``","senderid":...,"ttl":N,"time":`` of a request envelope (a few distinct per process)."""
+    return "".join(
+        (
+            ',"senderid":',
+            _string(senderid),
+            ',"callerid":',
+            _string(callerid),
+            ',"collective":',
+            _string(collective),
+            ',"agent":',
+            _string(agent),
+            ',"ttl":',
+            int.__repr__(ttl),
+            ',"time":',
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _filter_text(flt: Filter) -> str:
+    return _dumps(flt.to_json_obj())
+
+
+def _filter_json(flt: Filter) -> str:
+    """The filter's JSON, remembered for the few plain filters a client sends (strings only:
+    ``1 == True`` must not let one filter's cached text stand for another's)."""
+    if type(flt) is not Filter or flt.fact or flt.compound:
+        return _dumps(flt.to_json_obj())
+    if not flt.cf_class and not flt.identity and len(flt.agent) == 1:
+        if type(flt.agent[0]) is str:  # an RPC client's usual filter
+            return _filter_text(flt)
+    elif all(type(v) is str for v in (*flt.cf_class, *flt.agent, *flt.identity)):
+        return _filter_text(flt)
+    return _dumps(flt.to_json_obj())
+
+
+_REQUEST_HEAD = '{"protocol":' + _string(REQUEST_PROTOCOL) + ',"message":'
+
+
 def _request_text(req: Request) -> str:
+    # Byte for byte the _dumps below (tests/choria_core/protocol/test_wire_bytes.py) for the
+    # usual request: string fields, int ttl and time, a hashable filter (facts are dicts).
+    rid, sender, caller, coll, agent = (
+        req.requestid,
+        req.senderid,
+        req.callerid,
+        req.collective,
+        req.agent,
+    )
+    if (
+        type(req.ttl) is int
+        and type(req.time) is int
+        and type(req.message) is str
+        and type(rid) is str
+        and type(sender) is str
+        and type(caller) is str
+        and type(coll) is str
+        and type(agent) is str
+    ):
+        return "".join(
+            (
+                _REQUEST_HEAD,
+                _string(req.message),
+                ',"envelope":{"requestid":',
+                _string(rid),
+                _envelope_middle(sender, caller, coll, agent, req.ttl),
+                int.__repr__(req.time),
+                ',"filter":',
+                _filter_json(req.filter),
+                "}}",
+            )
+        )
     return _dumps(
         {
             "protocol": REQUEST_PROTOCOL,
@@ -500,7 +447,42 @@ def encode_reply(
     reply: Reply, *, mc_sender: str, seen_by: Sequence[tuple[str, str, str]] = ()
 ) -> bytes:
     """Encode a reply as ``choria:transport:1`` bytes (hash over the reply JSON text)."""
-    text = _dumps(
+    text = _reply_text(reply)
+    # = _dumps({"protocol": ..., "message": text, "hash": ...})
+    secure = "".join(
+        (_SECURE_REPLY_HEAD, _nested(text), ',"hash":', _string(_reply_hash(text)), "}")
+    )
+    return _transport(secure.encode("ascii"), _headers(None, mc_sender, seen_by))
+
+
+_REPLY_HEAD = '{"protocol":' + _string(REPLY_PROTOCOL) + ',"message":'
+
+
+def _reply_text(reply: Reply) -> str:
+    rid, sender, agent, message = reply.requestid, reply.senderid, reply.agent, reply.message
+    if (
+        type(reply.time) is int
+        and type(rid) is str
+        and type(sender) is str
+        and type(agent) is str
+        and type(message) is str
+    ):  # byte for byte the _dumps below, without building the dicts
+        return "".join(
+            (
+                _REPLY_HEAD,
+                _string(message),
+                ',"envelope":{"requestid":',
+                _string(rid),
+                ',"senderid":',
+                _string(sender),
+                ',"agent":',
+                _string(agent),
+                ',"time":',
+                int.__repr__(reply.time),
+                "}}",
+            )
+        )
+    return _dumps(
         {
             "protocol": REPLY_PROTOCOL,
             "message": reply.message,
@@ -512,11 +494,6 @@ def encode_reply(
             },
         }
     )
-    # = _dumps({"protocol": ..., "message": text, "hash": ...})
-    secure = "".join(
-        (_SECURE_REPLY_HEAD, _nested(text), ',"hash":', _string(_reply_hash(text)), "}")
-    )
-    return _transport(secure.encode("ascii"), _headers(None, mc_sender, seen_by))
 
 
 @_guard

@@ -81,6 +81,7 @@ def _identity(identity: str) -> str:
     return identity
 
 
+@lru_cache(maxsize=4096)  # 5+ requests per node; a refusal raises and is never cached
 def directed_subject(collective: str, identity: str) -> str:
     """Subject of a request directed at one node: ``<collective>.node.<identity>``."""
     return f"{_token('collective', collective)}.node.{_identity(identity)}"

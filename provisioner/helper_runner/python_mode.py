@@ -83,7 +83,10 @@ class PythonHelper:
         secrets = inp.secrets()
         try:
             if self._is_async:
-                result = await asyncio.wait_for(self.handler(inp), self.timeout)
+                # asyncio.timeout, not wait_for: the handler runs in this task (no task and
+                # no extra loop iteration per node), cancelled the same way on timeout.
+                async with asyncio.timeout(self.timeout):
+                    result = await self.handler(inp)
             else:
                 async with self._threads:
                     result = await asyncio.wait_for(

@@ -101,12 +101,14 @@ class ProcSampler:
         self, role: str, finder: Callable[[], list[psutil.Process]]
     ) -> list[psutil.Process]:
         """The role's processes: the finder's answer, re-asked every ``refind_every`` seconds
-        (or at once when none of the processes found last is running)."""
+        (or at once when every process found last has ended). An empty answer is kept for
+        ``refind_every`` too: a role without processes (no helper processes in python mode)
+        would otherwise walk every process's command line at each sample."""
         now = time.monotonic()
         found = self._found.get(role)
         if found is not None and now - found[0] < self.refind_every:
             alive = [p for p in found[1] if p.is_running()]
-            if alive:
+            if alive or not found[1]:
                 return alive
         try:
             procs = finder()

@@ -199,3 +199,47 @@ async def test_truncated_sweep_counts_waiting_nodes_as_seen(conns: tuple[Any, An
         assert refreshed == [1] and disc.truncated_sweeps == 1  # a complete sweep: no refresh
     finally:
         await sub.unsubscribe()
+
+
+async def test_periodic_sweep_deferred_while_a_large_backlog_waits(conns: tuple[Any, Any]) -> None:
+    """After a truncated sweep, a periodic sweep is deferred while at least as many nodes wait
+    as that sweep could read (no fleet-wide ping only to be cut off again); the waiting nodes
+    count as seen instead, at most MAX_DEFERRED times in a row, and a small backlog sweeps."""
+    from provisioner.discovery import MAX_DEFERRED
+
+    nc, pub = conns
+    metrics = Metrics(site="t")
+    refreshed: list[int] = []
+    waiting = [1000]
+    rpc = RPCClient(nc, identity="disc-test.example.net", metrics=metrics)
+    await rpc.start()
+
+    def on_truncated() -> int:
+        refreshed.append(1)
+        return 7
+
+    disc = Discovery(nc, rpc, Collector(), metrics, interval=0.05, timeout=0.5, window=1.0,
+                     on_truncated=on_truncated,
+                     backlog=lambda: waiting[0])  # fmt: skip
+    sub = await _chatty_fleet(pub, count=40, gap=0.05)  # answers for 2 s: truncated
+    try:
+        assert 0 < await disc.discover_now() < 40
+        assert disc.truncated_sweeps == 1 and refreshed == [1]
+        started = disc._sweeps_started
+        disc._active = True
+        loop_task = asyncio.create_task(disc._sweep_loop())
+        try:
+            # MAX_DEFERRED deferrals, then one sweep runs whatever the backlog
+            await async_wait_for(lambda: disc._sweeps_started > started, timeout=10)
+            assert disc.deferred_sweeps == MAX_DEFERRED
+            assert len(refreshed) >= 1 + MAX_DEFERRED  # each deferral refreshed the waiting
+            await async_wait_for(lambda: disc.truncated_sweeps >= 2, timeout=10)
+            waiting[0] = 0  # the backlog drained: the next sweeps are not deferred
+            deferred = disc.deferred_sweeps
+            await async_wait_for(lambda: disc._sweeps_started > started + 2, timeout=15)
+            assert disc.deferred_sweeps == deferred
+        finally:
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
+    finally:
+        await sub.unsubscribe()

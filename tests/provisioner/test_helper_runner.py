@@ -476,6 +476,32 @@ async def test_python_mode_sync_and_async() -> None:
     assert ei.value.reason == "invalid_output"
 
 
+async def test_python_mode_async_handler_runs_in_the_callers_task_with_its_timeout() -> None:
+    """No task (and no event-loop round trip) per node for an async handler; the timeout
+    still cancels it and a handler that finishes in time is not cancelled."""
+    seen: list[asyncio.Task[object] | None] = []
+    cancelled: list[str] = []
+
+    async def handler(inp: HelperInput) -> dict[str, object]:
+        seen.append(asyncio.current_task())
+        if inp.identity.startswith("slow"):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.append(inp.identity)
+                raise
+        return {"configuration": {"plugin.choria.server.provision": "false"}}
+
+    runner = PythonHelper(handler, timeout=0.3)
+    await runner.run(make_input("fast.example.net"))
+    assert seen == [asyncio.current_task()]
+    with pytest.raises(HelperError) as ei:
+        await runner.run(make_input("slow.example.net"))
+    assert ei.value.reason == "timeout" and cancelled == ["slow.example.net"]
+    # the caller's task is not left cancelled by the timeout
+    assert (await runner.run(make_input("fast.example.net"))).configuration
+
+
 async def test_python_mode_file_path_and_bad_spec(tmp_path: Path) -> None:
     f = tmp_path / "myhelper.py"
     f.write_text(

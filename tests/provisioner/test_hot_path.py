@@ -7,6 +7,7 @@ certificates built with ``cryptography``.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 
 import pytest
 from cryptography import x509
@@ -14,11 +15,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ca_adapters.verify import verified_csr_key
 from helpers.models import HelperOutput
 from provisioner import pki_policy
-from provisioner.attempt import Attempt
+from provisioner.attempt import Attempt, PipelineContext, PipelineError
 from provisioner.audit import REDACTED, AuditLog
-from provisioner.checks import _expected_key
+from provisioner.checks import _expected_key, validate_csr
+from provisioner.config import ProvisionerConfig
 from provisioner.metrics import Metrics
 from provisioner.queue import NodeRecord
 
@@ -110,3 +113,56 @@ def test_ca_bundle_is_parsed_once_and_a_bad_bundle_still_raises() -> None:
             pki_policy._ca_bundle(
                 "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
             )
+
+
+def test_csr_check_keeps_the_shared_csr_key_and_still_refuses_a_disallowed_key() -> None:
+    """validate_csr loads the CSR's key once (ca_adapters.verify.verified_csr_key): the local
+    CA and the certificate check use that key; the key policy still applies to it."""
+    ctx = PipelineContext(
+        config=ProvisionerConfig(),
+        rpc=None,  # type: ignore[arg-type]  # no RPC in this step
+        helper=None,  # type: ignore[arg-type]
+        metrics=Metrics(site="t"),
+        verify_keys=[],
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    att = Attempt(NodeRecord("node-1", "event", 0.0))
+    att.csr = {"csr": _csr_pem(key, "node-1")}
+    validate_csr(ctx, att)
+    _, shared_der = verified_csr_key(att.csr["csr"])
+    assert att.csr_spki is not None and att.csr_spki[1] is shared_der
+    assert shared_der == _spki(key)
+    # the refusal comes from the policy applied to the shared key
+    ctx.config = ProvisionerConfig(pki_policy={"allowed_keys": ["rsa"]})
+    att = Attempt(NodeRecord("node-1", "event", 0.0))
+    att.csr = {"csr": _csr_pem(key, "node-1")}
+    with pytest.raises(PipelineError, match="key type ec-p256 is not allowed"):
+        validate_csr(ctx, att)
+
+
+def test_csr_check_reads_a_malformed_subject_without_a_warning() -> None:
+    """A country name of the wrong length makes cryptography warn while parsing the subject:
+    the CSR check refuses it by policy and writes nothing to the warnings machinery."""
+    ctx = PipelineContext(
+        config=ProvisionerConfig(),
+        rpc=None,  # type: ignore[arg-type]  # no RPC in this step
+        helper=None,  # type: ignore[arg-type]
+        metrics=Metrics(site="t"),
+        verify_keys=[],
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        country = x509.NameAttribute(NameOID.COUNTRY_NAME, "USA", _validate=False)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([country, x509.NameAttribute(NameOID.COMMON_NAME, "node-1")]))
+        .sign(key, hashes.SHA256())
+    )
+    att = Attempt(NodeRecord("node-1", "event", 0.0))
+    att.csr = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(PipelineError, match="subject attribute C="):
+            validate_csr(ctx, att)
+    assert [str(w.message) for w in caught] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 from pathlib import Path
@@ -132,3 +133,81 @@ async def test_fleet_transport_defaults_to_the_lean_client(
         await client.close()
         await fleet.stop()
     assert fleet.counts()["stopped"] == 20
+
+
+async def test_counts_are_kept_by_the_nodes_not_walked(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count report is O(1): the nodes keep their fleet's tally as their mode changes, so
+    ``counts()`` (4 times a second in every worker) never walks 50,000 nodes."""
+    import testbed.fleet as fleet_mod
+
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(40, token, None, tmp_path / "fleet", connections="shared")
+    try:
+        await fleet.start()
+        walked = fleet_mod.count_modes(fleet.local_nodes)
+
+        def _no_walk(*_: object, **__: object) -> dict[str, int]:
+            raise AssertionError("counts() walked every node")
+
+        monkeypatch.setattr(fleet_mod, "count_modes", _no_walk)
+        assert fleet.counts() == walked
+        assert fleet.counts()["provisioning"] == 40 and fleet.counts()["total"] == 40
+        node = fleet.local_nodes[3]
+        node.mode = "normal"  # what a restart into normal mode does
+        assert fleet.counts()["provisioning"] == 39 and fleet.counts()["normal"] == 1
+        node.mode = "normal"  # setting the same mode again counts once
+        assert fleet.counts()["normal"] == 1
+    finally:
+        await fleet.stop()
+    assert fleet.counts()["stopped"] == 40 and fleet.counts()["provisioning"] == 0
+
+
+async def test_nodes_make_their_facts_when_asked(nats_server: NatsServer, tmp_path: Path) -> None:
+    """Simulated nodes hold no facts dict (100,000 of them cost memory and start time); the
+    inventory still answers the deterministic synthetic facts."""
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    fleet = Fleet(3, token, None, tmp_path / "fleet", seed=5, start_index=20)
+    client = await ProvClient.connect(nats_server)
+    try:
+        await fleet.start()
+        for node in fleet.local_nodes:
+            assert node._facts is None  # nothing kept per node
+        r = await client.rpc(synthetic_identity(21), "rpcutil", "inventory")
+        assert r is not None and r.data["facts"] == json.loads(json.dumps(synthetic_facts(21, 5)))
+    finally:
+        await client.close()
+        await fleet.stop()
+
+
+async def test_first_node_is_up_before_the_last_node_exists(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Nodes are made as they start: with one start at a time, the first node is up (its
+    startup event published) while most of the fleet does not exist yet."""
+    from testbed.fleet import FleetSpec, _LocalFleet
+
+    token = write_token(tmp_path / "provisioning.jwt", nats_server)
+    spec = FleetSpec(
+        start=0,
+        count=30,
+        token_path=str(token),
+        workdir=str(tmp_path / "fleet"),
+        connect_concurrency=1,
+    )
+    local = _LocalFleet(spec)
+    seen: list[int] = []
+    started = asyncio.get_running_loop().create_task(local.start())
+    try:
+        while not started.done():
+            if local.counts()["provisioning"] >= 1:
+                seen.append(len(local.nodes))
+                break
+            await asyncio.sleep(0)
+        await started
+        assert seen and seen[0] < 30
+        assert len(local.nodes) == 30 and local.counts()["provisioning"] == 30
+        assert local.counts()["starting"] == 0
+    finally:
+        await local.stop()

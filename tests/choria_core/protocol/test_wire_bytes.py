@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from choria_core.protocol import messages as m
+from choria_core.protocol import transport
 from choria_core.protocol.mcorpc import encode_rpc_request
 from choria_core.protocol.signing import RequestSigner
 
@@ -125,3 +126,109 @@ def test_nested_is_the_encoders_string_literal_of_encoder_output() -> None:
         obj = {"k": _random_text(rng), "n": [1, None, True], _random_text(rng): "v"}
         text = _DUMPS(obj)
         assert m._nested(text) == _DUMPS(text)
+
+
+def _plain_request_text(req: m.Request) -> str:
+    return _DUMPS(
+        {
+            "protocol": m.REQUEST_PROTOCOL,
+            "message": req.message,
+            "envelope": {
+                "requestid": req.requestid,
+                "senderid": req.senderid,
+                "callerid": req.callerid,
+                "collective": req.collective,
+                "agent": req.agent,
+                "ttl": req.ttl,
+                "time": req.time,
+                "filter": req.filter.to_json_obj(),
+            },
+        }
+    )
+
+
+class _Str(str):
+    """A str subclass: the assembled path leaves it to the encoder."""
+
+
+def test_request_text_equals_plain_encoding() -> None:
+    """Every envelope field and filter, nasty text included, is written as the encoder would
+    (the assembled text and its cached parts), including the fallbacks."""
+    rng = random.Random(5)
+    filters = [
+        m.Filter(),
+        m.Filter(agent=("choria_provision",)),
+        m.Filter(agent=('a"é',), identity=("n\x00", "😀"), cf_class=("c\\",)),
+        m.Filter(fact=({"fact": "f", "operator": "==", "value": "é"},)),
+        m.Filter(compound=({"expr": "x"}, [1, True])),
+        m.Filter(compound=(1,)),
+        m.Filter(compound=(True,)),  # 1 == True: must not share the cached text of (1,)
+    ]
+    texts = NASTY + [_random_text(rng) for _ in range(30)]
+    for i, text in enumerate(texts):
+        for flt in filters:
+            req = m.Request(
+                requestid=m.new_request_id() if i % 2 else text,
+                senderid=text,
+                callerid=texts[-i],
+                collective=text[::-1],
+                agent=_Str(text) if i % 5 == 0 else text,
+                ttl=60 + i,
+                time=True if i == 3 else 1_700_000_000 + i,
+                filter=flt,
+                message=text,
+            )
+            assert m._request_text(req) == _plain_request_text(req), (repr(text), flt)
+
+
+def test_reply_text_equals_plain_encoding_in_every_field() -> None:
+    rng = random.Random(9)
+    for text in NASTY + [_random_text(rng) for _ in range(30)]:
+        reply = m.Reply(requestid=text, senderid=text[::-1], agent=text, time=7, message=text)
+        plain = _DUMPS(
+            {
+                "protocol": m.REPLY_PROTOCOL,
+                "message": text,
+                "envelope": {"requestid": text, "senderid": text[::-1], "agent": text, "time": 7},
+            }
+        )
+        assert m._reply_text(reply) == plain
+        odd = m.Reply(requestid=text, senderid="s", agent="a", time=False, message=_Str(text))
+        assert m._reply_text(odd) == _DUMPS(
+            {
+                "protocol": m.REPLY_PROTOCOL,
+                "message": text,
+                "envelope": {"requestid": text, "senderid": "s", "agent": "a", "time": False},
+            }
+        )
+
+
+def test_loads_accepts_and_refuses_what_json_loads_does() -> None:
+    texts = [
+        '{"a":1}',
+        ' \n\t{"a":[1,2,{"b":null}]}\r\n ',
+        '"x"',
+        "[]",
+        '{"é":"\\u00e9\\ud83d\\ude00"}',
+        '{"a":1,"a":2}',
+    ]
+    good: list[str | bytes] = [*texts]
+    good += [t.encode(enc) for t in texts for enc in ("utf-8", "utf-16", "utf-32-le")]
+    for doc in good:
+        assert transport._loads(doc) == json.loads(doc), doc
+    bad: list[str | bytes] = [
+        "",
+        "   ",
+        '{"a":1} x',
+        '{"a":1}{}',
+        "\ufeff{}",
+        "{",
+        b"\xff\xfe\x00",
+        b'{"a":"\xff"}',
+        "NaNx",
+    ]
+    for doc in bad:
+        with pytest.raises(ValueError):
+            json.loads(doc)
+        with pytest.raises(ValueError):
+            transport._loads(doc)
