@@ -15,6 +15,9 @@ __all__ = ["ProcSampler", "children_matching", "fork_server_finder", "pid_finder
 
 log = logging.getLogger(__name__)
 
+#: Seconds an empty finder answer is first kept (doubling while it stays empty).
+EMPTY_REFIND_FIRST = 0.5
+
 
 class ProcSampler:
     """Samples CPU time and RSS of the run's processes by role, in a thread (psutil)."""
@@ -25,6 +28,8 @@ class ProcSampler:
         #: line, ~20 ms with 160 processes); in between, the processes found last are sampled.
         self.refind_every = refind_every
         self._found: dict[str, tuple[float, list[psutil.Process]]] = {}
+        #: Finder calls in a row that found nothing, by role (the back-off of empty answers).
+        self._misses: dict[str, int] = {}
         self._roles: dict[str, Callable[[], list[psutil.Process]]] = {}
         self._reaped_roles: set[str] = set()
         self._last: dict[tuple[str, int], float] = {}
@@ -48,6 +53,7 @@ class ProcSampler:
         with self._lock:
             self._roles[role] = finder
             self._found.pop(role, None)
+            self._misses.pop(role, None)
             if reaped:
                 self._reaped_roles.add(role)
             else:
@@ -102,19 +108,28 @@ class ProcSampler:
     ) -> list[psutil.Process]:
         """The role's processes: the finder's answer, re-asked every ``refind_every`` seconds
         (or at once when every process found last has ended). An empty answer is kept for
-        ``refind_every`` too: a role without processes (no helper processes in python mode)
-        would otherwise walk every process's command line at each sample."""
+        0.5 s, then 1, 2, 4 … up to ``refind_every`` while it stays empty: a role without
+        processes (no helper processes in python mode) would otherwise walk every process's
+        command line at each sample, and a role whose processes start late (the simulator of
+        a short run) is still found within about its start-up time."""
         now = time.monotonic()
         found = self._found.get(role)
-        if found is not None and now - found[0] < self.refind_every:
-            alive = [p for p in found[1] if p.is_running()]
-            if alive or not found[1]:
-                return alive
+        if found is not None:
+            if found[1]:
+                if now - found[0] < self.refind_every:
+                    alive = [p for p in found[1] if p.is_running()]
+                    if alive:
+                        return alive
+            else:
+                misses = self._misses.get(role, 0)
+                if now - found[0] < min(self.refind_every, EMPTY_REFIND_FIRST * 2 ** (misses - 1)):
+                    return []
         try:
             procs = finder()
         except psutil.Error:
             procs = []
         self._found[role] = (now, procs)
+        self._misses[role] = 0 if procs else self._misses.get(role, 0) + 1
         return procs
 
     def baseline(self) -> None:

@@ -54,3 +54,29 @@ def test_a_role_whose_processes_ended_is_searched_again_at_once() -> None:
     sampler.sample()
     sampler.sample()
     assert calls["n"] == 2
+
+
+def test_a_role_whose_processes_start_late_is_found_soon() -> None:
+    """An empty answer is kept 0.5 s, then 1, 2 … (not ``refind_every`` at once): a role whose
+    processes appear after the first sample (the simulator of a 30-node run) is still found
+    within about its start-up time, and its CPU is counted."""
+    import time
+
+    me = psutil.Process()
+    started = {"yes": False}
+    calls = {"n": 0}
+
+    def late() -> list[psutil.Process]:
+        calls["n"] += 1
+        return [me] if started["yes"] else []
+
+    sampler = ProcSampler(interval=0.5, refind_every=3600)
+    sampler.add_role("simulator", late)
+    sampler.sample()
+    sampler.sample()
+    assert calls["n"] == 1  # kept for 0.5 s
+    started["yes"] = True
+    time.sleep(0.6)
+    sampler.sample()
+    assert calls["n"] == 2
+    assert "simulator" in sampler.cpu_seconds()
