@@ -22,6 +22,7 @@ Everything that keeps the service from starting raises :class:`ProvisionerError`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import ssl
@@ -123,6 +124,23 @@ def client_identity(config: ProvisionerConfig) -> ClientIdentity | None:
 DirectHandler = Callable[[bytes, bytes, str | None], None]
 
 
+def _direct_routing_supported() -> bool:
+    """Whether nats-py's private message hook has the shape :meth:`_ChoriaClient.route_direct`
+    overrides (nats-py 2.x: ``_process_msg(sid, subject, reply, data, headers)`` and
+    ``_process_headers``). Another shape (a future nats-py) turns direct routing off: every
+    subscription then takes nats-py's public path, slower but the same behaviour."""
+    try:
+        params = list(inspect.signature(_NatsClient._process_msg).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return params == ["self", "sid", "subject", "reply", "data", "headers"] and callable(
+        getattr(_NatsClient, "_process_headers", None)
+    )
+
+
+DIRECT_ROUTING = _direct_routing_supported()
+
+
 class _ChoriaClient(_NatsClient):
     """nats-py, sending a Choria client's CONNECT: with a client JWT, go-choria (nats.go)
     sends ``user``/``pass`` (the provisioner user), ``auth_token`` and ``jwt`` (the client
@@ -136,8 +154,10 @@ class _ChoriaClient(_NatsClient):
         #: subscription id -> synchronous message handler (:meth:`route_direct`)
         self._direct: dict[int, DirectHandler] = {}
 
-    def route_direct(self, sub: Any, handler: DirectHandler) -> None:
-        """Hand ``sub``'s messages to ``handler(subject, data, status)`` as they are parsed.
+    def route_direct(self, sub: Any, handler: DirectHandler) -> bool:
+        """Hand ``sub``'s messages to ``handler(subject, data, status)`` as they are parsed;
+        False (nothing routed: the subscription's own path delivers) when this nats-py's
+        internals are not the ones this was written against (:data:`DIRECT_ROUTING`).
 
         For the RPC reply subscription: no ``Msg`` object, no queue, no task switch and no
         coroutine per message. The subscription itself stays registered with nats-py (it is
@@ -146,29 +166,34 @@ class _ChoriaClient(_NatsClient):
         future) runs as the bytes are read, the way the read loop runs. ``status`` is the
         inline status of a header-only message (``"503"``: no responders), else None.
         """
+        if not DIRECT_ROUTING:
+            return False
         self._direct[sub._id] = handler
+        return True
 
     def unroute_direct(self, sub: Any) -> None:
         """Stop handing ``sub``'s messages to a direct handler."""
         self._direct.pop(sub._id, None)
 
-    async def _process_msg(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
-    ) -> None:
-        handler = self._direct.get(sid)
-        if handler is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
-        self.stats["in_msgs"] += 1
-        self.stats["in_bytes"] += len(data)
-        status = None
-        if headers:
-            parsed = await self._process_headers(headers)
-            status = parsed.get("Status") if parsed else None
-        try:
-            handler(subject, data, status)
-        except Exception as exc:  # as nats-py does for a callback: reported, the reader goes on
-            await self._error_cb(exc)
+    if DIRECT_ROUTING:  # only over the nats-py hook shape it was written against
+
+        async def _process_msg(
+            self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+        ) -> None:
+            handler = self._direct.get(sid) if self._direct else None
+            if handler is None:
+                await super()._process_msg(sid, subject, reply, data, headers)
+                return
+            self.stats["in_msgs"] += 1
+            self.stats["in_bytes"] += len(data)
+            status = None
+            if headers:
+                parsed = await self._process_headers(headers)
+                status = parsed.get("Status") if parsed else None
+            try:
+                handler(subject, data, status)
+            except Exception as exc:  # as nats-py does for a callback: reported, the reader goes on
+                await self._error_cb(exc)
 
     def _connect_command(self) -> bytes:
         line = super()._connect_command()

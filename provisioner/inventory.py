@@ -241,7 +241,9 @@ class _AckedWriter:
         writer = cls(nc, bucket)
         writer._prefix = nc.new_inbox()
         writer._sub = await nc.subscribe(writer._prefix + ".*")
-        route(writer._sub, writer._on_ack)
+        if not route(writer._sub, writer._on_ack):  # this nats-py: no direct routing
+            await writer._sub.unsubscribe()
+            return None
         return writer
 
     def _on_ack(self, subject: bytes, data: bytes, status: str | None) -> None:

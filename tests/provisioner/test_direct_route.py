@@ -210,3 +210,34 @@ async def test_inventory_write_failures_raise(choria_nc: Any) -> None:
     with pytest.raises(InventoryWriteError, match="malformed"):
         await forged.put("k", b"b2")
     await fake.unsubscribe()
+
+
+async def test_without_the_nats_py_hook_everything_takes_the_public_path(
+    choria_nc: Any, shared_nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nats-py whose private message hook has another shape turns direct routing off
+    (``DIRECT_ROUTING``): nothing is routed, replies arrive through nats-py's own delivery and
+    the inventory writes through ``KeyValue.put``."""
+    import provisioner.connection as connection
+
+    monkeypatch.setattr(connection, "DIRECT_ROUTING", False)
+    rpc = RPCClient(choria_nc, identity="prov-public.example.net", metrics=Metrics(site="t"))
+    await rpc.start()
+    assert choria_nc._direct == {}
+    user, pw = shared_nats_server.users["node"]
+
+    def echo(action: str, data: dict[str, Any]) -> RPCReply:
+        return RPCReply(action=action, data={"n": data["n"]})
+
+    node = Responder(shared_nats_server.url, user, pw, "public.example.net", echo)
+    await node.start()
+    try:
+        result = await rpc.call("public.example.net", "rpcutil", "ping", {"n": 7}, tries=1)
+        assert result["n"] == 7
+        assert rpc._sub._received >= 1  # nats-py's own delivery carried the reply
+        js = choria_nc.jetstream()
+        await js.create_key_value(bucket="DIRECT_OFF")
+        assert await _AckedWriter.open(choria_nc, "DIRECT_OFF") is None
+    finally:
+        await node.stop()
+        await rpc.close()
