@@ -377,6 +377,7 @@ class Stack:
         if o.registry is None or not o.per_overlay:
             server = await asyncio.to_thread(self._start_overlay_server, "overlay-nats", None)
             self.overlay_brokers["overlay"] = OverlayBroker("overlay", "", server.url, server)
+            self.push_cleanup("overlay broker", _stopper(server))
             if o.accounts:
                 write_private_file(self.overlay_password_file, server.users["choria"][1].encode())
         if o.registry is None:
