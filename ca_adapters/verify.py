@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -297,6 +298,36 @@ def _csr_key(csr_pem: str) -> tuple[PublicKeyTypes, bytes]:
 _cached_csr_key = lru_cache(maxsize=VERIFIED_CSR_CACHE)(_csr_key)
 
 
+def verified_csr_subject(
+    csr_pem: str, csr: x509.CertificateSigningRequest | None = None
+) -> x509.Name:
+    """The subject of a verified CSR, parsed once per PEM text and without warnings.
+
+    ``cryptography`` parses a CSR's subject again on every ``csr.subject`` (~10 us); the
+    provisioner's CN check, its PKI policy and the python-mode helper each read it. Parsed
+    under ``warnings.catch_warnings`` (a malformed country name is refused by the policy, not
+    logged). Same rules as :func:`verified_csr_key`: only subjects of CSRs that verify are
+    remembered; ``csr``, when given, is the caller's verified CSR of this PEM. An
+    ``x509.Name`` is immutable, so sharing it is safe.
+    """
+    if len(csr_pem) > VERIFIED_CSR_MAX_PEM:
+        return _quiet_subject(csr if csr is not None else load_verified_csr(csr_pem))
+    return _cached_csr_subject(csr_pem)
+
+
+def _quiet_subject(csr: x509.CertificateSigningRequest) -> x509.Name:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return csr.subject
+
+
+def _csr_subject(csr_pem: str) -> x509.Name:
+    return _quiet_subject(load_verified_csr(csr_pem))
+
+
+_cached_csr_subject = lru_cache(maxsize=VERIFIED_CSR_CACHE)(_csr_subject)
+
+
 def parse_csr(csr_pem: str, *, ca: str) -> x509.CertificateSigningRequest:
     """Parse a CSR and check its self-signature (proof the node holds the key)."""
     try:
@@ -312,7 +343,7 @@ def serial_hex(cert: x509.Certificate | int) -> str:
     certificate's serial number, or of the number itself)."""
     raw = format(cert if isinstance(cert, int) else cert.serial_number, "x")
     raw = raw if len(raw) % 2 == 0 else "0" + raw
-    return ":".join(raw[i : i + 2] for i in range(0, len(raw), 2))
+    return bytes.fromhex(raw).hex(":")
 
 
 # A DNS-style name: labels of letters, digits, '-' and '_' (Choria identities allow '_'),

@@ -5,7 +5,9 @@ event loop; a ``call_later`` per node puts thousands of long-lived handles in th
 heap, and every other timer the loop schedules (request timeouts, connect deadlines, sleeps) pays
 for them in Python-level comparisons. :class:`AliveClock` keeps the nodes' due times in its own
 heap of tuples and holds a single loop timer for the earliest one. Cancelling is lazy: an entry
-whose ticket no longer matches its node's is skipped when it comes due.
+whose ticket no longer matches its node's is skipped when it comes due. The request
+dispatcher keeps its action deadlines here too (a tuple in this heap rather than a loop timer
+made and cancelled per request).
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ _CLOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AliveClock] = (
 )
 
 
-def alive_clock() -> AliveClock:
-    """The running loop's clock (made on first use)."""
-    loop = asyncio.get_running_loop()
+def alive_clock(loop: asyncio.AbstractEventLoop | None = None) -> AliveClock:
+    """The running loop's clock (made on first use); ``loop`` if the caller has it at hand."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
     clock = _CLOCKS.get(loop)
     if clock is None:
         clock = _CLOCKS[loop] = AliveClock(loop)

@@ -23,6 +23,7 @@ import yaml
 
 from choria_core.errors import FleetError
 from choria_core.protocol import RequestTrust
+from choria_core.securefile import read_small
 from jwt_tools import TokenError, parse_provisioning_token_unverified
 from node_agent.files import config_bool
 from node_agent.provision_agent import PROVISION_SETTING
@@ -81,7 +82,7 @@ def read_token(path: Path | None) -> tuple[dict[str, Any] | None, str | None]:
     if path is None:
         return None, None
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = read_small(path).decode("utf-8").strip()
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError) as exc:

@@ -39,6 +39,7 @@ from choria_core.protocol import (
 )
 from choria_core.remote_text import clean_remote_text
 from node_agent.agents import AgentError, ChoriaUtilAgent, Envelope, RPCUtilAgent
+from node_agent.alive import alive_clock
 from node_agent.boot import PROVISIONING_COLLECTIVE, request_trust
 from node_agent.provision_agent import ProvisionAgent
 from node_agent.transport import Link
@@ -78,6 +79,26 @@ def verify_signed(req: Request, trust: RequestTrust) -> None:
     _VERIFIED.move_to_end(key)
     while len(_VERIFIED) > VERIFIED_CACHE_SIZE:
         _VERIFIED.popitem(last=False)
+
+
+class _Deadline:
+    """Cancels an action's task when the agent's timeout passes (as ``asyncio.timeout`` does)."""
+
+    __slots__ = ("cancelling", "expired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.cancelling = task.cancelling()
+        self.expired = False
+
+    def expire(self) -> None:
+        if not self.task.done():
+            self.expired = True
+            self.task.cancel()
+
+    def passed(self) -> bool:
+        """True if the cancellation being handled is this deadline's (and only its)."""
+        return self.expired and self.task.uncancel() <= self.cancelling
 
 
 class RequestDispatcher:
@@ -138,7 +159,10 @@ class RequestDispatcher:
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Let in-flight actions send their replies (the restart reply itself) before closing."""
-        pending = [t for t in self.tasks if t is not asyncio.current_task()]
+        current = asyncio.current_task()
+        # finished actions have sent their replies: no wait (and the restart's shutdown event
+        # then goes out in the same write as the reply to restart)
+        pending = [t for t in self.tasks if not t.done() and t is not current]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
 
@@ -216,19 +240,28 @@ class RequestDispatcher:
             collective=req.collective,
             time=req.time,
         )
+        # The agent's timeout cancels this task, from the loop's shared clock (no loop timer
+        # made and cancelled per request, no extra task as wait_for would make).
+        task = asyncio.current_task()
+        assert task is not None
+        clock = alive_clock(task.get_loop())
+        deadline = _Deadline(task)
+        ticket = clock.schedule(agent.timeout, deadline.expire)
         try:
-            # asyncio.timeout rather than wait_for: no extra task per request
-            async with asyncio.timeout(agent.timeout):
-                reply = await agent.dispatch(body.action, body.data, env)
+            reply = await agent.dispatch(body.action, body.data, env)
         except AgentError as exc:
             reply = RPCReply(body.action, exc.status, str(exc))
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not deadline.passed():
+                raise  # cancelled by someone else (the node stopping)
             # go-choria sends no reply when an action exceeds the agent's timeout.
             log.warning("%s#%s timed out on %s", req.agent, body.action, self.identity)
             return
         except Exception:
             log.exception("%s#%s failed on %s", req.agent, body.action, self.identity)
             reply = RPCReply(body.action, StatusCode.UNKNOWN_ERROR, "Unknown error in the action")
+        finally:
+            clock.cancel(ticket)
         await self._reply(req, headers, reply.to_json())
 
     async def _reply(self, req: Request, headers: TransportHeaders, message: str) -> None:

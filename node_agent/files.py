@@ -14,6 +14,7 @@ partial state behind when a step fails. Here:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from choria_core.errors import FleetError
-from choria_core.securefile import write_atomic
+from choria_core.securefile import read_small, write_atomic_text_path
 
 __all__ = [
     "ConfigFileError",
@@ -32,6 +33,7 @@ __all__ = [
     "config_bool",
     "parse_config",
     "read_config",
+    "read_config_if_exists",
     "render_config",
     "resolve_ssldir",
     "write_file",
@@ -64,8 +66,16 @@ def parse_config(text: str) -> dict[str, str]:
     settings: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line[0] == "#":
             continue
+        # the usual line, without the regular expression: the key before the first "=" (not
+        # at the start), the value after it; both stripped, the value not empty
+        key, eq, value = line.partition("=")
+        if eq and line[0] != "=":
+            key, value = key.strip(), value.strip()
+            if value:
+                settings[key] = value
+                continue
         match = _LINE_RE.match(line)
         if match is None:
             if line.endswith("="):
@@ -75,10 +85,21 @@ def parse_config(text: str) -> dict[str, str]:
     return settings
 
 
-def read_config(path: Path) -> dict[str, str]:
+def read_config(path: str | os.PathLike[str]) -> dict[str, str]:
     """Read and parse a config file; errors name the file."""
+    config = read_config_if_exists(path)
+    if config is None:
+        raise ConfigFileError(f"cannot read {path}: FileNotFoundError")
+    return config
+
+
+def read_config_if_exists(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """:func:`read_config`, or None when there is no file at ``path`` (one ``open`` rather
+    than ``exists`` then ``open``)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small(path).decode("utf-8")
+    except FileNotFoundError:
+        return None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"cannot read {path}: {exc.__class__.__name__}") from exc
     try:
@@ -129,18 +150,50 @@ def render_config(settings: Mapping[str, str], header: str) -> str:
 # --- paths ---------------------------------------------------------------------------------
 
 
-def resolve_ssldir(requested: str, ssl_root: Path) -> Path:
+def resolve_ssldir(requested: str, ssl_root: str | os.PathLike[str]) -> Path:
     """The ``ssldir`` to use, which must be absolute and inside ``ssl_root`` (symlinks resolved)."""
+    return Path(resolve_ssldir_text(requested, ssl_root))
+
+
+#: Where the kernel names an open file by its resolved path (Linux).
+_PROC_FD = "/proc/self/fd/"
+_O_PATH = getattr(os, "O_PATH", 0)
+_HAVE_PROC_FD = bool(_O_PATH) and os.path.isdir(_PROC_FD)
+
+
+def realpath_dir(path: str | os.PathLike[str]) -> str:
+    """``os.path.realpath(path)``; for an existing directory asked of the kernel (open with
+    ``O_PATH``, read its ``/proc/self/fd`` link: three system calls), not walked component by
+    component with an ``lstat`` each."""
+    if _HAVE_PROC_FD:
+        try:
+            fd = os.open(path, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1  # missing, or not a directory: the portable way below
+        if fd >= 0:
+            try:
+                resolved = os.readlink(f"{_PROC_FD}{fd}")
+            except OSError:
+                resolved = ""
+            finally:
+                os.close(fd)
+            if resolved.startswith("/") and not resolved.endswith(" (deleted)"):
+                return resolved
+    return os.path.realpath(path)
+
+
+def resolve_ssldir_text(requested: str, ssl_root: str | os.PathLike[str]) -> str:
+    """:func:`resolve_ssldir` as text (no ``Path`` made)."""
     if not isinstance(requested, str) or not requested or _CONTROL_RE.search(requested):
         raise UnsafePathError("ssldir must be a non-empty path without control characters")
     if not os.path.isabs(requested):
         raise UnsafePathError(f"ssldir {requested!r} must be an absolute path")
-    root = os.path.realpath(ssl_root)
-    resolved = os.path.realpath(requested)
+    root = realpath_dir(ssl_root)
+    resolved = realpath_dir(requested)
     # both are absolute and normalised: inside means equal, or below root + separator
     if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
         raise UnsafePathError(f"ssldir {requested!r} is outside the permitted root {root!r}")
-    return Path(resolved)
+    return resolved
 
 
 def check_policy_name(name: str, suffix: str) -> str:
@@ -167,28 +220,30 @@ def check_policy_name(name: str, suffix: str) -> str:
 def write_file(path: str | os.PathLike[str], data: bytes, mode: int, *, durable: bool) -> None:
     """Replace ``path`` atomically with ``data`` and ``mode`` (tight from the first byte):
     :func:`choria_core.securefile.write_atomic`; ``durable`` adds the fsync."""
-    write_atomic(path, data, mode, durable=durable)
+    write_atomic_text_path(path, data, mode, durable=durable)
 
 
 def _existing(path: str) -> tuple[bytes, int] | None:
     """Content and mode of the regular file at ``path`` (symlinks followed); None if there is
     nothing there; IsADirectoryError for anything else (a directory, a dangling symlink)."""
     try:
-        st = os.stat(path)
+        st = os.lstat(path)  # one call for the usual case: nothing there yet
     except (FileNotFoundError, NotADirectoryError):
-        if os.path.islink(path):
-            raise IsADirectoryError(f"{path} exists and is not a regular file") from None
         return None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise IsADirectoryError(f"{path} exists and is not a regular file") from None
     if not stat.S_ISREG(st.st_mode):
         raise IsADirectoryError(f"{path} exists and is not a regular file")
-    with open(path, "rb") as fh:
-        return fh.read(), st.st_mode & 0o7777
+    return read_small(path), st.st_mode & 0o7777
 
 
 @dataclass(slots=True)
 class _Op:
     kind: str  # "write" | "delete" | "mkdir"
-    path: Path
+    path: str
     data: bytes = b""
     mode: int = 0o600
 
@@ -196,7 +251,7 @@ class _Op:
 @dataclass(slots=True)
 class _Undo:
     kind: str  # "restore" | "unlink" | "rmdir"
-    path: Path
+    path: str
     data: bytes = b""
     mode: int = 0o600
 
@@ -213,22 +268,22 @@ class FileTransaction:
         self._ops: list[_Op] = []
         self._durable = durable
 
-    def mkdir(self, path: Path, mode: int = 0o700) -> None:
+    def mkdir(self, path: str | os.PathLike[str], mode: int = 0o700) -> None:
         """Create ``path`` and missing parents with ``mode`` (kept if it exists)."""
-        self._ops.append(_Op("mkdir", path, mode=mode))
+        self._ops.append(_Op("mkdir", os.fspath(path), mode=mode))
 
-    def write(self, path: Path, data: bytes, mode: int) -> None:
+    def write(self, path: str | os.PathLike[str], data: bytes, mode: int) -> None:
         """Replace ``path`` with ``data`` and ``mode``."""
-        self._ops.append(_Op("write", path, data=data, mode=mode))
+        self._ops.append(_Op("write", os.fspath(path), data=data, mode=mode))
 
-    def delete(self, path: Path) -> None:
+    def delete(self, path: str | os.PathLike[str]) -> None:
         """Remove the file ``path`` if it exists."""
-        self._ops.append(_Op("delete", path))
+        self._ops.append(_Op("delete", os.fspath(path)))
 
     @property
     def paths(self) -> list[Path]:
         """Staged target paths, in order (for tests and logs)."""
-        return [op.path for op in self._ops]
+        return [Path(op.path) for op in self._ops]
 
     def commit(self) -> None:
         """Apply every staged operation; on failure undo the applied ones and re-raise."""
@@ -242,9 +297,10 @@ class FileTransaction:
                     if u.kind == "restore":
                         write_file(u.path, u.data, u.mode, durable=self._durable)
                     elif u.kind == "unlink":
-                        u.path.unlink(missing_ok=True)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(u.path)
                     elif u.kind == "rmdir":
-                        u.path.rmdir()
+                        os.rmdir(u.path)
                 except OSError:
                     pass  # best effort: the original error is what the caller must see
             raise
@@ -253,11 +309,14 @@ class FileTransaction:
 
     def _apply(self, op: _Op, undo: list[_Undo]) -> None:
         if op.kind == "mkdir":
-            missing: list[Path] = []
+            missing: list[str] = []
             p = op.path
             while not os.path.exists(p):
                 missing.append(p)
-                p = p.parent
+                parent = os.path.dirname(p) or os.curdir
+                if parent == p:
+                    break
+                p = parent
             for d in reversed(missing):
                 try:
                     os.mkdir(d, op.mode)
@@ -268,7 +327,7 @@ class FileTransaction:
                 os.chmod(d, op.mode)  # mkdir's mode is filtered by the umask
                 undo.append(_Undo("rmdir", d))
             return
-        old = _existing(os.fspath(op.path))
+        old = _existing(op.path)
         if op.kind == "write":
             write_file(op.path, op.data, op.mode, durable=self._durable)
             undo.append(_Undo("restore", op.path, *old) if old else _Undo("unlink", op.path))

@@ -86,7 +86,7 @@ def load_private_key(pem: bytes, *, own: bool = False) -> PrivateKey:
     consistency check (~30 ms per load) is skipped; keys from elsewhere are always checked.
     """
     key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=own)
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise ValueError("only RSA and EC private keys are supported")
     return key
 

@@ -10,13 +10,21 @@ TLS upgrade after ``INFO``) from an :class:`asyncio.Protocol`:
 
 * the socket is read by the event loop's callback, parsed in place, and messages go to the
   handler in arrival order through one short-lived task per burst;
-* ``CONNECT``, every ``SUB`` and a ``PING`` go out in one write, and the ``PONG`` proves the
-  broker (and its auth callout) accepted the login and the subscriptions;
+* ``CONNECT``, every ``SUB`` and a ``PING`` go out in one write (with an optional first
+  message, the node's ``startup`` event, after them), and the ``PONG`` proves the broker (and
+  its auth callout) accepted the login and the subscriptions;
+* what one connection writes within a pass or two of the event loop (an RPC reply and the
+  event that follows it, a ``PONG``) goes out in one ``send``: writes are gathered and flushed
+  by one callback per loop for every connection with something to send (a real client's
+  buffered writer and flusher do the same), or at once past :data:`MAX_GATHER` bytes;
 * one timer per event loop pings every connection's broker each :data:`PING_INTERVAL`
   seconds; two pings without an answer drop the connection;
 * a lost connection is re-established forever (jittered :data:`RECONNECT_WAIT`), the
   subscriptions replayed, and what was published meanwhile (at most :data:`MAX_BACKLOG` bytes)
   sent after.
+
+The login (broker URLs, the socket, ``CONNECT``, the login timer) is in
+:mod:`node_agent.leanlogin`, the gathered writes in :mod:`node_agent.leanwrite`.
 
 Everything the broker sends is bounded: a control line over :data:`MAX_CONTROL_LINE` bytes, a
 message over the broker's ``max_payload`` or an unknown operation drops the connection (then
@@ -38,22 +46,35 @@ import ssl
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit
 
-from choria_core.errors import FleetError
+from node_agent.leanlogin import (
+    CLIENT_VERSION,
+    LoginTimer,
+    NatsError,
+    Server,
+    connect_line,
+    open_socket,
+    parse_server,
+)
+from node_agent.leanwrite import MAX_BACKLOG, MAX_GATHER, GatheredWrites, flusher
 
 __all__ = [
+    "CLIENT_VERSION",
+    "MAX_BACKLOG",
     "MAX_CONTROL_LINE",
+    "MAX_GATHER",
     "MAX_INBOX",
     "LeanConnection",
     "NatsError",
+    "connect_line",
 ]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], Awaitable[None]]
+#: Makes the first message of a connection: (subject, payload), sent after the login PING.
+Greeting = Callable[[], tuple[str, bytes]]
 
 MAX_CONTROL_LINE = 4096
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -62,39 +83,13 @@ MAX_INBOX = 1024
 MAX_INBOX_BYTES = 16 * 1024 * 1024
 #: The largest message we accept, whatever the broker's INFO announces.
 MAX_PAYLOAD_CAP = 8 * 1024 * 1024
-MAX_BACKLOG = 1024 * 1024
 PING_INTERVAL = 120.0
 MAX_PINGS_OUT = 2
 RECONNECT_WAIT = 2.0
 LOGIN_TIMEOUT_FACTOR = 5
-CLIENT_VERSION = "node-agent-lean/1"
 
 #: What a subject we publish to or subscribe to may hold: printable, no whitespace.
 _SUBJECT = re.compile(r"[!-~]{1,512}")
-
-
-class NatsError(FleetError, ConnectionError):
-    """The broker refused us (``-ERR``), broke the protocol, or the connection is closed."""
-
-    reason = "nats"
-
-
-@dataclass(frozen=True, slots=True)
-class _Server:
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-
-def _parse_server(url: str) -> _Server:
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if parts.scheme not in ("nats", "tls") or not parts.hostname:
-        raise ValueError(f"unsupported broker URL {url!r}")
-    return _Server(parts.scheme, parts.hostname, parts.port or 4222)
 
 
 def check_subject(subject: str) -> bytes:
@@ -104,28 +99,25 @@ def check_subject(subject: str) -> bytes:
     return subject.encode("ascii")
 
 
-def connect_line(
-    info: dict[str, Any], name: str, token: str | None, user: str | None, password: str | None
-) -> bytes:
-    """``CONNECT`` as go-choria sends it: ``auth_token`` beside ``user``/``pass``, the identity
-    as ``name`` (what the broker's auth callout reads)."""
-    options: dict[str, Any] = {
-        "verbose": False,
-        "pedantic": False,
-        "lang": "python3",
-        "version": CLIENT_VERSION,
-        "protocol": 1,
-        "echo": True,
-        "name": name,
-    }
-    if "headers" in info:
-        options["headers"] = options["no_responders"] = bool(info["headers"])
-    if user is not None:
-        options["user"] = user
-        options["pass"] = password or ""
-    if token is not None:
-        options["auth_token"] = token
-    return b"CONNECT " + json.dumps(options, sort_keys=True).encode() + b"\r\n"
+def _pub_line(greeting: Greeting | None, max_payload: int) -> bytes:
+    """The first message, pipelined after the login: the broker handles it only once the
+    login (and its auth callout) succeeded, so it reaches subscribers only if we are in."""
+    if greeting is None:
+        return b""
+    subject, data = greeting()
+    if len(data) > max_payload:
+        raise NatsError(f"message of {len(data)} bytes over max_payload {max_payload}")
+    return b"PUB %b %d\r\n%b\r\n" % (check_subject(subject), len(data), data)
+
+
+def _abandon(transport: asyncio.BaseTransport, lost: asyncio.Future[None], timeout: float) -> None:
+    """A close that did not finish in time: drop the socket and stop waiting."""
+    if lost.done():
+        return
+    log.warning("closing the connection took over %.0fs; abandoning it", timeout)
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.abort()
+    lost.set_result(None)
 
 
 class _Pinger:
@@ -134,7 +126,8 @@ class _Pinger:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.conns: weakref.WeakSet[LeanConnection] = weakref.WeakSet()
+        #: Connected connections (each leaves when it closes or is lost: no weak references).
+        self.conns: set[LeanConnection] = set()
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, conn: LeanConnection) -> None:
@@ -158,8 +151,9 @@ _PINGERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pinger] = (
 )
 
 
-def _pinger() -> _Pinger:
-    loop = asyncio.get_running_loop()
+def _pinger(loop: asyncio.AbstractEventLoop | None = None) -> _Pinger:
+    if loop is None:
+        loop = asyncio.get_running_loop()
     pinger = _PINGERS.get(loop)
     if pinger is None:
         pinger = _PINGERS[loop] = _Pinger(loop)
@@ -190,7 +184,7 @@ class _Protocol(asyncio.Protocol):
         self.owner._resume()
 
 
-class LeanConnection:
+class LeanConnection(GatheredWrites):
     """One node's connection. ``await open()``, then ``publish``; ``close`` ends it.
 
     ``subjects`` are subscribed at every (re)connect; their messages go to ``handler``.
@@ -208,11 +202,14 @@ class LeanConnection:
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
         connect_timeout: float = 2.0,
+        greeting: Greeting | None = None,
     ) -> None:
-        self._servers = [_parse_server(u) for u in urls]
+        self._servers = [parse_server(u) for u in urls]
         if not self._servers:
             raise ValueError("no broker URL")
-        self._subs = [check_subject(s) for s in subjects]
+        self._subs = b"".join(  # every SUB, sent at each (re)connect: made once
+            b"SUB %b %d\r\n" % (check_subject(s), i) for i, s in enumerate(subjects, 1)
+        )
         self._handler = handler
         self._name = name
         self._token = token
@@ -220,7 +217,8 @@ class LeanConnection:
         self._password = password
         self._tls = tls
         self._timeout = connect_timeout
-        self._server: _Server | None = None
+        self._greeting = greeting
+        self._server: Server | None = None
         self._proto: _Protocol | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._buf = bytearray()
@@ -234,6 +232,9 @@ class LeanConnection:
         self._inbox_bytes = 0
         self._drainer: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
+        self._out, self._out_bytes = [], 0  # gathered for the next flush (GatheredWrites)
+        self._flusher = None
+        self._login_transport: asyncio.WriteTransport | None = None
         self._backlog: list[bytes] = []
         self._backlog_bytes = 0
         self._paused = False
@@ -259,7 +260,9 @@ class LeanConnection:
 
     async def open(self) -> None:
         """Connect to the first broker that accepts us; raises the last failure otherwise."""
-        servers = random.sample(self._servers, len(self._servers))
+        servers = self._servers
+        if len(servers) > 1:
+            servers = random.sample(servers, len(servers))
         error: Exception = NatsError("no broker")
         for server in servers:
             try:
@@ -300,71 +303,82 @@ class LeanConnection:
         for task in (self._reconnector, self._drainer):
             if task is not None and task is not current:
                 task.cancel()
+        if self._transport is not None:
+            self._flush()
         transport, self._transport = self._transport, None
         if transport is None:
             return
-        self._lost = lost = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._lost = lost = loop.create_future()
         transport.close()
+        # bounded by one plain timer (not a Timeout and a cancellation per close)
+        timer = loop.call_later(timeout, _abandon, transport, lost, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                await lost
-        except TimeoutError:
-            log.warning("closing the connection took over %.0fs; abandoning it", timeout)
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.abort()
+            await lost
+        finally:
+            timer.cancel()
 
     # --- connecting ---------------------------------------------------------------------
 
-    async def _establish(self, server: _Server) -> None:
+    async def _establish(self, server: Server) -> None:
         loop = asyncio.get_running_loop()
         self._buf.clear()
         self._need = 0
         self._fail_pongs(None)
+        self._out.clear()
+        self._out_bytes = 0
+        self._flusher = flusher(loop)
         self._info = info_future = loop.create_future()
         proto = _Protocol(self)
         self._proto = proto
         transport: asyncio.BaseTransport | None = None
+        task = asyncio.current_task(loop)
+        assert task is not None
+        # one timer for the whole login: the TCP connect and INFO within connect_timeout,
+        # then longer for the broker's auth callout, so that a busy callout is not asked
+        # twice by a node that gave up and retried
+        timer = LoginTimer(loop, task, self._timeout, self._timeout * LOGIN_TIMEOUT_FACTOR)
         try:
-            # one timer for the whole login: the TCP connect and INFO within connect_timeout,
-            # then longer for the broker's auth callout, so that a busy callout is not asked
-            # twice by a node that gave up and retried
-            async with asyncio.timeout(self._timeout) as deadline:
-                transport, _ = await loop.create_connection(lambda: proto, server.host, server.port)
-                info = await info_future
-                if server.scheme == "tls" or info.get("tls_required") or self._tls is not None:
-                    ctx = self._tls or ssl.create_default_context()
-                    hostname = server.host if ctx.check_hostname else None
-                    upgraded = await loop.start_tls(
-                        transport,
-                        proto,
-                        ctx,
-                        server_hostname=hostname,
-                    )
-                    if upgraded is None:
-                        raise NatsError("TLS upgrade failed")
-                    transport = upgraded
-                max_payload = int(info.get("max_payload") or DEFAULT_MAX_PAYLOAD)
-                self._max_payload = min(max_payload, MAX_PAYLOAD_CAP)
-                pong: asyncio.Future[None] = loop.create_future()
-                self._pongs.append(pong)
-                subs = b"".join(b"SUB %b %d\r\n" % (s, i) for i, s in enumerate(self._subs, 1))
-                transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
-                transport.write(
-                    connect_line(info, self._name, self._token, self._user, self._password)
-                    + subs
-                    + b"PING\r\n"
+            transport = await open_socket(loop, server, proto)
+            self._login_transport = transport
+            info = await info_future
+            if server.scheme == "tls" or info.get("tls_required") or self._tls is not None:
+                ctx = self._tls or ssl.create_default_context()
+                hostname = server.host if ctx.check_hostname else None
+                upgraded = await loop.start_tls(
+                    transport,
+                    proto,
+                    ctx,
+                    server_hostname=hostname,
                 )
-                deadline.reschedule(loop.time() + self._timeout * LOGIN_TIMEOUT_FACTOR)
-                await pong
+                if upgraded is None:
+                    raise NatsError("TLS upgrade failed")
+                transport = upgraded
+                self._login_transport = cast(asyncio.WriteTransport, upgraded)
+            max_payload = int(info.get("max_payload") or DEFAULT_MAX_PAYLOAD)
+            self._max_payload = min(max_payload, MAX_PAYLOAD_CAP)
+            pong: asyncio.Future[None] = loop.create_future()
+            self._pongs.append(pong)
+            transport = cast(asyncio.WriteTransport, transport)  # uvloop's is not a subclass
+            login = connect_line(info, self._name, self._token, self._user, self._password)
+            transport.write(
+                login + self._subs + b"PING\r\n" + _pub_line(self._greeting, self._max_payload)
+            )
+            timer.in_login = True
+            await pong
             if self._proto is not proto:  # dropped while logging in (a protocol error)
                 raise NatsError(self.last_error or "connection lost while logging in")
-        except BaseException:
-            self._proto = self._info = None  # a late connection_lost is ignored
+        except BaseException as exc:
+            self._proto = self._info = self._login_transport = None  # a late loss is ignored
             if transport is not None:
                 transport.close()
+            timer.done(exc)
             raise
+        timer.done(None)
+        self._login_transport = None
         self._transport = transport
         self._server = server
+        self._greeting = None  # sent: not again after a reconnect (go-choria does not either)
         self._pings_out = 0
         self.connects += 1
         self._schedule_ping()
@@ -386,33 +400,11 @@ class LeanConnection:
 
     # --- writing ------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        transport = self._transport
-        if transport is None:
-            raise NatsError("not connected")
-        cast(asyncio.WriteTransport, transport).write(data)
-
-    def _send(self, data: bytes) -> None:
-        if self._transport is not None:
-            self._write(data)
-            return
-        # reconnecting: keep it for the new connection, up to a bound
-        if self._backlog_bytes + len(data) > MAX_BACKLOG:
-            raise NatsError("not connected and the outbound buffer is full")
-        self._backlog.append(data)
-        self._backlog_bytes += len(data)
-
-    def _resume(self) -> None:
-        self._paused = False
-        waiter, self._resumed = self._resumed, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _schedule_ping(self) -> None:
-        _pinger().add(self)
+        _pinger(self._flusher.loop if self._flusher is not None else None).add(self)
 
     def _cancel_timer(self) -> None:
-        _pinger().conns.discard(self)
+        _pinger(self._flusher.loop if self._flusher is not None else None).conns.discard(self)
 
     def _ping_tick(self) -> None:
         transport = self._transport
@@ -478,7 +470,11 @@ class LeanConnection:
                 raise NatsError("malformed HMSG")
             self._expect(parts[1], hdr, total)
         elif op == b"PING":
-            self._write(b"PONG\r\n")
+            if self._transport is None and self._login_transport is not None:
+                # still logging in (the broker's first PING can come with the login's PONG)
+                self._login_transport.write(b"PONG\r\n")
+            else:
+                self._write(b"PONG\r\n")
         elif op == b"PONG":
             self._pings_out = 0
             if self._pongs:
@@ -569,7 +565,9 @@ class LeanConnection:
         self._proto = None
         info, self._info = self._info, None
         if info is not None and not info.done():
-            info.set_exception(NatsError("connection closed before INFO"))
+            # a connect that failed after it was started (refused, unreachable) says so
+            failure = exc if isinstance(exc, OSError) else None
+            info.set_exception(failure or NatsError("connection closed before INFO"))
             info.exception()  # raised where awaited; nobody may await it any more
         self._fail_pongs(NatsError(f"connection lost: {exc}" if exc else "connection lost"))
         self._resume()

@@ -23,6 +23,7 @@ for go-choria's ``execve``; in-memory state (ECDH key, provisioning lock) is los
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -56,7 +57,7 @@ from node_agent.boot import (
     wants_provisioning,
 )
 from node_agent.dispatch import Agent, RequestDispatcher
-from node_agent.files import ConfigFileError, read_config
+from node_agent.files import ConfigFileError, read_config_if_exists
 from node_agent.keys import KeyPool, KeyType
 from node_agent.provision_agent import PROVISION_SETTING, ProvisionAgent
 from node_agent.release import DEFAULT_MAX_BYTES, installed_version
@@ -79,7 +80,7 @@ def _check_choices(key_type: str, transport: str) -> None:
 
 
 def _read_config_or_none(path: Path) -> dict[str, str] | None:
-    return read_config(path) if path.exists() else None
+    return read_config_if_exists(path)
 
 
 @lru_cache(maxsize=64)
@@ -89,6 +90,24 @@ def _broadcast_subjects(collectives: tuple[str, ...], agents: tuple[str, ...]) -
 
 
 _lifecycle_subject = lru_cache(maxsize=64)(lifecycle_subject)
+
+
+def _as_path(path: Path | str) -> Path:
+    return path if isinstance(path, Path) else Path(path)
+
+
+def _component(mode: str) -> str:
+    return "provision_mode_server" if mode == "provisioning" else "server"
+
+
+def _event(
+    event_type: str, identity: str, component: str, version: str, new_version: str | None = None
+) -> tuple[str, bytes]:
+    """A lifecycle event of a node: (subject, encoded CloudEvents event)."""
+    extra: dict[str, Any] = {"new_version": new_version} if new_version is not None else {}
+    shown = version if event_type in ("startup", "alive", "upgraded") else None
+    event = new_event(event_type, identity=identity, component=component, version=shown, **extra)
+    return _lifecycle_subject(event_type, component), encode_event(event)
 
 
 class NodeAgent:
@@ -129,8 +148,9 @@ class NodeAgent:
             raise ValueError(f"invalid node identity {identity!r}")
         _check_choices(key_type, transport)
         self.identity = identity
-        self.token_path = Path(token_path) if token_path is not None else None
-        self.state_dir = Path(state_dir).absolute()
+        # a Path given is kept (immutable; a simulated fleet shares one token path)
+        self.token_path = None if token_path is None else _as_path(token_path)
+        self.state_dir = _as_path(state_dir).absolute()
         self._config_path = self.state_dir / "server.conf"
         self._default_ssldir = self.state_dir / "ssl"
         self.ssl_root = Path(ssl_root).absolute() if ssl_root is not None else self.state_dir
@@ -186,7 +206,7 @@ class NodeAgent:
         """The ssl directory in use: ``plugin.choria.ssldir``, else the last configured, else
         the default."""
         try:
-            cfg = read_config(self.config_path) if self.config_path.exists() else {}
+            cfg = read_config_if_exists(self.config_path) or {}
         except ConfigFileError:
             cfg = {}
         if cfg.get("plugin.choria.ssldir"):
@@ -377,18 +397,24 @@ class NodeAgent:
         subjects = [directed_subject(c, self.identity) for c in collectives]
         agents = ["discovery", *self._requests.agents]
         subjects += _broadcast_subjects(tuple(collectives), tuple(agents))
-        on_message = self._requests.on_message
+        on_message, stopping = self._requests.on_message, self._stopping
+        # made per connection attempt; the lean client sends it in the login's own write
+        startup = functools.partial(
+            _event, "startup", self.identity, _component(mode), self.version
+        )
         if self._shared is not None:
-            self._requests.link = await self._shared.attach(
-                opts, self.identity, collectives, agents, on_message, stopping=self._stopping
+            link = await self._shared.attach(
+                opts, self.identity, collectives, agents, on_message, stopping=stopping
             )
+            await link.publish(*startup())
         else:
-            self._requests.link = await connect_own(
-                opts, subjects, on_message, stopping=self._stopping, lean=self._lean
+            link = await connect_own(
+                opts, subjects, on_message, stopping=stopping, lean=self._lean, greeting=startup
             )
+        self._requests.link = link
+        self.stats["events"] = self.stats.get("events", 0) + 1
         self.mode = mode
         self.boots += 1
-        await self._publish_event_now("startup")
         self._ready.set()
         if self._alive_events:
             self._schedule_alive(random.uniform(0, ALIVE_INTERVAL))
@@ -405,20 +431,12 @@ class NodeAgent:
 
     # --- events -----------------------------------------------------------------------------
 
-    @property
-    def _component(self) -> str:
-        return "provision_mode_server" if self.mode == "provisioning" else "server"
-
     async def _publish_event_now(self, event_type: str, new_version: str | None = None) -> None:
-        if self._link is None:
+        link = self._link
+        if link is None:
             return
-        component = self._component
-        extra: dict[str, Any] = {"new_version": new_version} if new_version is not None else {}
-        version = self.version if event_type in ("startup", "alive", "upgraded") else None
-        event = new_event(
-            event_type, identity=self.identity, component=component, version=version, **extra
-        )
-        await self._link.publish(_lifecycle_subject(event_type, component), encode_event(event))
+        event = _event(event_type, self.identity, _component(self.mode), self.version, new_version)
+        await link.publish(*event)
         self.stats["events"] = self.stats.get("events", 0) + 1
 
     async def publish_event(self, event_type: str, *, new_version: str | None = None) -> None:

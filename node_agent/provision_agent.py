@@ -15,6 +15,7 @@ Where this node departs from go-choria on purpose:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from choria_core import ecdh
 from choria_core.protocol import RPCReply, StatusCode
 from choria_core.remote_text import clean_remote_text
+from choria_core.securefile import read_small
 from node_agent.agents import AgentError, Envelope, NodeHost, decode_args, go_duration
 from node_agent.files import (
     ConfigFileError,
@@ -41,7 +43,7 @@ from node_agent.files import (
     check_policy_name,
     read_config,
     render_config,
-    resolve_ssldir,
+    resolve_ssldir_text,
     write_file,
 )
 from node_agent.keys import CSRFieldError, build_csr, generate_private_key
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 LOCK_SECONDS = 120.0
 PROVISION_SETTING = "plugin.choria.server.provision"
+#: What reading a file that is not there (or is no regular file) raises.
+_NO_FILE = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL))
 T = TypeVar("T")
 
 
@@ -64,6 +68,17 @@ async def _io(durable: bool, func: Callable[..., T], *args: Any, **kwargs: Any) 
     if durable:
         return await asyncio.to_thread(func, *args, **kwargs)
     return func(*args, **kwargs)
+
+
+def _read_text(path: Path) -> str:
+    return read_small(path).decode("utf-8")
+
+
+def _config_target(path: Path) -> str:
+    """Where to write the config: through a symlinked config file, like go-choria, rather
+    than replacing the link (a directory link on the way leads to the same place either way)."""
+    text = os.fspath(path)
+    return os.path.realpath(text) if os.path.islink(text) else text
 
 
 def _write_config(path: Path, text: str, durable: bool) -> None:
@@ -177,7 +192,7 @@ class ProvisionAgent:
         if path is None:
             raise AgentError("No Provisioning JWT file has been configured")
         try:
-            text = (await _io(self.host.durable, path.read_text, encoding="utf-8")).strip()
+            text = (await _io(self.host.durable, _read_text, path)).strip()
         except FileNotFoundError as exc:
             raise AgentError("Provisioning JWT file does not exist") from exc
         except (OSError, UnicodeDecodeError) as exc:
@@ -226,17 +241,17 @@ class ProvisionAgent:
             csr = build_csr(key, cn, fields)
         except CSRFieldError as exc:
             raise AgentError(str(exc)) from exc
-        ssldir = self.host.default_ssldir
+        ssldir = os.fspath(self.host.default_ssldir)
         tx = FileTransaction(durable=self.host.durable)
         tx.mkdir(ssldir, 0o700)  # go-choria uses 0771
-        tx.write(ssldir / "private.pem", csr.key_pem, 0o600)
-        tx.write(ssldir / "csr.pem", csr.csr_pem.encode("ascii"), 0o644)
+        tx.write(os.path.join(ssldir, "private.pem"), csr.key_pem, 0o600)
+        tx.write(os.path.join(ssldir, "csr.pem"), csr.csr_pem.encode("ascii"), 0o644)
         try:
             await _io(self.host.durable, tx.commit)
         except OSError as exc:
             raise AgentError(f"Could not write the key and CSR: {exc.strerror}") from exc
         self._own_key = (csr.key_pem, csr.public_key_pem)
-        return {"csr": csr.csr_pem, "public_key": csr.public_key_pem, "ssldir": str(ssldir)}
+        return {"csr": csr.csr_pem, "public_key": csr.public_key_pem, "ssldir": ssldir}
 
     async def _configure(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         host = self.host
@@ -279,10 +294,10 @@ class ProvisionAgent:
             tx.write(
                 host.config_path.parent / "server.jwt", token.encode("ascii", "replace"), 0o600
             )
-        self._stage_policies(tx, args["action_policies"], ".policy", Path("policies"))
-        self._stage_policies(tx, args["opa_policies"], ".rego", Path("policies") / "rego")
-        config_path = Path(await _io(host.durable, os.path.realpath, host.config_path))
-        tx.mkdir(config_path.parent, 0o700)
+        self._stage_policies(tx, args["action_policies"], ".policy", ("policies",))
+        self._stage_policies(tx, args["opa_policies"], ".rego", ("policies", "rego"))
+        config_path = await _io(host.durable, _config_target, host.config_path)
+        tx.mkdir(os.path.dirname(config_path), 0o700)
         tx.write(config_path, config_text.encode("utf-8"), 0o600)
         try:
             await _io(host.durable, tx.commit)
@@ -291,14 +306,14 @@ class ProvisionAgent:
                 f"Could not write the configuration, nothing was changed: {exc.strerror}"
             ) from exc
         if ssldir is not None:
-            host.note_ssldir(ssldir)
+            host.note_ssldir(Path(ssldir))
         try:
             await host.publish_event("provisioned")
         except Exception as exc:  # go-choria only logs this too
             log.warning("could not publish provisioned event: %s", exc)
         return {"message": f"Wrote {1 + len(settings)} lines to {host.config_path}"}
 
-    def _stage_tls(self, tx: FileTransaction, args: dict[str, Any]) -> Path | None:
+    def _stage_tls(self, tx: FileTransaction, args: dict[str, Any]) -> str | None:
         cert_pem, ca_pem, ssldir_req, key_text = (
             args["certificate"],
             args["ca"],
@@ -312,7 +327,7 @@ class ProvisionAgent:
                 )
             return None
         try:
-            ssldir = resolve_ssldir(ssldir_req, self.host.ssl_root)
+            ssldir = resolve_ssldir_text(ssldir_req, self.host.ssl_root)
         except UnsafePathError as exc:
             raise AgentError(f"TLS Setup Failed: {exc}") from exc
         try:
@@ -331,18 +346,20 @@ class ProvisionAgent:
             except ecdh.ECDHError as exc:
                 raise AgentError(f"TLS Setup Failed: {exc}") from exc
         else:
-            existing = ssldir / "private.pem"
-            if existing.is_file():
-                key_pem = existing.read_bytes()
+            try:
+                key_pem = read_small(os.path.join(ssldir, "private.pem"))
                 own_key = True
+            except OSError as exc:  # none there (or not a regular file): no key to check
+                if exc.errno not in _NO_FILE:
+                    raise
         if key_pem is not None and not self._matches(cert, key_pem, own_key):
             raise AgentError("TLS Setup Failed: certificate does not match the private key")
         tx.mkdir(ssldir, 0o700)
-        tx.write(ssldir / "certificate.pem", cert_pem.encode("ascii"), 0o644)
-        tx.write(ssldir / "ca.pem", ca_pem.encode("ascii"), 0o644)
+        tx.write(os.path.join(ssldir, "certificate.pem"), cert_pem.encode("ascii"), 0o644)
+        tx.write(os.path.join(ssldir, "ca.pem"), ca_pem.encode("ascii"), 0o644)
         if key_text and key_pem is not None:
-            tx.write(ssldir / "private.pem", key_pem, 0o600)
-            tx.delete(ssldir / "csr.pem")
+            tx.write(os.path.join(ssldir, "private.pem"), key_pem, 0o600)
+            tx.delete(os.path.join(ssldir, "csr.pem"))
         return ssldir
 
     def _matches(self, cert: x509.Certificate, key_pem: bytes, own_key: bool) -> bool:
@@ -367,11 +384,11 @@ class ProvisionAgent:
             raise AgentError("TLS Setup Failed: the private key could not be loaded") from exc
 
     def _stage_policies(
-        self, tx: FileTransaction, policies: dict[str, str], suffix: str, rel: Path
+        self, tx: FileTransaction, policies: dict[str, str], suffix: str, rel: tuple[str, ...]
     ) -> None:
         if not policies:
             return
-        directory = self.host.config_path.parent / rel
+        directory = self.host.config_path.parent.joinpath(*rel)
         wanted: dict[str, bytes] = {}
         for name, content in policies.items():
             if not name or not content:

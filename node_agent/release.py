@@ -144,9 +144,9 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
 
 def installed_version(state_dir: Path) -> str | None:
     """The version of the release ``<state_dir>/current`` points to; None without one."""
-    current = state_dir / "current"
-    if not current.is_symlink():
+    if not os.path.islink(os.path.join(state_dir, "current")):
         return None
+    current = state_dir / "current"
     manifest = _read_manifest(current)
     version = manifest.get("version") if manifest else None
     if not isinstance(version, str) or not (current / BINARY_NAME).is_file():

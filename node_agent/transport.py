@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from node_agent.leannats import LeanConnection, NatsError
+from node_agent.leannats import Greeting, LeanConnection, NatsError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -241,14 +241,17 @@ async def connect_own(
     *,
     stopping: asyncio.Event | None = None,
     lean: bool = False,
+    greeting: Greeting | None = None,
 ) -> Link:
     """One connection for one node, subscribed to ``subjects``; messages go to ``handler``.
 
     ``lean`` uses :class:`node_agent.leannats.LeanConnection` instead of nats-py: the same
     NATS client protocol and login, without nats-py's per-connection and per-subscription
-    tasks (the fleet simulator's default)."""
+    tasks (the fleet simulator's default). ``greeting`` makes the first message to publish
+    once connected (the node's ``startup`` event): the lean client sends it in the login's
+    write, right after the subscriptions and the PING; nats-py publishes it after the login."""
     if lean:
-        return await _connect_lean(opts, subjects, handler, stopping)
+        return await _connect_lean(opts, subjects, handler, stopping, greeting)
     from choria_core.natsconn import sync_flush
 
     nc = await _connect(opts, stopping)
@@ -261,6 +264,8 @@ async def connect_own(
         for subject in subjects:
             link.subs.append(await nc.subscribe(subject, cb=_cb))
         await sync_flush(nc)
+        if greeting is not None:
+            await link.publish(*greeting())
     except BaseException:
         await link.close()
         raise
@@ -272,6 +277,7 @@ async def _connect_lean(
     subjects: Sequence[str],
     handler: Handler,
     stopping: asyncio.Event | None,
+    greeting: Greeting | None = None,
 ) -> Link:
     async def _attempt() -> LeanConnection:
         conn = LeanConnection(
@@ -284,6 +290,7 @@ async def _connect_lean(
             password=opts.password,
             tls=opts.tls,
             connect_timeout=opts.connect_timeout,
+            greeting=greeting,
         )
         await conn.open()  # CONNECT, every SUB and a PING: the PONG means all were accepted
         return conn

@@ -29,13 +29,16 @@ from typing import Any
 
 from choria_core.errors import FleetError
 from overlays.ledger import AlreadyAssigned, Ledger, LedgerError
-from overlays.model import Overlay
+from overlays.model import Overlay, PinRule
 from overlays.policy import Tiers, fact_value, first_pin, rank, split_tiers
 from overlays.registry import OverlayRegistry
 
 log = logging.getLogger(__name__)
 
 _MAX_GROUP_RACES = 8
+#: Node signatures whose tiers a placer remembers (pin rule, affinity overlays, region).
+PLAN_CACHE = 4096
+PlanKey = tuple[int, tuple[str, ...], str | None]
 
 
 class PlacementError(FleetError, ValueError, reason="placement"):
@@ -86,6 +89,10 @@ class Placer:
         self._swept_at = -float("inf")
         self._refreshing = False
         self._sweep_interval = sweep_interval
+        self._eligible_of: OverlayRegistry | None = None
+        self._eligible_list: list[Overlay] = []
+        self._plans_of: OverlayRegistry | None = None
+        self._plans: dict[PlanKey, tuple[tuple[tuple[Overlay, ...], ...], str]] = {}
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -174,10 +181,46 @@ class Placer:
         """Order the candidate overlays in tiers by running the chain (without the ranker).
 
         Returns the tiers and the label of the pin rule that applied (or a defer).
+
+        The tiers depend on the node only through its signature: the pin rule its facts match,
+        its region fact and its affinity group's overlays. They are worked out once per
+        signature and registry (a registry is immutable; a new one starts afresh); defers are
+        not remembered (they name the node and are rare).
         """
         reg = self.registry
         cfg = reg.placement
-        eligible = [o for o in reg if o.accepts_new]
+        policies = cfg.policies
+        pin = first_pin(cfg.pins, facts) if cfg.pins and "pinned" in policies else None
+        region = (
+            fact_value(facts, cfg.region_fact) if cfg.region_fact and "region" in policies else None
+        )
+        if self._plans_of is not reg:
+            self._plans = {}
+            self._plans_of = reg
+        key = (-1 if pin is None else pin[0], tuple(members), region)
+        known = self._plans.get(key)
+        if known is not None:
+            return [list(t) for t in known[0]], known[1]
+        planned = self._plan_chain(identity, members, moved_from, pin, region)
+        # a region fact is node input: only a short one is remembered (memory stays bounded)
+        if not isinstance(planned, Placement) and (region is None or len(region) <= 253):
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            self._plans[key] = (tuple(tuple(t) for t in planned[0]), planned[1])
+        return planned
+
+    def _plan_chain(
+        self,
+        identity: str,
+        members: list[str],
+        moved_from: str,
+        pin: tuple[int, PinRule] | None,
+        region: str | None,
+    ) -> tuple[Tiers, str] | Placement:
+        """:meth:`_plan` for a node with this pin rule hit and region fact."""
+        reg = self.registry
+        cfg = reg.placement
+        eligible = self._eligible(reg)
         if not eligible:
             return self._defer(
                 identity,
@@ -190,10 +233,9 @@ class Placer:
 
         for policy in cfg.policies[:-1]:
             if policy == "pinned" and cfg.pins:
-                hit = first_pin(cfg.pins, facts)
-                if hit is None:
+                if pin is None:
                     continue
-                index, rule = hit
+                index, rule = pin
                 pin_label = rule.label(index)
                 pinned = [reg.get(n) for n in rule.overlays]
                 open_pinned = [o for o in pinned if o.accepts_new]
@@ -212,7 +254,6 @@ class Placer:
             elif policy == "affinity" and members:
                 tiers = split_tiers(tiers, [reg.get(n) for n in members if n in reg], each=True)
             elif policy == "region" and cfg.region_fact:
-                region = fact_value(facts, cfg.region_fact)
                 if region is None:
                     continue
                 if cfg.region_mode == "require":
@@ -319,6 +360,16 @@ class Placer:
             )
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _eligible(self, reg: OverlayRegistry) -> list[Overlay]:
+        """The overlays of ``reg`` that accept new nodes, in file order (a new list).
+
+        A registry and its overlays are immutable, so the list is worked out once per
+        registry (the helper swaps in a new registry object when the file changes)."""
+        if self._eligible_of is not reg:
+            self._eligible_list = [o for o in reg if o.accepts_new]
+            self._eligible_of = reg
+        return list(self._eligible_list)
 
     def _explain(
         self,

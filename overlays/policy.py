@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 # Types only: the reference helper's exec fast path imports the pure functions below and must
@@ -66,8 +67,19 @@ def first_pin(pins: Sequence[PinRule], facts: Mapping[str, Any]) -> tuple[int, P
 
 def hrw_unit(key: str, overlay: str) -> float:
     """A uniform number in (0, 1) fixed by (key, overlay): rendezvous hashing."""
+    if len(key) > 256:  # keys are identities and fact values: a longer one is not remembered
+        return _hrw_unit(key, overlay)
+    return _cached_hrw_unit(key, overlay)
+
+
+def _hrw_unit(key: str, overlay: str) -> float:
     digest = hashlib.blake2b(f"{key}\x00{overlay}".encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+
+
+#: The nodes of an affinity group share its key: each ranking of a group's overlays hashes the
+#: same (group, overlay) pairs again. A pure function, so remembering recent ones is safe.
+_cached_hrw_unit = lru_cache(maxsize=8192)(_hrw_unit)
 
 
 def weighted_score(key: str, overlay: Overlay) -> float:

@@ -117,6 +117,7 @@ class AuditLog:
         self._unwritten_seq = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._flushing: asyncio.Future[None] | None = None  # the commit flush in progress
         self._task: asyncio.Task[None] | None = None
         self._fd: int | None = None
         self._closed = False
@@ -315,7 +316,8 @@ class AuditLog:
         return self._take(entry)[1]
 
     def _take(self, entry: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
-        rec = self.scrub(dict(entry))
+        # a plain dict is scrubbed into a new dict directly (no copy of it first)
+        rec = self._scrub_dict(entry) if type(entry) is dict else self.scrub(dict(entry))
         rec.pop("prev", None)
         rec.setdefault("time", time.time())
         self._tail.append(rec)
@@ -347,10 +349,24 @@ class AuditLog:
             ) from None
 
     async def _commit(self, seq: int) -> None:
-        async with self._lock:
-            if self._durable >= seq:
-                return  # a concurrent commit wrote it with its own batch
-            await self._flush_locked()
+        # One commit flushes everything taken so far; the commits that arrive while it runs
+        # wait for it together and wake at once (not one lock hand-off each: under load a
+        # queue of hand-offs cost one event-loop pass per waiting commit, hundreds of ms).
+        # Whoever's record is still not durable afterwards (taken after that flush began, or
+        # the flush failed) flushes next, so every commit still fails or succeeds itself.
+        while self._durable < seq:
+            flushing = self._flushing
+            if flushing is not None:
+                await asyncio.shield(flushing)
+                continue
+            self._flushing = done = asyncio.get_running_loop().create_future()
+            try:
+                async with self._lock:
+                    if self._durable < seq:  # the writer task may have written it meanwhile
+                        await self._flush_locked()
+            finally:
+                self._flushing = None
+                done.set_result(None)
 
     def tail(self, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Records from memory, oldest first, optionally newer than ``since`` (epoch seconds)."""

@@ -29,12 +29,16 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from ca_adapters.verify import CSRSignatureError, load_verified_csr, verified_csr_key
+from ca_adapters.verify import (
+    CSRSignatureError,
+    load_verified_csr,
+    verified_csr_key,
+    verified_csr_subject,
+)
 from helpers.models import HelperOutput, provisioning_left_enabled
 from provisioner.attempt import Attempt, PipelineContext, PipelineError, fail
 from provisioner.pki_policy import (
     PolicyRefusal,
-    _quiet_subject,
     check_certificate,
     check_csr,
     load_certificate,
@@ -111,9 +115,9 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
             att, Reason.CSR_INVALID, f"CSR from {att.identity} could not be parsed"
         ) from None
     att.csr_sha256 = hashlib.sha256(csr.public_bytes(serialization.Encoding.DER)).hexdigest()
-    # parsed without warnings (a malformed attribute is refused by the policy, not logged);
-    # the parse is kept by the CSR object, so check_csr reads the same subject for free
-    subject = _quiet_subject(csr)
+    # parsed once per CSR, without warnings (a malformed attribute is refused by the policy,
+    # not logged): check_csr and the python-mode helper read the same parsed subject
+    subject = verified_csr_subject(pem, csr)
     cns = [str(a.value) for a in subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     cn = cns[0] if cns else ""
     if cn != att.identity:
@@ -139,7 +143,14 @@ def validate_csr(ctx: PipelineContext, att: Attempt) -> None:
         key, key_der = verified_csr_key(pem, csr)
         att.csr_spki = (pem, key_der)
     try:
-        check_csr(csr, att.identity, ctx.config.pki_policy, signature_verified=True, public_key=key)
+        check_csr(
+            csr,
+            att.identity,
+            ctx.config.pki_policy,
+            signature_verified=True,
+            public_key=key,
+            subject=subject,
+        )
     except PolicyRefusal as exc:
         raise _refused(ctx, att, Reason.CSR_POLICY, exc) from None
 
@@ -191,6 +202,7 @@ def _check_helper_certificate(ctx: PipelineContext, att: Attempt, out: HelperOut
     att.cert_serial = format(cert.serial_number, "x")
     att.cert_not_after = cert.not_valid_after_utc.astimezone(UTC).isoformat()
     expected = _expected_key(att, out)
+    expected_obj = _expected_public_key(att, out, expected)
     policy = ctx.config.pki_policy
     allowed = render_sans(policy, att.identity, ctx.config.site, out.overlay)
     try:
@@ -204,6 +216,7 @@ def _check_helper_certificate(ctx: PipelineContext, att: Attempt, out: HelperOut
             expected_key=expected,
             policy=policy,
             allowed_sans=allowed,
+            expected_public_key=expected_obj,
         )
     except PolicyRefusal as exc:
         raise _refused(ctx, att, Reason.CERTIFICATE_POLICY, exc) from None
@@ -223,4 +236,19 @@ def _expected_key(att: Attempt, out: HelperOutput) -> bytes | None:
         if att.csr_spki is not None and att.csr_spki[0] == att.csr["csr"]:
             return att.csr_spki[1]
         return _spki(x509.load_pem_x509_csr(att.csr["csr"].encode("utf-8")).public_key())
+    return None
+
+
+def _expected_public_key(att: Attempt, out: HelperOutput, expected: bytes | None) -> Any:
+    """The key object of ``expected`` when it is the checked CSR's key (cached by
+    :func:`ca_adapters.verify.verified_csr_key`), else None."""
+    if out.key or expected is None or att.csr is None or att.csr_spki is None:
+        return None
+    pem = att.csr["csr"]
+    if att.csr_spki[0] != pem or att.csr_spki[1] != expected:
+        return None
+    with contextlib.suppress(ValueError, TypeError, UnsupportedAlgorithm):
+        key, der = verified_csr_key(pem)
+        if der == expected:
+            return key
     return None

@@ -202,7 +202,8 @@ class Discovery:
         if not self._active:
             return
         if self._add(event.identity, "event") is AddResult.ADDED:
-            self.metrics.event_discovered.labels(self.metrics.site).inc()
+            metrics = self.metrics
+            metrics.child(metrics.event_discovered, metrics.site).inc()
             log.info("adding %s to the provision list after receiving an event", event.identity)
 
     # ------------------------------------------------------------------ sweeps

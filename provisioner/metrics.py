@@ -29,18 +29,29 @@ appends one to its ``Counter``. The anchor's counters are therefore served by a 
 Prometheus naming conventions (``*_total`` counters, ``*_seconds`` histograms).
 
 Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry`: tests (and a
-process hosting several provisioners) create many instances side by side.
+process hosting several provisioners) create many instances side by side. The families are the
+light ones of :mod:`provisioner.metric_types` (same names, types, labels and exposition as
+``prometheus_client``'s classes, without a lock per update); :func:`render_text` is the fast
+``/metrics`` body, byte for byte what ``generate_latest`` writes.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
+
+from provisioner.metric_types import (
+    AnchorCounter,
+    FastCounter,
+    FastGauge,
+    FastHistogram,
+    FastSummary,
+    render_text,
+)
+
+__all__ = ["ANCHOR_METRIC_NAMES", "AnchorCounter", "Metrics", "metric_names", "render_text"]
 
 ANCHOR_METRIC_NAMES: tuple[str, ...] = (
     "choria_provisioner_rpc_time",
@@ -64,70 +75,6 @@ ANCHOR_METRIC_NAMES: tuple[str, ...] = (
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class _CounterChild:
-    """One labelled series of an :class:`AnchorCounter`."""
-
-    __slots__ = ("_key", "_parent")
-
-    def __init__(self, parent: AnchorCounter, key: tuple[str, ...]) -> None:
-        self._parent = parent
-        self._key = key
-
-    def inc(self, amount: float = 1.0) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        self._parent._add(self._key, amount)
-
-    def get(self) -> float:
-        return self._parent.value(*self._key)
-
-
-class AnchorCounter(Collector):
-    """A counter exposed under its exact name (no ``_total``), like the Go client does."""
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
-        # The HTTP exposition runs in another thread: guard the dict against concurrent resize.
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def labels(self, *values: str) -> _CounterChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-        key = tuple(str(v) for v in values)
-        with self._lock:
-            self._values.setdefault(key, 0.0)
-        return _CounterChild(self, key)
-
-    def _add(self, key: tuple[str, ...], amount: float) -> None:
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *values: str) -> float:
-        with self._lock:
-            return self._values.get(tuple(values), 0.0)
-
-    def collect(self) -> Iterable[Metric]:
-        metric = Metric(self.name, self.documentation, "unknown")
-        with self._lock:
-            items = list(self._values.items())
-        for key, value in items:
-            metric.add_sample(self.name, dict(zip(self.labelnames, key, strict=True)), value)
-        return [metric]
-
-    def describe(self) -> Iterable[Metric]:
-        return [Metric(self.name, self.documentation, "unknown")]
-
-
 class Metrics:
     """All metrics of one provisioner instance, pre-bound to its ``site`` label."""
 
@@ -145,7 +92,7 @@ class Metrics:
 
     def _upgrade_metrics(self, r: CollectorRegistry) -> None:
         """Version upgrades during provisioning (provisioner/upgrade.py)."""
-        self.upgrades = Counter(
+        self.upgrades = FastCounter(
             "choria_provisioner_upgrades",
             "Version upgrades asked for by the helper (features.upgrades), by status: upgraded, "
             "current (already at the version), failed, skipped (failed, upgrades_optional)",
@@ -155,7 +102,7 @@ class Metrics:
 
     def _inventory_metrics(self, r: CollectorRegistry) -> None:
         """The issued-certificate inventory (provisioner/inventory.py)."""
-        self.inventory_write_errors = Counter(
+        self.inventory_write_errors = FastCounter(
             "choria_provisioner_inventory_write_errors",
             "Failed writes of the issued-certificate inventory (provisioning goes on)",
             ["site"],
@@ -164,13 +111,13 @@ class Metrics:
 
     def _anchor_metrics(self, r: CollectorRegistry) -> None:
         """The anchor's series, under its exact names (dashboards query them)."""
-        self.rpc_time = Summary(
+        self.rpc_time = FastSummary(
             "choria_provisioner_rpc_time",
             "How long it took to perform RPC requests",
             ["site", "rpc"],
             registry=r,
         )
-        self.helper_time = Summary(
+        self.helper_time = FastSummary(
             "choria_provisioner_helper_time",
             "How long it took to run the helper",
             ["site"],
@@ -224,25 +171,25 @@ class Metrics:
             ["site"],
             r,
         )
-        self.paused = Gauge(
+        self.paused = FastGauge(
             "choria_provisioner_paused",
             "Indicates if the provisioner is paused",
             ["site"],
             registry=r,
         )
-        self.busy_workers = Gauge(
+        self.busy_workers = FastGauge(
             "choria_provisioner_busy_workers",
             "How many workers are busy provisioning nodes",
             ["site"],
             registry=r,
         )
-        self.work_queue_entries = Gauge(
+        self.work_queue_entries = FastGauge(
             "choria_provisioner_work_queue_entries",
             "Number of nodes on the work queue waiting to be provisioned",
             ["site"],
             registry=r,
         )
-        self.waiting_nodes = Gauge(
+        self.waiting_nodes = FastGauge(
             "choria_provisioner_waiting_nodes",
             "The number of nodes currently waiting to be provisioned",
             ["site"],
@@ -257,94 +204,94 @@ class Metrics:
 
     def _our_metrics(self, r: CollectorRegistry) -> None:
         """Our additions, named by the Prometheus conventions."""
-        self.stage_seconds = Histogram(
+        self.stage_seconds = FastHistogram(
             "choria_provisioner_stage_seconds",
             "Latency of each provisioning stage",
             ["site", "stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
-        self.nodes_by_state = Gauge(
+        self.nodes_by_state = FastGauge(
             "choria_provisioner_nodes",
             "Nodes known to the provisioner by state",
             ["site", "state"],
             registry=r,
         )
-        self.wrong_sender = Counter(
+        self.wrong_sender = FastCounter(
             "choria_provisioner_rpc_wrong_sender",
             "Replies discarded because their sender was not the node the request was sent to",
             ["site"],
             registry=r,
         )
-        self.replies_dropped = Counter(
+        self.replies_dropped = FastCounter(
             "choria_provisioner_rpc_replies_dropped",
             "Replies dropped because the bounded reply buffer was full (slow consumer)",
             ["site"],
             registry=r,
         )
-        self.identity_refused = Counter(
+        self.identity_refused = FastCounter(
             "choria_provisioner_identity_refused",
             "Node identities refused at entry (source: event, discovery, queue; reason: "
             "too_long, label_too_long, syntax, empty, not_string)",
             ["site", "source", "reason"],
             registry=r,
         )
-        self.connection_up = Gauge(
+        self.connection_up = FastGauge(
             "choria_provisioner_broker_connected",
             "1 while the broker connection is up, 0 while reconnecting or closed",
             ["site"],
             registry=r,
         )
-        self.pki_policy_refusals = Counter(
+        self.pki_policy_refusals = FastCounter(
             "choria_provisioner_pki_policy_refusals",
             "CSRs (csr_policy) and helper certificates (certificate_policy) refused, by rule",
             ["site", "reason", "rule"],
             registry=r,
         )
-        self.ca_protection_deferrals = Counter(
+        self.ca_protection_deferrals = FastCounter(
             "choria_provisioner_ca_protection_deferrals",
             "Nodes deferred by the CA protection (reason: ca_unavailable reported by the "
             "helper, ca_circuit_open, ca_rate_limited)",
             ["site", "reason"],
             registry=r,
         )
-        self.queue_full = Counter(
+        self.queue_full = FastCounter(
             "choria_provisioner_queue_full",
             "Nodes that could not be queued because the work queue was full",
             ["site"],
             registry=r,
         )
-        self.queue_capacity = Gauge(
+        self.queue_capacity = FastGauge(
             "choria_provisioner_queue_capacity",
             "Maximum number of nodes waiting on the work queue (queue_size)",
             ["site"],
             registry=r,
         )
-        self.outcomes = Counter(
+        self.outcomes = FastCounter(
             "choria_provisioner_outcomes",
             "Provisioning attempts by decision (provisioned, deferred, shutdown, failed)",
             ["site", "decision"],
             registry=r,
         )
-        self.overlay_provisioned = Counter(
+        self.overlay_provisioned = FastCounter(
             "choria_provisioner_overlay_provisioned",
             "Nodes provisioned into each overlay (as reported by the helper)",
             ["site", "overlay"],
             registry=r,
         )
-        self.audit_write_errors = Counter(
+        self.audit_write_errors = FastCounter(
             "choria_provisioner_audit_write_errors",
             "Failed writes (or opens) of the audit log; records stay queued and are retried",
             ["site"],
             registry=r,
         )
-        self.audit_ok = Gauge(
+        self.audit_ok = FastGauge(
             "choria_provisioner_audit_ok",
             "1 while the audit log can be written, 0 while writes fail",
             ["site"],
             registry=r,
         )
-        self.leader = Gauge(
+        self.leader = FastGauge(
             "choria_provisioner_leader",
             "1 when this instance is the elected leader (or runs without election)",
             ["site"],

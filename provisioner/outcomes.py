@@ -137,12 +137,12 @@ class Outcomes:
     def _cleaned(self, outcome: Outcome) -> Outcome:
         """``outcome`` with its remote text escaped and bounded (one place for all records)."""
         limit = self.text_limit
-        return dataclasses.replace(
-            outcome,
-            error=clean_optional(outcome.error, limit),
-            msg=clean_optional(outcome.msg, limit),
-            overlay=clean_optional(outcome.overlay, min(limit, 253)),
-        )
+        error = clean_optional(outcome.error, limit)
+        msg = clean_optional(outcome.msg, limit)
+        overlay = clean_optional(outcome.overlay, min(limit, 253))
+        if error == outcome.error and msg == outcome.msg and overlay == outcome.overlay:
+            return outcome  # already clean (the usual case): no copy
+        return dataclasses.replace(outcome, error=error, msg=msg, overlay=overlay)
 
     def _provisioned(self, rec: NodeRecord, outcome: Outcome, att: Attempt) -> None:
         self.queue.finish(rec, NodeState.PROVISIONED)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import logging
+import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 from choria_core.protocol import is_valid_identity
@@ -171,7 +173,16 @@ class WorkQueue:
         # Finished records are kept for status/history but never more than this many.
         self.max_records = max_records if max_records is not None else max(2 * max_waiting, 1000)
         self._records: dict[str, NodeRecord] = {}
-        self._waiting: OrderedDict[str, None] = OrderedDict()
+        self._waiting: OrderedDict[str, int] = OrderedDict()  # identity -> refresh generation
+        # Housekeeping in time that does not grow with the fleet (see evict_stale, _prune,
+        # due_deferred, refresh_waiting): a lower bound of when any waiting node was last seen,
+        # finished records in the order they finished, deferred nodes by retry time.
+        self._seen_low = math.inf
+        self._finished: deque[tuple[float, NodeRecord]] = deque()
+        self._retries: list[tuple[float, int, NodeRecord]] = []
+        self._retry_seq = 0
+        self._refresh_gen = 0
+        self._refreshed_at = -math.inf
         self._in_flight = 0
         self._counts: dict[str, int] = dict.fromkeys(NodeState, 0)
         self._changed = asyncio.Event()
@@ -194,12 +205,16 @@ class WorkQueue:
         return self._in_flight
 
     def get_record(self, identity: str) -> NodeRecord | None:
-        return self._records.get(identity)
+        rec = self._records.get(identity)
+        if rec is not None:
+            self._seen(identity, rec)
+        return rec
 
     def records(self, state: NodeState | str | None = None) -> Iterator[NodeRecord]:
         wanted = NodeState(state) if state is not None else None
         for rec in list(self._records.values()):
             if wanted is None or rec.state == wanted:
+                self._seen(rec.identity, rec)
                 yield rec
 
     def counts(self) -> dict[str, int]:
@@ -262,7 +277,9 @@ class WorkQueue:
             rec.discovered_at = now
             rec.not_before = None
             self._set_state(rec, NodeState.DISCOVERED, now)
-        self._waiting[identity] = None
+        self._waiting[identity] = self._refresh_gen
+        if now < self._seen_low:
+            self._seen_low = now
         self._changed.set()
         return AddResult.ADDED
 
@@ -276,8 +293,10 @@ class WorkQueue:
         """
         now = time.time() if now is None else now
         while self._waiting:
-            identity, _ = self._waiting.popitem(last=False)
+            identity, gen = self._waiting.popitem(last=False)
             rec = self._records[identity]
+            if gen < self._refresh_gen and self._refreshed_at > rec.discovered_at:
+                rec.discovered_at = self._refreshed_at  # refreshed while it waited
             if max_age is not None and now - rec.discovered_at > max_age:
                 self._mark_stale(rec, now)
                 continue
@@ -308,8 +327,9 @@ class WorkQueue:
         rec.attempts = max(0, rec.attempts - 1)
         rec.stage_times = None
         self._in_flight -= 1
-        self._waiting[rec.identity] = None
+        self._waiting[rec.identity] = self._refresh_gen
         self._waiting.move_to_end(rec.identity, last=False)
+        self._seen_low = min(self._seen_low, rec.discovered_at)
         self._changed.set()
 
     def advance(self, rec: NodeRecord, state: NodeState) -> None:
@@ -335,63 +355,127 @@ class WorkQueue:
         rec.last_error = clean_optional(error, self.text_limit)
         rec.not_before = now + retry_after if retry_after else None
         self._set_state(rec, state, now)
+        if state is NodeState.DEFERRED:
+            if rec.not_before is not None:
+                self._retry_seq += 1
+                heapq.heappush(self._retries, (rec.not_before, self._retry_seq, rec))
+        else:
+            self._note_finished(rec)
+
+    def _note_finished(self, rec: NodeRecord) -> None:
+        self._finished.append((rec.state_since, rec))
+        if len(self._finished) > 2 * len(self._records) + 1024:
+            # records finished again (or forgotten) left entries behind: keep the live ones
+            self._finished = deque(e for e in self._finished if self._is_finished(*e))
+
+    def _is_finished(self, since: float, rec: NodeRecord) -> bool:
+        """Whether ``rec`` still is the finished record noted at ``since`` (not waiting, in
+        flight, deferred, finished again since or forgotten)."""
+        return (
+            rec.state_since == since
+            and not rec.in_flight
+            and rec.state is not NodeState.DEFERRED
+            and self._records.get(rec.identity) is rec
+            and rec.identity not in self._waiting
+        )
 
     def _mark_stale(self, rec: NodeRecord, now: float) -> None:
         rec.last_error = "not seen for too long; will be queued again when it is discovered"
         self._set_state(rec, NodeState.STALE, now)
+        self._note_finished(rec)
 
     def refresh_waiting(self, *, now: float | None = None) -> int:
         """Count every waiting node as seen ``now`` (a truncated discovery sweep: see
-        :meth:`provisioner.discovery.Discovery`); returns how many were refreshed."""
+        :meth:`provisioner.discovery.Discovery`); returns how many were refreshed.
+
+        O(1): the nodes waiting now are marked by a new refresh generation, and a node's
+        ``discovered_at`` is brought up to ``now`` when it is next read (taken, aged, listed)."""
         now = time.time() if now is None else now
-        for ident in self._waiting:
-            self._records[ident].discovered_at = now
+        self._refresh_gen += 1
+        self._refreshed_at = max(self._refreshed_at, now)
+        if self._waiting:
+            self._seen_low = max(self._seen_low, now)
         return len(self._waiting)
+
+    def _seen(self, identity: str, rec: NodeRecord) -> float:
+        """``rec.discovered_at``, first counting the refreshes since it was queued."""
+        gen = self._waiting.get(identity)
+        if gen is not None and gen < self._refresh_gen:
+            if self._refreshed_at > rec.discovered_at:
+                rec.discovered_at = self._refreshed_at
+            self._waiting[identity] = self._refresh_gen  # same place in the FIFO
+        return rec.discovered_at
 
     def evict_stale(self, max_age: float, *, now: float | None = None) -> int:
         """Mark waiting nodes not seen for ``max_age`` seconds as stale; prune old history.
 
-        Returns the number of nodes made stale.
+        Returns the number of nodes made stale. The waiting nodes are only walked when the
+        oldest of them may be too old (a lower bound of their sightings is kept), so a large
+        backlog that is refreshed by events or sweeps costs nothing here.
         """
         now = time.time() if now is None else now
-        stale = [
-            ident for ident in self._waiting if now - self._records[ident].discovered_at > max_age
-        ]
-        for ident in stale:
-            del self._waiting[ident]
-            self._mark_stale(self._records[ident], now)
+        stale: list[str] = []
+        if self._waiting and now - self._seen_low > max_age:
+            low = math.inf
+            for ident in self._waiting:
+                seen = self._seen(ident, self._records[ident])
+                if now - seen > max_age:
+                    stale.append(ident)
+                elif seen < low:
+                    low = seen
+            for ident in stale:
+                del self._waiting[ident]
+                self._mark_stale(self._records[ident], now)
+            self._seen_low = low
+        if not self._waiting:
+            self._seen_low = math.inf
         self._prune(now)
         return len(stale)
 
     def _prune(self, now: float) -> None:
-        """Forget finished nodes after ``history_s`` and keep at most ``max_records``."""
-        finished = [
-            rec
-            for rec in self._records.values()
-            if not rec.in_flight
-            and rec.identity not in self._waiting
-            and rec.state is not NodeState.DEFERRED
-        ]
-        drop = [r for r in finished if now - r.state_since > self.history_s]
-        excess = len(self._records) - len(drop) - self.max_records
-        if excess > 0:
-            keep = sorted(
-                (r for r in finished if now - r.state_since <= self.history_s),
-                key=lambda r: r.state_since,
-            )
-            drop.extend(keep[:excess])
-        for rec in drop:
-            self._counts[rec.state] -= 1
-            del self._records[rec.identity]
+        """Forget finished nodes after ``history_s`` and keep at most ``max_records``.
+
+        Walks only the records that are dropped (finished records are noted in the order they
+        finished; entries of records that were queued again since are skipped)."""
+        finished = self._finished
+        while finished:
+            since, rec = finished[0]
+            if not self._is_finished(since, rec):
+                finished.popleft()
+            elif now - since > self.history_s or len(self._records) > self.max_records:
+                finished.popleft()
+                self._counts[rec.state] -= 1
+                del self._records[rec.identity]
+            else:
+                break
 
     def due_deferred(self, *, now: float | None = None) -> list[str]:
-        """Identities of deferred nodes whose ``retry_after`` has passed."""
+        """Identities of deferred nodes whose ``retry_after`` has passed (still deferred).
+
+        Deferred nodes are kept by retry time: only the due ones are looked at."""
         now = time.time() if now is None else now
-        return [
-            r.identity
-            for r in self._records.values()
-            if r.state is NodeState.DEFERRED and r.not_before is not None and r.not_before <= now
-        ]
+        heap = self._retries
+        while heap and not self._retry_pending(heap[0]):
+            heapq.heappop(heap)  # queued again, finished otherwise or forgotten since
+        due: dict[str, None] = {}
+        keep: list[tuple[float, int, NodeRecord]] = []
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            identity = entry[2].identity
+            if identity not in due and self._retry_pending(entry):
+                due[identity] = None
+                keep.append(entry)  # until the caller queues it, it stays due
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        return list(due)
+
+    def _retry_pending(self, entry: tuple[float, int, NodeRecord]) -> bool:
+        not_before, _, rec = entry
+        return (
+            rec.state is NodeState.DEFERRED
+            and rec.not_before == not_before
+            and self._records.get(rec.identity) is rec
+        )
 
     def clear_waiting(self) -> int:
         """Drop every waiting node (e.g. leadership lost); they come back with discovery."""
@@ -401,4 +485,5 @@ class WorkQueue:
             del self._waiting[ident]
             self._counts[rec.state] -= 1
             del self._records[ident]
+        self._seen_low = math.inf
         return n

@@ -167,7 +167,12 @@ def parse_event(data: bytes) -> LifecycleEvent:
     if not isinstance(data, bytes | bytearray | str):
         fail(f"lifecycle: expected bytes, got {type(data).__name__}")
     try:
-        obj = json.loads(data)
+        if type(data) is bytes and data[:1] == b"{" and data[1:2] not in (b"\x00", b""):
+            # what json.loads does for such bytes (detect_encoding: no BOM, not UTF-16/32),
+            # without its encoding detection on every event
+            obj = json.loads(data.decode("utf-8", "surrogatepass"))
+        else:
+            obj = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"lifecycle: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):

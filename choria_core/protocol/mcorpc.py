@@ -13,8 +13,7 @@ from enum import IntEnum
 from typing import Any
 
 from choria_core.protocol.errors import ProtocolError, fail
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+from choria_core.protocol.transport import _dumps
 
 
 class StatusCode(IntEnum):
@@ -29,7 +28,7 @@ class StatusCode(IntEnum):
 
 
 def _load(layer: str, payload: bytes | str) -> dict[str, Any]:
-    if not isinstance(payload, bytes | bytearray | str):
+    if not isinstance(payload, (bytes, bytearray, str)):
         fail(f"{layer}: expected bytes or str, got {type(payload).__name__}")
     try:
         obj = json.loads(payload)

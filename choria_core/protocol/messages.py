@@ -222,7 +222,7 @@ def new_request(
     payload that happens to be valid base64 (``ping``!) is refused, because the node would
     base64-decode it into garbage.
     """
-    if isinstance(payload, bytes | bytearray):
+    if isinstance(payload, (bytes, bytearray)):
         raw_bytes = bytes(payload)
         if base64_payload:
             message = _b64encode(raw_bytes)

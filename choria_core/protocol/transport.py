@@ -23,8 +23,31 @@ from choria_core.protocol.errors import ProtocolError, fail
 
 TRANSPORT_PROTOCOL = "choria:transport:1"
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 _string = json.encoder.encode_basestring_ascii  # one JSON string literal, as _dumps writes it
+
+
+def compact_encoder(*, sort_keys: bool = False, separators: tuple[str, str] = (",", ":")) -> Any:
+    """``json.JSONEncoder(separators=..., ensure_ascii=True, sort_keys=...).encode`` with the C
+    encoder made once rather than at every call (``encode`` and ``iterencode`` are Python
+    frames that build it anew each time): byte-identical output. Without circular-reference
+    checks (what is encoded here is built by this code, never cyclic; a cycle would end in
+    RecursionError rather than ValueError)."""
+    item_sep, key_sep = separators
+    encoder = json.JSONEncoder(separators=separators, ensure_ascii=True, sort_keys=sort_keys)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator: the stdlib path
+        return encoder.encode
+    chunks = make(None, encoder.default, _string, None, key_sep, item_sep, sort_keys, False, True)
+
+    def dumps(obj: Any) -> str:
+        if isinstance(obj, str):
+            return _string(obj)
+        return "".join(chunks(obj, 0))
+
+    return dumps
+
+
+_dumps = compact_encoder()
 _scan = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # json.loads' C scanner
 _space = re.compile(r"[ \t\n\r]*", re.VERBOSE | re.MULTILINE | re.DOTALL).match  # = json's
 _encoding = json.detect_encoding
@@ -168,8 +191,12 @@ def _parse_headers(obj: dict[str, Any]) -> TransportHeaders:
     return TransportHeaders(reply_to=reply_to or None, mc_sender=mc_sender or None, seen_by=seen_by)
 
 
+#: A tuple, not ``bytes | ...``: a union in ``isinstance`` is built anew at every call.
+_BYTES_OR_TEXT = (bytes, bytearray, memoryview, str)
+
+
 def _open_transport(data: bytes) -> tuple[bytes, TransportHeaders]:
-    if not isinstance(data, bytes | bytearray | memoryview | str):
+    if not isinstance(data, _BYTES_OR_TEXT):
         fail(f"transport: expected bytes, got {type(data).__name__}")
     if isinstance(data, memoryview):
         data = data.tobytes()

@@ -70,10 +70,13 @@ def make_handler(path: str | Path) -> Callable[[HelperInput], Awaitable[HelperOu
 
 async def handler(inp: HelperInput) -> HelperOutput:
     """The python-mode entry point: reads its config path from env `REFERENCE_HELPER_CONFIG`."""
+    path = os.environ.get(CONFIG_ENV, "")
+    helper = _shared.get(path) if path else None
+    if helper is not None:  # every node after the first: no imports, no loading
+        return await helper.decide(inp)
     from helpers.reference.config import ReferenceConfigError, load_reference_config
     from helpers.reference.helper import ReferenceHelper
 
-    path = os.environ.get(CONFIG_ENV, "")
     if not path:
         raise ReferenceConfigError(
             f"set {CONFIG_ENV} to the reference helper's YAML file "

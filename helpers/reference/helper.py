@@ -144,7 +144,9 @@ class ReferenceHelper:
     async def decide(self, inp: HelperInput) -> HelperOutput:
         """The whole decision for one node."""
         inventory = inp.inventory_data()
-        facts = inp.facts()
+        facts = inventory.get("facts")  # as inp.facts(), without parsing the inventory again
+        if not isinstance(facts, dict):
+            facts = {}
         ruled = self._rules(inventory, facts)
         if ruled is not None:
             return ruled
@@ -234,15 +236,16 @@ class ReferenceHelper:
         # checked by every CA adapter (ca_adapters.verify.parse_csr). The parse goes through
         # the verified-CSR cache the provisioner's CSR check and the CA adapter share, so in
         # python mode the node's CSR is parsed and verified once per node, not three times.
-        from ca_adapters.verify import CSRSignatureError, load_verified_csr
+        from ca_adapters.verify import CSRSignatureError, verified_csr_subject
 
         try:
-            csr = load_verified_csr(pem)
+            subject = verified_csr_subject(pem)  # the subject the provisioner's check parsed
         except CSRSignatureError:
-            csr = x509.load_pem_x509_csr(pem.encode())  # the CA adapter refuses it, as before
+            # the CA adapter refuses it, as before
+            subject = x509.load_pem_x509_csr(pem.encode()).subject
         except ValueError:
             raise ReferenceHelperError("the node's CSR is not a valid PEM CSR") from None
-        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = cns[0].value if cns else "(none)"
         if cn != identity:
             raise ReferenceHelperError(f"the CSR's CN {cn!r} is not the identity {identity!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 PROVISION_SETTING = "plugin.choria.server.provision"
@@ -37,8 +38,19 @@ _DICT_FIELDS = frozenset({"configuration", "action_policies", "opa_policies"})
 
 def version_tuple(text: str) -> tuple[int, ...]:
     """`0.29.4` / `0.99.0.20221129` / `v1.2.3-rc1` → comparable tuple of the numeric parts."""
-    parts = re.findall(r"\d+", text.split("-", 1)[0].split("+", 1)[0])
+    if len(text) > 64:  # not a version anyone runs: not remembered
+        return _version_tuple(text)
+    return _cached_version_tuple(text)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = _DIGITS.findall(text.split("-", 1)[0].split("+", 1)[0])
     return tuple(int(p) for p in parts)
+
+
+_DIGITS = re.compile(r"\d+")
+#: A fleet runs a handful of versions: each is compared for every node (min_version).
+_cached_version_tuple = lru_cache(maxsize=256)(_version_tuple)
 
 
 def fact_text(value: Any) -> str:

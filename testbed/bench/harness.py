@@ -454,6 +454,7 @@ async def run_bench(options: BenchOptions, say: Say | None = None) -> tuple[dict
     bench = Bench(options)
     load_start = loadavg()
     result: dict[str, Any] | None = None
+    on_term = _interrupt_on_sigterm()
     try:
         await bench.setup(say)
         await bench.run(say)
@@ -467,7 +468,26 @@ async def run_bench(options: BenchOptions, say: Say | None = None) -> tuple[dict
             say("rendering the profile")
             result["profile"] = await bench.render_profile()
     finally:
-        await bench.close()
+        try:
+            await bench.close()
+        finally:
+            on_term()
     result["markdown"] = render_markdown(result)
     path = write_result(result, options.results_dir or default_results_dir())
     return result, path
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """Treat SIGTERM like Ctrl-C while a run is under way: the run is cancelled and its
+    processes (brokers, provisioner, simulator) are stopped and its work directory removed,
+    instead of being left running when the bench is killed. Returns the undo."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, os.kill, os.getpid(), signal.SIGINT)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
+        return lambda: None
+
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+    return undo

@@ -196,6 +196,64 @@ async def test_commit_returns_only_once_the_record_is_on_disk(tmp_path: Path) ->
     assert verify_files([path], require_genesis=True).ok
 
 
+async def test_concurrent_commits_wake_together_not_one_loop_pass_each(tmp_path: Path) -> None:
+    # 300 pipelines commit while a flush runs: one flush writes all their records, and they
+    # return together. One asyncio.Lock hand-off per waiting commit returned them one per
+    # event-loop pass (under load, hundreds of ms per commit). A ticker counts the passes.
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, flush_interval=60)
+    await audit.start()
+    passes = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal passes
+        while not stop.is_set():
+            passes += 1
+            await asyncio.sleep(0)
+
+    async def commit(i: int) -> int:
+        await audit.commit({"identity": f"c{i}"})
+        return passes
+
+    tick = asyncio.create_task(ticker())
+    try:
+        first = asyncio.create_task(audit.commit({"identity": "first"}))
+        await asyncio.sleep(0)  # the first commit is flushing: the rest queue behind it
+        returned = await asyncio.gather(*(commit(i) for i in range(300)))
+        await first
+    finally:
+        stop.set()
+        await tick
+        await audit.aclose()
+    assert len(read_audit_file(path)) == 301
+    assert verify_files([path], require_genesis=True).ok
+    spread = max(returned) - min(returned)
+    assert spread < 20, f"the 300 commits returned over {spread} event-loop passes"
+
+
+async def test_concurrent_commits_each_fail_when_the_write_fails(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, flush_interval=60)
+    await audit.start()
+    try:
+        await audit.commit({"identity": "ok"})
+        os.chmod(path, 0o400)
+        os.close(audit._fd or -1)  # the next write fails: EBADF
+        results = await asyncio.gather(
+            *(audit.commit({"identity": f"c{i}"}, timeout=5) for i in range(20)),
+            return_exceptions=True,
+        )
+    finally:
+        audit._fd = None
+        os.chmod(path, 0o600)
+        await audit.aclose()
+    assert all(isinstance(r, AuditWriteError) for r in results), results
+    # nothing lost: the records stayed queued and were written when the file was writable
+    assert [r["identity"] for r in read_audit_file(path)][:1] == ["ok"]
+    assert len(read_audit_file(path)) == 21
+
+
 # ----------------------------------------------------------------------------- reopen (logrotate)
 
 

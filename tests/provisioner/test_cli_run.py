@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.cli.run import GC_THRESHOLDS, settle_heap
 from testbed.process import free_port
 from tests.provisioner.e2e.env import TOKEN, ProvEnv, prov_env, stop_nodes
 
@@ -87,6 +89,11 @@ async def test_run_command_provisions_and_stops_on_sigterm(
     assert rc == 0, stderr[-2000:]
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any("provisioned cli-node.example.net" in rec["msg"] for rec in lines)  # JSON logs
+    # the collector settings for serving were applied once started (provisioner.cli.run)
+    assert any(
+        rec["msg"].startswith("start-up heap frozen") and str(GC_THRESHOLDS) in rec["msg"]
+        for rec in lines
+    )
     assert TOKEN not in stderr
     assert prov_env.audit_for("cli-node.example.net")[0]["decision"] == "provisioned"
 
@@ -101,3 +108,17 @@ def test_run_command_rejects_bad_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2  # bad configuration
     assert b"interval" in proc.stderr
+
+
+def test_settle_heap_freezes_start_up_objects_and_raises_the_thresholds() -> None:
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        kept = [{"start-up": i} for i in range(1000)]  # tracked objects alive at start-up
+        settle_heap()
+        assert gc.get_freeze_count() >= len(kept)
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > 700  # fewer young collections than Python's default
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

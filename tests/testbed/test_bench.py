@@ -3,11 +3,15 @@ simulated fleet) and the pure parts of the figures (floor model, metrics parsing
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from testbed.bench import (
@@ -79,6 +83,45 @@ def test_bench_30_nodes_json_and_result_file(tmp_path: Path) -> None:
     assert written["provisioned"] == 30
     assert "| smoke | 30 |" in written["markdown"]
     assert "| smoke | 30 |" in proc.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_every_process_it_started(tmp_path: Path) -> None:
+    """A killed bench (SIGTERM, as a CI timeout or a supervisor sends) stops its brokers,
+    provisioner and simulator processes and exits as interrupted, instead of leaving them
+    running and loading the machine."""
+    require_binary("nats-server", INSTALL_HINT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "provisioner", "bench", "--nodes", "3000", "--connections",
+         "shared", "--no-floor", "--results-dir", str(tmp_path / "results"), "--name", "term"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    started: list[psutil.Process] = []
+    try:
+        for line in proc.stderr:
+            if line.startswith("starting 3000 nodes"):
+                break
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            started = psutil.Process(proc.pid).children(recursive=True)
+            if any("testbed.fleet" in " ".join(c.cmdline()) for c in started):
+                break
+            time.sleep(0.2)
+        names = [" ".join(c.cmdline()) for c in started]
+        assert any("nats-server" in n for n in names) and any("run" in n for n in names), names
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        assert proc.wait(timeout=120) == 130
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert alive == []
+    finally:
+        for child in started:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.integration

@@ -130,6 +130,33 @@ def test_metrics_serves_the_given_registry(client: TestClient) -> None:
     assert "python_gc_objects_collected_total" not in resp.text  # not the default registry
 
 
+def test_metrics_scrape_is_served_without_the_fastapi_stack(
+    provider: FleetProvider, client: TestClient
+) -> None:
+    """A scrape is answered by a plain Starlette route (no dependency/validation stack), with
+    the same bytes as ``generate_latest``; the OpenAPI schema still documents ``/metrics``."""
+    from fastapi.routing import APIRoute
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.routing import Match
+
+    from provisioner.metrics import Metrics
+
+    metrics = Metrics(site="lab")
+    metrics.observe_stage("helper", 0.25)
+    metrics.child(metrics.outcomes, "lab", "provisioned").inc()
+    app = create_app(provider, token=TOKEN, registry=metrics.registry)
+    scope = {"type": "http", "path": "/metrics", "method": "GET", "root_path": ""}
+    first = next(r for r in app.router.routes if r.matches(scope)[0] is Match.FULL)
+    assert not isinstance(first, APIRoute)
+    resp = TestClient(app).get("/metrics")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == CONTENT_TYPE_LATEST
+    assert resp.content == generate_latest(metrics.registry)
+    assert "/metrics" in client.get("/openapi.json").json()["paths"]
+    assert client.head("/metrics").status_code == 405  # as the FastAPI route: GET only
+    assert client.post("/metrics").status_code == 405
+
+
 def test_metrics_defaults_to_the_global_registry(provider: FleetProvider) -> None:
     resp = TestClient(create_app(provider, token=TOKEN)).get("/metrics")
     assert "python_gc_objects_collected_total" in resp.text
